@@ -1,0 +1,253 @@
+"""The one definition of every job's settings.
+
+Each dataclass field is a CLI flag (same name, `--field_name`), a key in the dict that Ray
+workers receive, and a key in the JSON records written next to checkpoints. `help` lives in the
+field metadata so the CLI, the README and the workers never drift apart. Validation happens once,
+in `validate()`, and raises `ConfigError` with a message that names the flag.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, field, fields
+from typing import Any, get_type_hints
+
+MODELS = ("dual_unet", "joint_sdxl")
+PRESETS = {"dual_unet": ("tiny", "sd15-random"), "joint_sdxl": ("tiny-sdxl", "sdxl-random")}
+DEFAULT_BASE_MODEL = {
+    "dual_unet": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    "joint_sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
+}
+MIXED_PRECISION = ("no", "fp16", "bf16")
+ZERO_STAGES = (0, 1, 2, 3)
+SCHEDULERS = ("ddim", "dpm++")
+GENERATION_MODES = ("noise", "from_data")
+
+
+class ConfigError(ValueError):
+    """A bad flag value; the message names the flag and how to fix it."""
+
+
+def flag(default: Any, help: str, **extra: Any) -> Any:
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class ModelConfig:
+    """What builds the model; recorded in every checkpoint so generation can rebuild it."""
+
+    model: str = flag("dual_unet", f"model design: {' | '.join(MODELS)}", choices=MODELS)
+    base_model: str | None = flag(
+        None,
+        "diffusers-format base model: a local folder or a hub id "
+        "(default: SD1.5 for dual_unet, SDXL base for joint_sdxl)",
+    )
+    preset: str | None = flag(
+        None,
+        "build the base from configs with seeded random weights instead of loading one: "
+        "tiny | sd15-random (dual_unet), tiny-sdxl | sdxl-random (joint_sdxl)",
+    )
+    resolution: int = flag(512, "side of the square CF and FA images, in pixels")
+    unet_lora_rank: int = flag(16, "LoRA rank on the UNet attention projections")
+    unet_lora_alpha: float = flag(16.0, "LoRA alpha (scale = alpha / rank)")
+
+    def validate_model(self) -> None:
+        if self.model not in MODELS:
+            raise ConfigError(f"--model {self.model!r} is unknown; choose one of {', '.join(MODELS)}")
+        if self.preset is not None and self.preset not in PRESETS[self.model]:
+            raise ConfigError(
+                f"--preset {self.preset!r} does not fit --model {self.model}; "
+                f"choose one of {', '.join(PRESETS[self.model])}"
+            )
+        if self.resolution < 8 or self.resolution % 8:
+            raise ConfigError(f"--resolution {self.resolution} must be a positive multiple of 8")
+        if self.unet_lora_rank <= 0:
+            raise ConfigError(f"--unet_lora_rank {self.unet_lora_rank} must be > 0")
+        if self.unet_lora_alpha <= 0:
+            raise ConfigError(f"--unet_lora_alpha {self.unet_lora_alpha} must be > 0")
+
+    @property
+    def base_model_or_default(self) -> str:
+        return self.base_model or DEFAULT_BASE_MODEL[self.model]
+
+    def model_record(self) -> dict:
+        """The subset of settings that rebuilds this model (written beside each checkpoint)."""
+        return {f.name: getattr(self, f.name) for f in fields(ModelConfig)}
+
+
+@dataclass
+class TrainConfig(ModelConfig):
+    """`cffa train` / `jobs/train.py`."""
+
+    data: str | None = flag(
+        None,
+        "pairs: a folder with cf/ and fa/ subfolders (same file stems pair up), "
+        "or a manifest .csv/.parquet with columns cf_path, fa_path [, pair_id, split]; "
+        "local paths or s3:// / gs:// URIs",
+    )
+    output_dir: str = flag("runs", "parent folder of run folders")
+    name: str = flag("cffa", "run name; the run folder is <output_dir>/<name>; rerunning resumes it")
+    max_steps: int = flag(15000, "optimizer steps to train for")
+    batch_size: int = flag(1, "pairs per worker per micro-step")
+    gradient_accumulation_steps: int = flag(1, "micro-steps per optimizer step")
+    lr: float = flag(1e-4, "AdamW learning rate of the LoRA weights")
+    seed: int = flag(0, "seed for noise, timesteps, LoRA init and the train/validation split")
+    hf_lambda: float = flag(0.5, "weight of the high-frequency loss on predicted x0")
+    struct_lambda: float = flag(0.3, "weight of the Sobel structure loss between CF and FA (dual_unet)")
+    offset_noise_strength: float = flag(0.1, "offset noise strength (per-channel constant added to the noise)")
+    num_workers: int = flag(1, "Ray Train workers (one per GPU with --use_gpu)")
+    use_gpu: bool = flag(False, "one GPU per worker, NCCL; otherwise CPU workers, gloo")
+    cpus_per_worker: float = flag(1.0, "CPUs reserved per training worker")
+    zero_stage: int = flag(2, "DeepSpeed ZeRO stage: 0 | 1 | 2 | 3")
+    mixed_precision: str = flag("no", "no | fp16 | bf16 (DeepSpeed mixed precision)", choices=MIXED_PRECISION)
+    gradient_checkpointing: bool = flag(False, "recompute UNet activations in backward (less memory)")
+    val_fraction: float = flag(0.1, "fraction of pairs held out for validation when the manifest has no split")
+    val_every: int = flag(500, "steps between validation losses (and best_checkpoint updates)")
+    sample_every: int = flag(500, "steps between step_XXXXXX_random_pairs/ folders")
+    num_sample_pairs: int = flag(10, "pairs generated in each step_XXXXXX_random_pairs/")
+    sample_steps: int = flag(50, "denoising steps for those sample pairs")
+    checkpoint_every: int | None = flag(
+        None, "steps between resumable checkpoints and latest_checkpoints/ (default: --val_every)")
+    keep_latest: int = flag(3, "latest_checkpoints/ kept")
+    max_failures: int = flag(3, "worker-group restarts from the last checkpoint before giving up")
+    log_every: int = flag(10, "steps between lines in training_log.txt and on the console")
+
+    def validate(self) -> None:
+        self.validate_model()
+        if not self.data:
+            raise ConfigError("--data is missing; give a pairs folder (cf/, fa/) or a manifest .csv/.parquet")
+        if not self.name or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name) or ".." in self.name:
+            raise ConfigError(
+                f"--name {self.name!r} must be a plain folder name (letters, digits, . _ -), "
+                "it may not contain '/' or '..' or escape --output_dir"
+            )
+        for flag_name in ("max_steps", "batch_size", "gradient_accumulation_steps", "num_workers",
+                          "val_every", "sample_every", "keep_latest", "log_every",
+                          "sample_steps"):
+            if getattr(self, flag_name) <= 0:
+                raise ConfigError(f"--{flag_name} {getattr(self, flag_name)} must be > 0")
+        if self.checkpoint_every is not None and self.checkpoint_every <= 0:
+            raise ConfigError(f"--checkpoint_every {self.checkpoint_every} must be > 0")
+        if self.num_sample_pairs < 0 or self.max_failures < 0:
+            raise ConfigError("--num_sample_pairs and --max_failures must be >= 0")
+        for flag_name in ("hf_lambda", "struct_lambda", "offset_noise_strength"):
+            if getattr(self, flag_name) < 0:
+                raise ConfigError(f"--{flag_name} {getattr(self, flag_name)} must be >= 0")
+        if self.zero_stage not in ZERO_STAGES:
+            raise ConfigError(f"--zero_stage {self.zero_stage} is unknown; choose 0, 1, 2 or 3")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ConfigError(f"--mixed_precision {self.mixed_precision!r}; choose no, fp16 or bf16")
+        if self.mixed_precision == "fp16" and not self.use_gpu:
+            raise ConfigError("--mixed_precision fp16 needs --use_gpu; on CPU use bf16 or no")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"--val_fraction {self.val_fraction} must be in [0, 1)")
+        if self.lr <= 0:
+            raise ConfigError(f"--lr {self.lr} must be > 0")
+        if self.cpus_per_worker <= 0:
+            raise ConfigError(f"--cpus_per_worker {self.cpus_per_worker} must be > 0")
+
+    @property
+    def checkpoint_interval(self) -> int:
+        return self.checkpoint_every or self.val_every
+
+    @property
+    def run_dir(self) -> str:
+        return join_path(self.output_dir, self.name)
+
+
+@dataclass
+class GenerateConfig:
+    """`cffa generate` / `jobs/generate.py`."""
+
+    checkpoint_dir: str | None = flag(None, "a checkpoint folder written by training, e.g. <run>/best_checkpoint")
+    num_samples: int = flag(10, "pairs to make in total (pair ids 0 .. N-1)")
+    output_dir: str = flag("generated", "where parquet/, png/ and summary.json go")
+    steps: int = flag(50, "denoising steps")
+    seed: int = flag(42, "base seed; pair k's noise depends only on (seed, k)")
+    scheduler: str = flag("ddim", "ddim (the seed's) | dpm++ (DPM-Solver++, good at 20-25 steps)", choices=SCHEDULERS)
+    mode: str = flag("noise", "noise: from pure noise | from_data: image-to-image from real pairs", choices=GENERATION_MODES)
+    data: str | None = flag(None, "real pairs for --mode from_data (folder or manifest, as for training)")
+    strength: float = flag(0.6, "from_data: how far the real pair is noised, in (0, 1]")
+    batch_size: int = flag(32, "pairs per actor call (one Ray Data batch); split into --model_batch calls")
+    model_batch: int = flag(
+        8, "pairs per UNet/VAE call, a fixed shape: the last call is padded, so pair k is byte-identical "
+           "whatever --batch_size and --concurrency (changing --model_batch may move pixels by one grey level)")
+    rows_per_shard: int = flag(256, "pairs per parquet shard (and per commit: a killed job redoes at most this many per writer)")
+    concurrency: int = flag(1, "model actors (one GPU each with --use_gpu)")
+    use_gpu: bool = flag(False, "one GPU per model actor")
+    mixed_precision: str = flag("no", "no | fp16 | bf16 autocast during sampling", choices=MIXED_PRECISION)
+    cpus_per_actor: float = flag(1.0, "CPUs reserved per model actor")
+
+    def validate(self) -> None:
+        if not self.checkpoint_dir:
+            raise ConfigError("--checkpoint_dir is missing; give a checkpoint folder written by `cffa train`")
+        for flag_name in ("num_samples", "steps", "batch_size", "model_batch", "concurrency", "rows_per_shard"):
+            if getattr(self, flag_name) <= 0:
+                raise ConfigError(f"--{flag_name} {getattr(self, flag_name)} must be > 0")
+        if self.scheduler not in SCHEDULERS:
+            raise ConfigError(f"--scheduler {self.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+        if self.mode not in GENERATION_MODES:
+            raise ConfigError(f"--mode {self.mode!r}; choose noise or from_data")
+        if self.mode == "from_data" and not self.data:
+            raise ConfigError("--mode from_data needs --data (a pairs folder or manifest)")
+        if not 0.0 < self.strength <= 1.0:
+            raise ConfigError(f"--strength {self.strength} must be in (0, 1]")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ConfigError(f"--mixed_precision {self.mixed_precision!r}; choose no, fp16 or bf16")
+        if self.cpus_per_actor <= 0:
+            raise ConfigError(f"--cpus_per_actor {self.cpus_per_actor} must be > 0")
+
+
+def join_path(base: str, *parts: str) -> str:
+    """Join local paths and URIs (s3://bucket/x) alike."""
+    if "://" in base:
+        return "/".join([base.rstrip("/"), *parts])
+    return os.path.join(base, *parts)
+
+
+# ---------------------------------------------------------------- CLI from dataclasses
+
+def add_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+    """One argparse flag per dataclass field, typed from the annotation, help from metadata."""
+    hints = get_type_hints(cls)
+    for f in fields(cls):
+        if f.name in skip:
+            continue
+        kind = hints[f.name]
+        names = [f"--{f.name}"] + (["-n"] if f.name == "name" else [])
+        help_text = f.metadata.get("help", "")
+        if kind is bool:
+            parser.add_argument(*names, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+            continue
+        base = _base_type(kind)
+        parser.add_argument(
+            *names,
+            type=base,
+            default=f.default,
+            choices=f.metadata.get("choices"),
+            help=f"{help_text} (default: {f.default})",
+        )
+
+
+def _base_type(kind: Any) -> type:
+    if kind in (int, float, str):
+        return kind
+    args = [a for a in getattr(kind, "__args__", ()) if a is not type(None)]
+    return args[0] if args else str
+
+
+def from_namespace(cls: type, ns: argparse.Namespace, **overrides: Any):
+    values = {f.name: getattr(ns, f.name) for f in fields(cls) if hasattr(ns, f.name)}
+    values.update(overrides)
+    return cls(**values)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(cls: type, values: dict):
+    known = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in values.items() if k in known})

@@ -1,0 +1,209 @@
+"""Pairs in: discovery (folder or manifest), the train/validation split, and Ray Data decoding.
+
+A pair record is a dict {pair_id: str, cf_path: str, fa_path: str, split: "train" | "val"}.
+Decoded batches (numpy, from `decode_batch`) hold:
+    pair_id  object [B]            the record's id
+    cf       float32 [B, 3, R, R]  colour fundus, RGB, in [-1, 1]
+    fa       float32 [B, 3, R, R]  angiogram, grey replicated to 3 channels, in [-1, 1]
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import os
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+from PIL import Image
+
+from cffa_ray.io import filesystem, is_uri
+
+PAIR_ID, CF, FA, CF_PATH, FA_PATH, SPLIT = "pair_id", "cf", "fa", "cf_path", "fa_path", "split"
+TRAIN, VAL = "train", "val"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+
+
+class DataError(ValueError):
+    """Bad pairs input; the message names the file(s) and the fix."""
+
+
+# ------------------------------------------------------------------ discovery
+
+def discover_pairs(data: str) -> list[dict]:
+    """Pair records from a cf/ + fa/ folder or a .csv/.parquet manifest (local or URI)."""
+    lower = data.lower().rstrip("/")
+    if lower.endswith((".csv", ".parquet")):
+        records = _from_manifest(data)
+    else:
+        records = _from_folder(data)
+    if not records:
+        raise DataError(f"--data {data} holds no pairs; expected cf/ and fa/ images or manifest rows")
+    ids = [r[PAIR_ID] for r in records]
+    if len(set(ids)) != len(ids):
+        dup = sorted({i for i in ids if ids.count(i) > 1})[:5]
+        raise DataError(f"--data {data}: pair_id repeated: {', '.join(dup)}; pair ids must be unique")
+    return records
+
+
+def _list_images(folder: str) -> dict[str, str]:
+    """stem -> path for the image files directly in `folder`."""
+    if is_uri(folder):
+        import pyarrow.fs as pafs
+
+        fs, p = filesystem(folder)
+        infos = fs.get_file_info(pafs.FileSelector(p, allow_not_found=True))
+        scheme = folder.split("://", 1)[0]
+        files = [f"{scheme}://{i.path}" for i in infos if i.type == pafs.FileType.File]
+    else:
+        files = [str(f) for f in Path(folder).iterdir() if f.is_file()] if Path(folder).is_dir() else []
+    out = {}
+    for f in sorted(files):
+        name = PurePosixPath(f).name
+        stem, suffix = os.path.splitext(name)
+        if suffix.lower() in IMAGE_SUFFIXES and not name.startswith("."):
+            if stem in out:
+                raise DataError(f"two images share the stem {stem!r} in {folder}: {out[stem]} and {f}")
+            out[stem] = f
+    return out
+
+
+def _from_folder(data: str) -> list[dict]:
+    if not is_uri(data) and not Path(data).exists():
+        raise DataError(f"--data {data} does not exist; give a folder with cf/ and fa/ or a manifest")
+    sep = "/" if is_uri(data) else os.sep
+    cf = _list_images(data.rstrip("/") + sep + "cf")
+    fa = _list_images(data.rstrip("/") + sep + "fa")
+    if not cf and not fa:
+        raise DataError(f"--data {data} has no images in cf/ and fa/ (png, jpg, tif); "
+                        "put CF images in cf/ and FA images with the same file stems in fa/")
+    _check_matched(sorted(cf.keys() - fa.keys()), cf, "CF", "FA", "fa/")
+    _check_matched(sorted(fa.keys() - cf.keys()), fa, "FA", "CF", "cf/")
+    return [{PAIR_ID: s, CF_PATH: cf[s], FA_PATH: fa[s], SPLIT: None} for s in sorted(cf)]
+
+
+def _check_matched(lonely: list[str], paths: dict[str, str], have: str, missing: str, folder: str) -> None:
+    if lonely:
+        names = ", ".join(paths[s] for s in lonely[:5]) + (" ..." if len(lonely) > 5 else "")
+        raise DataError(f"{len(lonely)} {have} image(s) have no {missing} partner with the same stem "
+                        f"in {folder}: {names}")
+
+
+def _read_manifest_rows(data: str) -> list[dict]:
+    if data.lower().endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        fs, p = filesystem(data)
+        return pq.read_table(p, filesystem=fs).to_pylist()
+    fs, p = filesystem(data)
+    with fs.open_input_stream(p) as f:
+        text = f.read().decode("utf-8-sig")
+    return list(csv.DictReader(io.StringIO(text)))
+
+
+def _from_manifest(data: str) -> list[dict]:
+    if not is_uri(data) and not Path(data).is_file():
+        raise DataError(f"manifest --data {data} does not exist")
+    rows = _read_manifest_rows(data)
+    if rows and not {CF_PATH, FA_PATH} <= rows[0].keys():
+        raise DataError(f"manifest {data} needs columns {CF_PATH} and {FA_PATH}; it has {', '.join(rows[0])}")
+    base = data.rsplit("/", 1)[0] if is_uri(data) else str(Path(data).resolve().parent)
+    records = []
+    for i, row in enumerate(rows):
+        cf, fa = row.get(CF_PATH), row.get(FA_PATH)
+        if not cf or not fa:
+            raise DataError(f"manifest {data} row {i + 2}: {CF_PATH} or {FA_PATH} is empty; "
+                            "every row needs both images of the pair")
+        split = (row.get(SPLIT) or None) and str(row[SPLIT]).strip().lower()
+        if split not in (None, TRAIN, VAL):
+            raise DataError(f"manifest {data} row {i + 2}: split {row[SPLIT]!r}; use train or val")
+        records.append({
+            PAIR_ID: str(row.get(PAIR_ID) or PurePosixPath(str(cf)).stem),
+            CF_PATH: _resolve(str(cf), base), FA_PATH: _resolve(str(fa), base), SPLIT: split,
+        })
+    missing = [p for r in records for p in (r[CF_PATH], r[FA_PATH]) if not is_uri(p) and not Path(p).is_file()]
+    if missing:
+        raise DataError(f"manifest {data} names {len(missing)} missing file(s): {', '.join(missing[:5])}")
+    return records
+
+
+def _resolve(path: str, base: str) -> str:
+    if is_uri(path) or os.path.isabs(path):
+        return path
+    return f"{base}/{path}" if is_uri(base) else str(Path(base, path))
+
+
+def assign_split(records: list[dict], val_fraction: float, seed: int) -> list[dict]:
+    """Fill missing splits deterministically: the pairs with the smallest hash(seed, pair_id) go to val.
+
+    A manifest that names splits keeps them. At least one val pair when val_fraction > 0 and there
+    are two or more pairs.
+    """
+    if all(r[SPLIT] for r in records):
+        return records
+    free = sorted((r for r in records if not r[SPLIT]),
+                  key=lambda r: hashlib.sha256(f"{seed}:{r[PAIR_ID]}".encode()).hexdigest())
+    n_val = int(round(len(free) * val_fraction))
+    if val_fraction > 0 and len(free) >= 2:
+        n_val = max(1, n_val)
+    n_val = min(n_val, len(free) - 1)
+    val_ids = {r[PAIR_ID] for r in free[:n_val]}
+    return [{**r, SPLIT: r[SPLIT] or (VAL if r[PAIR_ID] in val_ids else TRAIN)} for r in records]
+
+
+# ------------------------------------------------------------------ decoding (Ray Data CPU work)
+
+def read_bytes(path: str) -> bytes:
+    if is_uri(path):
+        fs, p = filesystem(path)
+        with fs.open_input_stream(p) as f:
+            return f.read()
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def load_image(path: str, resolution: int, mode: str) -> np.ndarray:
+    """Decode, convert to `mode` (RGB or L), resize to resolution^2; uint8 [R, R, 3]."""
+    try:
+        image = Image.open(io.BytesIO(read_bytes(path)))
+        image.load()
+    except Exception as e:  # PIL raises many types for corrupt files
+        raise DataError(f"cannot decode image {path}: {e}; replace or remove this pair") from e
+    image = image.convert(mode)
+    if image.size != (resolution, resolution):
+        image = image.resize((resolution, resolution), Image.Resampling.BICUBIC)
+    array = np.asarray(image, dtype=np.uint8)
+    return np.repeat(array[..., None], 3, axis=-1) if mode == "L" else array
+
+
+def normalise(images: np.ndarray) -> np.ndarray:
+    """uint8 [B, R, R, 3] -> float32 [B, 3, R, R] in [-1, 1]."""
+    return (images.astype(np.float32) / 127.5 - 1.0).transpose(0, 3, 1, 2).copy()
+
+
+def decode_batch(batch: dict[str, np.ndarray], resolution: int) -> dict[str, np.ndarray]:
+    """Ray Data map_batches fn: records -> {pair_id, cf, fa} (see module docstring)."""
+    cf = np.stack([load_image(p, resolution, "RGB") for p in batch[CF_PATH]])
+    fa = np.stack([load_image(p, resolution, "L") for p in batch[FA_PATH]])
+    return {PAIR_ID: np.asarray(batch[PAIR_ID], dtype=object), CF: normalise(cf), FA: normalise(fa)}
+
+
+def pairs_dataset(records: list[dict], resolution: int):
+    """A Ray Dataset of decoded pairs (lazy); materialise it to surface bad files early."""
+    import ray.data
+
+    ds = ray.data.from_items([{PAIR_ID: r[PAIR_ID], CF_PATH: r[CF_PATH], FA_PATH: r[FA_PATH]} for r in records],
+                             override_num_blocks=max(1, min(len(records), 64)))
+    return ds.map_batches(decode_batch, fn_kwargs={"resolution": resolution}, batch_size=8,
+                          batch_format="numpy", num_cpus=1)
+
+
+def find_cause(exc: BaseException, cls: type) -> BaseException | None:
+    """The first `cls` in an exception's cause chain (Ray wraps task errors several times)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, cls):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None

@@ -1,0 +1,145 @@
+"""Generation outputs: parquet shards + PNG shard folders, written atomically, resumable.
+
+<output_dir>/
+    generation.json                 the arguments that decide the pixels (checked on every rerun)
+    parquet/part-<first>-<last>-<uuid>.parquet   many rows each; a pair counts as made once its row is here
+    png/shard_SSSS/pair_PPPPPP/     cf.png fa.png joint.png cf_fa_chessboard.png (at most 1000 pairs a shard)
+    summary.json                    counts, arguments, checkpoint, pairs/s
+
+A write task first publishes the PNG folders of its rows, then the parquet shard (temporary name,
+then rename): the parquet row is the commit. A killed job leaves at most PNG folders of uncommitted
+pairs, which the rerun makes again, byte for byte, and replaces.
+"""
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Iterable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from ray.data import Datasink
+
+from cffa_ray.config import ConfigError, join_path
+from cffa_ray.images import PAIR_FILES, pair_pngs
+from cffa_ray.io import atomic_write_bytes, atomic_write_text, filesystem, publish_dir, staging_dir
+
+PARQUET_DIR, PNG_DIR = "parquet", "png"
+IDENTITY_FILE, SUMMARY_FILE = "generation.json", "summary.json"
+PAIRS_PER_PNG_SHARD = 1000
+PNG_COLUMNS = {name: name.replace(".png", "_png") for name in PAIR_FILES}  # cf.png -> cf_png
+PARQUET_SCHEMA = pa.schema([
+    ("pair_id", pa.int64()), ("seed", pa.int64()), ("cf_png", pa.binary()), ("fa_png", pa.binary()),
+    ("mode", pa.string()), ("steps", pa.int32()), ("scheduler", pa.string()),
+    ("strength", pa.float64()),          # null in noise mode
+    ("source_pair_id", pa.string()),     # null in noise mode
+    ("checkpoint", pa.string()), ("model", pa.string()), ("resolution", pa.int32()),
+])
+
+
+def pair_folder(output_dir: str, pair_id: int) -> str:
+    return join_path(output_dir, PNG_DIR, f"shard_{pair_id // PAIRS_PER_PNG_SHARD:04d}", f"pair_{pair_id:06d}")
+
+
+# ------------------------------------------------------------------ identity and resume
+
+def check_identity(output_dir: str, identity: dict) -> None:
+    """Refuse to mix pairs made with other pixel-deciding arguments into one output folder."""
+    path = join_path(output_dir, IDENTITY_FILE)
+    fs, p = filesystem(path)
+    if fs.get_file_info(p).type == pafs.FileType.NotFound:
+        return
+    with fs.open_input_stream(p) as f:
+        old = json.loads(f.read())
+    diffs = [f"{k} {old.get(k)!r} -> {identity.get(k)!r}" for k in sorted(set(old) | set(identity))
+             if old.get(k) != identity.get(k)]
+    if diffs:
+        raise ConfigError(f"--output_dir {output_dir} holds pairs made with different arguments "
+                          f"({'; '.join(diffs)}); use another --output_dir or the original arguments")
+
+
+def write_identity(output_dir: str, identity: dict) -> None:
+    atomic_write_text(join_path(output_dir, IDENTITY_FILE), json.dumps(identity, indent=2, sort_keys=True))
+
+
+def done_pair_ids(output_dir: str) -> set[int]:
+    """Pair ids already committed to parquet shards (only the pair_id column is read)."""
+    fs, p = filesystem(join_path(output_dir, PARQUET_DIR))
+    infos = fs.get_file_info(pafs.FileSelector(p, allow_not_found=True))
+    done: set[int] = set()
+    for info in infos:
+        if info.type == pafs.FileType.File and info.base_name.endswith(".parquet") \
+                and not info.base_name.startswith("."):
+            done.update(pq.read_table(info.path, columns=["pair_id"], filesystem=fs)["pair_id"].to_pylist())
+    return done
+
+
+def count_parquet_shards(output_dir: str) -> int:
+    fs, p = filesystem(join_path(output_dir, PARQUET_DIR))
+    infos = fs.get_file_info(pafs.FileSelector(p, allow_not_found=True))
+    return sum(i.base_name.endswith(".parquet") and not i.base_name.startswith(".") for i in infos)
+
+
+def write_summary(output_dir: str, summary: dict) -> None:
+    atomic_write_text(join_path(output_dir, SUMMARY_FILE), json.dumps(summary, indent=2, sort_keys=True))
+
+
+# ------------------------------------------------------------------ CPU stage: images -> PNG bytes
+
+def encode_pngs(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Ray Data map_batches fn: uint8 cf, fa [B, R, R, 3] -> the four PNG byte columns."""
+    encoded = [pair_pngs(cf, fa) for cf, fa in zip(batch["cf"], batch["fa"])]
+    out = {k: v for k, v in batch.items() if k not in ("cf", "fa")}
+    for fname, column in PNG_COLUMNS.items():
+        out[column] = np.array([e[fname] for e in encoded], dtype=object)
+    return out
+
+
+# ------------------------------------------------------------------ the sink
+
+class PairShardSink(Datasink):
+    """Ray Data Datasink: PNG folders for every row, then one parquet shard per write task."""
+
+    def __init__(self, output_dir: str, rows_per_shard: int, constants: dict):
+        """`constants`: the PARQUET_SCHEMA columns that are the same for every row of this run."""
+        self.output_dir = output_dir
+        self.rows_per_shard = rows_per_shard
+        self.constants = constants
+
+    @property
+    def min_rows_per_write(self) -> int:
+        return self.rows_per_shard
+
+    def get_name(self) -> str:
+        return "WritePairShards"
+
+    def write(self, blocks: Iterable, ctx) -> int:
+        table = pa.concat_tables([pa.Table.from_pandas(b) if not isinstance(b, pa.Table) else b for b in blocks])
+        if table.num_rows == 0:
+            return 0
+        rows = table.to_pydict()
+        for i, pair_id in enumerate(rows["pair_id"]):
+            final = pair_folder(self.output_dir, int(pair_id))
+            stage = staging_dir(final)
+            for fname, column in PNG_COLUMNS.items():
+                atomic_write_bytes(stage / fname, rows[column][i])
+            publish_dir(stage, final)
+        n = table.num_rows
+        columns = {name: rows[name] if name in rows else [self.constants.get(name)] * n
+                   for name in PARQUET_SCHEMA.names}
+        shard = pa.Table.from_pydict(columns, schema=PARQUET_SCHEMA).sort_by("pair_id")
+        ids = shard["pair_id"].to_pylist()
+        name = f"part-{ids[0]:06d}-{ids[-1]:06d}-{uuid.uuid4().hex[:8]}.parquet"
+        _write_parquet_atomic(shard, join_path(self.output_dir, PARQUET_DIR, name))
+        return table.num_rows
+
+
+def _write_parquet_atomic(table: pa.Table, path: str) -> None:
+    import io
+
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    atomic_write_bytes(path, buf.getvalue())
+

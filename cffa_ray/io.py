@@ -1,0 +1,90 @@
+"""Atomic file writes and image encoding, for local paths and cloud URIs alike.
+
+Nothing is ever visible under its final name half-written: files go to a temporary name in the
+same folder and are renamed (local), or are uploaded in one PUT (object stores, where a key only
+appears once the upload completes).
+"""
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+
+from PIL import Image
+
+
+def is_uri(path: str | os.PathLike) -> bool:
+    return "://" in str(path)
+
+
+def filesystem(path: str):
+    """(pyarrow FileSystem, path inside it) for a local path or an s3:// / gs:// URI."""
+    import pyarrow.fs as pafs
+
+    if is_uri(path):
+        return pafs.FileSystem.from_uri(str(path))
+    return pafs.LocalFileSystem(), os.path.abspath(path)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    if is_uri(path):
+        fs, p = filesystem(str(path))
+        fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
+        with fs.open_output_stream(p) as f:
+            f.write(data)
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def publish_dir(staging: str | os.PathLike, final: str | os.PathLike) -> None:
+    """Move a finished local folder to `final` (replacing it), or upload it under a URI.
+
+    Locally the old folder is swapped out by rename so readers see either the old or the new one.
+    """
+    staging = Path(staging)
+    if is_uri(final):
+        import pyarrow.fs as pafs
+
+        fs, p = filesystem(str(final))
+        fs.delete_dir_contents(p, missing_dir_ok=True)
+        pafs.copy_files(str(staging), p, destination_filesystem=fs)
+        shutil.rmtree(staging, ignore_errors=True)
+        return
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(staging, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def staging_dir(final: str | os.PathLike) -> Path:
+    """A fresh local folder to build `final` in (beside it when local, so the rename is atomic)."""
+    if is_uri(final):
+        return Path(tempfile.mkdtemp(prefix="cffa-stage-"))
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()

@@ -1,0 +1,115 @@
+"""Frozen base parts (UNet, VAE, noise schedule, fixed-prompt embeddings) from a folder, hub id or preset.
+
+The text encoders only ever see one fixed empty prompt, so they are run once here and dropped:
+what the model keeps is the embedding tensor.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from cffa_ray.config import ConfigError
+from cffa_ray.models.presets import PRESET_SEED, PRESETS, SD_SCHEDULER
+
+FAMILY = {"dual_unet": "sd15", "joint_sdxl": "sdxl"}
+REQUIRED = {
+    "sd15": ("unet/config.json", "vae/config.json", "text_encoder/config.json", "tokenizer", "scheduler"),
+    "sdxl": ("unet/config.json", "vae/config.json", "text_encoder/config.json", "text_encoder_2/config.json",
+             "tokenizer", "tokenizer_2", "scheduler"),
+}
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass
+class BaseParts:
+    unet: torch.nn.Module                       # UNet2DConditionModel, random or pretrained, frozen
+    vae: torch.nn.Module                        # AutoencoderKL, frozen
+    scheduler_config: dict                      # the base's training noise schedule
+    prompt_embeds: torch.Tensor                 # [1, L, D] fixed-prompt embedding
+    pooled_prompt_embeds: torch.Tensor | None   # [1, D2] (SDXL only)
+
+
+def check_base_model(base_model: str, model: str) -> None:
+    """Fail early, in the driver, for a --base_model that cannot be a diffusers model of this family."""
+    family = FAMILY[model]
+    path = Path(base_model).expanduser()
+    if path.exists():
+        missing = [p for p in REQUIRED[family] if not (path / p).exists()]
+        if not path.is_dir() or missing:
+            raise ConfigError(
+                f"--base_model {base_model} is not a diffusers {family.upper()} folder "
+                f"(missing {', '.join(missing) or 'folder'}); give a folder saved with save_pretrained or a hub id"
+            )
+        return
+    if not HUB_ID.match(base_model):
+        raise ConfigError(f"--base_model {base_model} is neither an existing folder nor a hub id like org/name")
+
+
+def _text_ids(config: dict) -> torch.Tensor:
+    """Token ids of the empty prompt, padded as CLIP tokenizers do: [BOS, EOS, PAD...]."""
+    n = config["max_position_embeddings"]
+    return torch.tensor([[config["bos_token_id"], config["eos_token_id"]] + [config["pad_token_id"]] * (n - 2)])
+
+
+def _encode_prompt(encoders: list, ids: list[torch.Tensor], family: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    with torch.no_grad():
+        if family == "sd15":
+            return encoders[0](ids[0])[0], None
+        hidden, pooled = [], None
+        for encoder, token_ids in zip(encoders, ids):
+            out = encoder(token_ids, output_hidden_states=True)
+            hidden.append(out.hidden_states[-2])
+            pooled = out[0]  # the projected pooled output of the last (bigG) encoder
+        return torch.cat(hidden, dim=-1), pooled
+
+
+def _from_preset(preset: str) -> BaseParts:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    spec = PRESETS[preset]
+    torch.manual_seed(PRESET_SEED)
+    unet = UNet2DConditionModel(**spec["unet"])
+    vae = AutoencoderKL(**spec["vae"])
+    encoders = []
+    for i, cfg in enumerate(spec["text_encoders"]):
+        cls = CLIPTextModelWithProjection if (spec["family"] == "sdxl" and i == 1) else CLIPTextModel
+        encoders.append(cls(CLIPTextConfig(**cfg)).eval())
+    ids = [_text_ids(cfg) for cfg in spec["text_encoders"]]
+    embeds, pooled = _encode_prompt(encoders, ids, spec["family"])
+    return BaseParts(unet, vae, dict(SD_SCHEDULER), embeds, pooled)
+
+
+def _from_pretrained(base_model: str, family: str) -> BaseParts:
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+
+    unet = UNet2DConditionModel.from_pretrained(base_model, subfolder="unet")
+    vae = AutoencoderKL.from_pretrained(base_model, subfolder="vae")
+    scheduler_config = dict(DDPMScheduler.load_config(base_model, subfolder="scheduler"))
+    names = [("text_encoder", "tokenizer", CLIPTextModel)]
+    if family == "sdxl":
+        names.append(("text_encoder_2", "tokenizer_2", CLIPTextModelWithProjection))
+    encoders, ids = [], []
+    for enc_dir, tok_dir, cls in names:
+        tokenizer = AutoTokenizer.from_pretrained(base_model, subfolder=tok_dir)
+        encoders.append(cls.from_pretrained(base_model, subfolder=enc_dir).eval())
+        ids.append(tokenizer("", padding="max_length", max_length=tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids)
+    embeds, pooled = _encode_prompt(encoders, ids, family)
+    return BaseParts(unet, vae, scheduler_config, embeds, pooled)
+
+
+def load_base(model: str, base_model: str, preset: str | None) -> BaseParts:
+    """Frozen base parts for `model` (dual_unet -> SD1.5 family, joint_sdxl -> SDXL family)."""
+    parts = _from_preset(preset) if preset else _from_pretrained(base_model, FAMILY[model])
+    if parts.scheduler_config.get("prediction_type", "epsilon") != "epsilon":
+        raise ConfigError(f"--base_model {base_model}: prediction_type "
+                          f"{parts.scheduler_config['prediction_type']!r} is not supported; use an epsilon model")
+    for module in (parts.unet, parts.vae):
+        module.requires_grad_(False)
+    parts.vae.eval()
+    return parts

@@ -1,0 +1,69 @@
+"""Seed system A (v27): two UNets, one LoRA each, trained decoupled, sampled from one shared z0."""
+from __future__ import annotations
+
+import torch
+
+from cffa_ray import diffusion as D
+from cffa_ray.models.base import BaseParts
+from cffa_ray.models.interface import PairModel
+from cffa_ray.models.lora import twin, with_lora
+from cffa_ray.models.vae import decode_latents, encode_images, noise_schedule, vae_scale
+
+
+class DualUNet(PairModel):
+    name = "dual_unet"
+    ADAPTERS = ("unet_cf_lora", "unet_fa_lora")
+
+    def __init__(self, parts: BaseParts, rank: int, alpha: float, *, hf_lambda: float = 0.5,
+                 struct_lambda: float = 0.3, offset_noise_strength: float = 0.1, share_base: bool = True):
+        super().__init__()
+        unet_fa = twin(parts.unet, share_base)
+        self.unet_cf = with_lora(parts.unet, rank, alpha)
+        self.unet_fa = with_lora(unet_fa, rank, alpha)
+        self.vae = parts.vae
+        self.register_buffer("prompt_embeds", parts.prompt_embeds, persistent=False)
+        self._scheduler_config = parts.scheduler_config
+        self._alphas_cumprod = noise_schedule(parts.scheduler_config)
+        self.hf_lambda, self.struct_lambda, self.offset_noise_strength = hf_lambda, struct_lambda, offset_noise_strength
+
+    def _unet_eps(self, unet, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """eps_hat in float32; the UNet itself runs in its own dtype (bf16/fp16 under DeepSpeed)."""
+        context = self.prompt_embeds.expand(x_t.shape[0], -1, -1)
+        return unet(x_t.to(context.dtype), t, encoder_hidden_states=context).sample.float()
+
+    def forward(self, batch, generator=None):
+        b = batch["cf"].shape[0]
+        with torch.no_grad():
+            x0 = encode_images(self.vae, torch.cat([batch["cf"], batch["fa"]]), generator)
+        ac = self._alphas_cumprod
+        # Decoupled: each modality draws its own noise and its own timesteps.
+        views = {}
+        for key, x0_m, unet in (("cf", x0[:b], self.unet_cf), ("fa", x0[b:], self.unet_fa)):
+            v = D.noised_view(x0_m, ac, self.offset_noise_strength, generator)
+            v["eps_hat"] = self._unet_eps(unet, v["x_t"], v["t"])
+            v["pred_x0"] = D.predict_x0(v["x_t"].float(), v["eps_hat"].float(), v["t"], ac)
+            views[key] = v
+        return D.dual_loss(views["cf"], views["fa"], self.hf_lambda, self.struct_lambda)
+
+    def noise_shape(self, resolution):
+        side = resolution // vae_scale(self.vae)
+        return (self.vae.config.latent_channels, side, side)
+
+    def noise_to_state(self, noise):
+        return torch.stack([noise, noise], dim=1)
+
+    def encode_pair(self, cf, fa, generator=None, sample=True):
+        x0 = encode_images(self.vae, torch.cat([cf, fa]), generator, sample)
+        return torch.stack(x0.chunk(2), dim=1)
+
+    def predict_noise(self, state, t):
+        t = t.expand(state.shape[0]) if t.ndim == 0 else t
+        return torch.stack([self._unet_eps(self.unet_cf, state[:, 0], t),
+                            self._unet_eps(self.unet_fa, state[:, 1], t)], dim=1)
+
+    def decode(self, state):
+        images = decode_latents(self.vae, torch.cat([state[:, 0], state[:, 1]]))
+        return tuple(images.chunk(2))
+
+    def adapters(self):
+        return dict(zip(self.ADAPTERS, (self.unet_cf, self.unet_fa)))

@@ -1,0 +1,67 @@
+"""The one small interface both designs implement, so the Ray jobs never branch on the variant.
+
+A model works on a *state*: the latent form of a batch of pairs whose layout only the model knows
+(dual_unet: [B, 2, C, h, w], one latent per modality; joint_sdxl: [B, C, h, 2w], one joint latent).
+Schedulers only ever do elementwise math on the state, so one scheduler walk serves both designs.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+MODEL_RECORD = "model.json"
+
+
+class PairModel(nn.Module):
+    name: str = ""
+    ADAPTERS: tuple[str, ...] = ()  # checkpoint sub-folders, one per LoRA adapter
+
+    # ---- training
+    def forward(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """Training losses for a batch {cf, fa: [B, 3, R, R] in [-1, 1]}; 'loss' is the one to minimise."""
+        raise NotImplementedError
+
+    # ---- sampling
+    def noise_shape(self, resolution: int) -> tuple[int, ...]:
+        """Shape of one pair's initial noise z0 (shared by both modalities where there are two)."""
+        raise NotImplementedError
+
+    def noise_to_state(self, noise: torch.Tensor) -> torch.Tensor:
+        """[B, *noise_shape] -> state: where both modalities start from the same z0."""
+        raise NotImplementedError
+
+    def encode_pair(self, cf: torch.Tensor, fa: torch.Tensor, generator: torch.Generator | None = None,
+                    sample: bool = True) -> torch.Tensor:
+        """Images [B, 3, R, R] in [-1, 1] -> clean state (sample=False: the VAE posterior mode)."""
+        raise NotImplementedError
+
+    def predict_noise(self, state: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """eps_hat for a noisy state at integer timestep(s) t."""
+        raise NotImplementedError
+
+    def decode(self, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Clean state -> (cf, fa) images [B, 3, R, R] in [-1, 1]."""
+        raise NotImplementedError
+
+    # ---- LoRA checkpoints
+    def adapters(self) -> dict[str, nn.Module]:
+        """Checkpoint sub-folder name -> peft model whose adapter is saved there."""
+        raise NotImplementedError
+
+    def save_extra(self, folder: Path) -> None:
+        """Extra export formats beside the peft folders (e.g. diffusers LoRA for SDXL)."""
+
+    @property
+    def scheduler_config(self) -> dict:
+        return self._scheduler_config
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        return self._alphas_cumprod
+
+
+def read_model_record(checkpoint_dir: str | Path) -> dict:
+    return json.loads((Path(checkpoint_dir) / MODEL_RECORD).read_text())

@@ -1,0 +1,52 @@
+"""peft LoRA on the UNet attention projections: attach, save (peft format), load."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+
+# The attention projections of every transformer block (self- and cross-attention), as in
+# diffusers' LoRA training scripts.
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+def lora_config(rank: int, alpha: float) -> LoraConfig:
+    return LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(LORA_TARGETS), init_lora_weights=True)
+
+
+def with_lora(unet: torch.nn.Module, rank: int, alpha: float) -> PeftModel:
+    """The UNet wrapped with one trainable LoRA adapter; the base weights stay frozen.
+
+    peft initialises B = 0, so a fresh adapter leaves the UNet's output unchanged.
+    """
+    return get_peft_model(unet, lora_config(rank, alpha))
+
+
+def load_lora(unet: torch.nn.Module, folder: str | Path) -> PeftModel:
+    return PeftModel.from_pretrained(unet, str(folder))
+
+
+def share_frozen_weights(src: torch.nn.Module, dst: torch.nn.Module) -> None:
+    """Make `dst` (a copy of `src`) use the very same Parameter objects, so the frozen base is held once.
+
+    Call before attaching LoRA: each UNet then gets its own adapter on top of one set of base weights.
+    """
+    src_params = dict(src.named_parameters())
+    for name, _ in list(dst.named_parameters()):
+        owner_name, _, leaf = name.rpartition(".")
+        owner = dst.get_submodule(owner_name) if owner_name else dst
+        owner._parameters[leaf] = src_params[name]
+
+
+def twin(unet: torch.nn.Module, share_base: bool) -> torch.nn.Module:
+    """A second UNet with the same base weights, shared in memory when `share_base`."""
+    other = copy.deepcopy(unet)
+    if share_base:
+        share_frozen_weights(unet, other)
+    return other
+
+
+def trainable_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in module.parameters() if p.requires_grad]

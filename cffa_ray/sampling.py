@@ -1,0 +1,102 @@
+"""Batched pair sampling, shared by training previews, generation and the benchmarks.
+
+Both modalities (or both halves of the joint latent) walk one scheduler together: the state holds
+all of them, and a scheduler step is elementwise. Pair k's noise depends only on (seed, k), never
+on the batch it lands in.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from cffa_ray.models.interface import PairModel
+
+SCHEDULER_CLASSES = {"ddim": "DDIMScheduler", "dpm++": "DPMSolverMultistepScheduler"}
+
+
+def make_scheduler(name: str, scheduler_config: dict):
+    import diffusers
+
+    cls = getattr(diffusers, SCHEDULER_CLASSES[name])
+    extra = {"algorithm_type": "dpmsolver++", "solver_order": 2} if name == "dpm++" else {}
+    return cls.from_config(scheduler_config, **extra)
+
+
+def pair_seed(seed: int, pair_id: int) -> int:
+    """A 63-bit seed for pair `pair_id`, a pure function of (seed, pair_id)."""
+    import hashlib
+
+    digest = hashlib.sha256(f"cffa:{seed}:{pair_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def pair_noise(model: PairModel, resolution: int, seed: int, pair_ids: list[int]) -> torch.Tensor:
+    """[B, *noise_shape] float32 on CPU: row i is pair_ids[i]'s z0."""
+    shape = model.noise_shape(resolution)
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(pair_seed(seed, int(k))))
+                        for k in pair_ids])
+
+
+def autocast(device: torch.device, mixed_precision: str):
+    if mixed_precision == "no":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def sample_pairs(model: PairModel, noise: torch.Tensor, *, steps: int, scheduler: str = "ddim",
+                 init_images: tuple[torch.Tensor, torch.Tensor] | None = None, strength: float = 1.0,
+                 mixed_precision: str = "no") -> tuple[torch.Tensor, torch.Tensor]:
+    """Denoise a batch of pairs -> (cf, fa) images [B, 3, R, R] in [-1, 1], float32 on the model's device.
+
+    noise:      [B, *model.noise_shape] initial z0, one per pair (both modalities share it).
+    init_images: (cf, fa) real pairs [B, 3, R, R] in [-1, 1] (from_data mode): encoded (latent mode,
+                no sampling), noised with that same z0 to `strength` (1.0 = pure noise) and
+                denoised from there, as diffusers' img2img does.
+    """
+    device = next(model.parameters()).device
+    sched = make_scheduler(scheduler, model.scheduler_config)
+    sched.set_timesteps(steps, device=device)
+    timesteps = sched.timesteps
+    z0 = model.noise_to_state(noise.to(device))
+    if init_images is None:
+        state = z0 * sched.init_noise_sigma
+    else:
+        init_state = model.encode_pair(*(x.to(device) for x in init_images), sample=False)
+        start = steps - min(steps, max(1, int(round(steps * strength))))
+        timesteps = timesteps[start:]
+        if hasattr(sched, "set_begin_index"):
+            sched.set_begin_index(start)
+        state = sched.add_noise(init_state.to(device).float(), z0, timesteps[:1].repeat(z0.shape[0]))
+    with autocast(device, mixed_precision):
+        for t in timesteps:
+            eps = model.predict_noise(sched.scale_model_input(state, t), t)
+            state = sched.step(eps.float(), t, state).prev_sample
+        return model.decode(state)
+
+
+def sample_in_fixed_batches(model: PairModel, noise: torch.Tensor, model_batch: int,
+                            init_images: tuple[torch.Tensor, torch.Tensor] | None = None,
+                            **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """sample_pairs over chunks of exactly `model_batch` pairs (the last one padded with copies).
+
+    Batched GEMM and convolution kernels pick their summation order by tensor shape, so the same
+    pair denoised in batches of different sizes can differ in the last bits. With one fixed shape
+    every row is computed the same way whatever its neighbours, so pair k's pixels depend only on
+    (seed, k): not on --batch_size, --concurrency, or which pairs a resumed run still had to make.
+    """
+    def padded(x: torch.Tensor, start: int) -> torch.Tensor:
+        chunk = x[start:start + model_batch]
+        pad = model_batch - chunk.shape[0]
+        return torch.cat([chunk, chunk[:1].expand(pad, *chunk.shape[1:])]) if pad else chunk
+
+    cfs, fas = [], []
+    for start in range(0, noise.shape[0], model_batch):
+        n = min(model_batch, noise.shape[0] - start)
+        images = None if init_images is None else tuple(padded(x, start) for x in init_images)
+        cf, fa = sample_pairs(model, padded(noise, start), init_images=images, **kwargs)
+        cfs.append(cf[:n])
+        fas.append(fa[:n])
+    return torch.cat(cfs), torch.cat(fas)

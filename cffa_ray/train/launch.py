@@ -1,0 +1,98 @@
+"""The driver side of `cffa train`: check everything, prepare Ray Data, run the TorchTrainer."""
+from __future__ import annotations
+
+import os
+import time
+
+from cffa_ray.config import ConfigError, TrainConfig, to_dict
+from cffa_ray.data import TRAIN, VAL, DataError, assign_split, discover_pairs, find_cause, pairs_dataset
+
+
+def check(cfg: TrainConfig) -> list[dict]:
+    """Every check that needs no Ray: flags, base model, pairs. Returns split pair records."""
+    from cffa_ray.models.base import check_base_model
+
+    cfg.validate()
+    if cfg.preset is None:
+        check_base_model(cfg.base_model_or_default, cfg.model)
+    records = assign_split(discover_pairs(cfg.data), cfg.val_fraction, cfg.seed)
+    n_train = sum(r["split"] == TRAIN for r in records)
+    need = cfg.num_workers * cfg.batch_size
+    if n_train < need:
+        raise DataError(f"--data has {n_train} training pair(s); --num_workers {cfg.num_workers} x "
+                        f"--batch_size {cfg.batch_size} needs at least {need}: add pairs or lower those flags")
+    return records
+
+
+def init_ray(num_cpus_needed: float, use_gpu: bool) -> None:
+    """Join the cluster named by RAY_ADDRESS, else start a local one with room for Ray Data.
+
+    On a small machine, training workers holding every CPU would leave Ray Data none and the job
+    would wait forever, so a local cluster advertises at least the workers' CPUs plus two.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    # Train's print patch would echo every worker line twice; plain stdout reaches the driver anyway.
+    env = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **({} if use_gpu else {"DS_ACCELERATOR": "cpu"})}
+    runtime_env = {"env_vars": env}
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(runtime_env=runtime_env, log_to_driver=True)
+    else:
+        num_cpus = max(os.cpu_count() or 1, int(num_cpus_needed + 0.999) + 2)
+        # The dashboard also serves the state API that Train's placement-group cleaner polls.
+        ray.init(num_cpus=num_cpus, runtime_env=runtime_env, log_to_driver=True)
+
+
+def materialise(records: list[dict], resolution: int):
+    """Decode every pair once (Ray Data CPU tasks); a file that will not decode fails here, by name."""
+    try:
+        return pairs_dataset(records, resolution).materialize()
+    except Exception as e:  # Ray wraps task errors; surface ours with its message
+        cause = find_cause(e, DataError)
+        if cause is not None:
+            raise DataError(str(cause)) from None
+        raise
+
+
+def train(cfg: TrainConfig):
+    """Train; returns the Ray Train Result. Raises ConfigError / DataError before any work."""
+    import ray.train
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from cffa_ray.io import is_uri
+    from cffa_ray.train.loop import quiet_ray, train_loop_per_worker
+    from cffa_ray.train.run_folder import RAY_DIR
+
+    records = check(cfg)
+    train_records = [r for r in records if r["split"] == TRAIN]
+    val_records = [r for r in records if r["split"] == VAL] or train_records[: max(1, cfg.batch_size)]
+    init_ray(cfg.num_workers * cfg.cpus_per_worker, cfg.use_gpu)
+    quiet_ray()
+    t0 = time.time()
+    train_ds = materialise(train_records, cfg.resolution).select_columns(["cf", "fa"])
+    val_ds = materialise(val_records, cfg.resolution).select_columns(["cf", "fa"])
+    print(f"[cffa] {len(train_records)} training and {len(val_records)} validation pairs decoded "
+          f"at {cfg.resolution}px in {time.time() - t0:.1f}s", flush=True)
+
+    storage = cfg.run_dir if is_uri(cfg.run_dir) else os.path.abspath(cfg.run_dir)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": to_dict(cfg)},
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
+        run_config=RunConfig(name=RAY_DIR, storage_path=storage,
+                             failure_config=FailureConfig(max_failures=cfg.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+        datasets={"train": train_ds, "val": val_ds},
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    return result
+
+
+__all__ = ["train", "check", "init_ray", "ConfigError", "DataError"]

@@ -1,0 +1,217 @@
+"""What every Ray Train worker runs: DeepSpeed engine, shard iteration, and the periodic phases.
+
+Phases per optimizer step, in order: train micro-steps -> log -> validate (best_checkpoint) ->
+sample pairs -> checkpoint (latest_checkpoints + DeepSpeed state reported to Ray Train).
+All ranks take part in validation and sampling (with ZeRO-3 the weights are sharded, so a forward
+pass needs everyone); only rank 0 writes files, behind `is_rank0`.
+"""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+
+import torch
+
+from cffa_ray.config import TrainConfig, from_dict
+
+DS_TAG = "deepspeed"
+
+
+def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": cfg.batch_size,
+        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+        "train_batch_size": cfg.batch_size * cfg.gradient_accumulation_steps * world_size,
+        "gradient_clipping": 1.0,
+        "zero_optimization": {"stage": cfg.zero_stage, "overlap_comm": cfg.use_gpu, "contiguous_gradients": True},
+        "bf16": {"enabled": cfg.mixed_precision == "bf16"},
+        "fp16": {"enabled": cfg.mixed_precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        # The LoRA parameters are few; torch's AdamW needs no compiled DeepSpeed op (CPU or GPU).
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+    }
+
+
+def train_loop_per_worker(config: dict) -> None:
+    cfg = from_dict(TrainConfig, config["cfg"])
+    if not cfg.use_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # must precede the first deepspeed import
+    import deepspeed
+    import ray.train
+    import ray.train.torch
+
+    from cffa_ray.models import build_model
+    from cffa_ray.train.run_folder import RunFolder
+
+    quiet_ray()
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    is_rank0 = rank == 0
+    device = ray.train.torch.get_device()
+
+    torch.manual_seed(cfg.seed)  # identical LoRA init on every rank
+    model = build_model(cfg, hf_lambda=cfg.hf_lambda, struct_lambda=cfg.struct_lambda,
+                        offset_noise_strength=cfg.offset_noise_strength)
+    if cfg.gradient_checkpointing:
+        for peft_model in model.adapters().values():
+            peft_model.base_model.model.enable_gradient_checkpointing()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                   config=deepspeed_config(cfg, world))
+    record = {**cfg.model_record(), "trained_steps": 0}
+
+    step, best_val = 0, math.inf
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as ckpt_dir:
+            _, client = engine.load_checkpoint(ckpt_dir, tag=DS_TAG, load_module_strict=False)
+        step, best_val = client["step"], client["best_val"]
+    torch.manual_seed(cfg.seed * 100003 + rank * 7919 + step)  # fresh noise per rank, and after a resume
+
+    run = RunFolder(cfg.run_dir)
+    if is_rank0:
+        run.rewind(step)
+        print(f"[cffa] {model.name}: {sum(p.numel() for p in params):,} trainable LoRA parameters, "
+              f"{world} worker(s) x {cfg.batch_size} pairs x {cfg.gradient_accumulation_steps} accumulation "
+              f"= {cfg.batch_size * world * cfg.gradient_accumulation_steps} pairs/step, ZeRO-{cfg.zero_stage}, "
+              f"{'resuming at step ' + str(step) if step else 'starting'} -> {cfg.max_steps}", flush=True)
+
+    train_shard = ray.train.get_dataset_shard("train")
+    # The validation set is small by design: hold it in memory instead of re-running Ray Data each time.
+    val_batches = [{"cf": b["cf"], "fa": b["fa"]} for b in
+                   ray.train.get_dataset_shard("val").iter_torch_batches(batch_size=cfg.batch_size)]
+    batches = _endless_batches(train_shard, cfg.batch_size, device)
+    window: dict[str, float] = {}
+    t0, step0 = time.time(), step
+
+    while step < cfg.max_steps:
+        engine.train()
+        for _ in range(cfg.gradient_accumulation_steps):
+            out = engine(next(batches))
+            engine.backward(out["loss"])
+            engine.step()
+            for k, v in out.items():
+                window[k] = window.get(k, 0.0) + float(v.detach()) / cfg.gradient_accumulation_steps
+        step += 1
+        window["n"] = window.get("n", 0) + 1
+
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            n = window.pop("n")
+            rate = (step - step0) / max(time.time() - t0, 1e-9)
+            values = {k: v / n for k, v in window.items()}
+            values.update(lr=optimizer.param_groups[0]["lr"], steps_per_s=rate,
+                          pairs_per_s=rate * cfg.batch_size * world * cfg.gradient_accumulation_steps)
+            window = {}
+            if is_rank0:
+                from cffa_ray.train.run_folder import TRAINING_LOG, log_line
+                run.append(TRAINING_LOG, log_line(step, values))
+                eta = (cfg.max_steps - step) / max(rate, 1e-9)
+                print(f"[cffa] step {step}/{cfg.max_steps} loss {values['loss']:.4f} "
+                      f"{rate:.2f} steps/s eta {eta:.0f}s", flush=True)
+
+        record["trained_steps"] = step
+        if step % cfg.val_every == 0 or step == cfg.max_steps:
+            val = validate(engine, val_batches, cfg, device)
+            if is_rank0:
+                from cffa_ray.train.run_folder import VALIDATION_LOG, log_line
+                run.append(VALIDATION_LOG, log_line(step, {f"val_{k}": v for k, v in val.items()}))
+            if val["loss"] < best_val:
+                best_val = val["loss"]
+                _export(engine, is_rank0, lambda m: run.export_best(m, {**record, "val_loss": best_val}))
+
+        if cfg.num_sample_pairs and step % cfg.sample_every == 0:
+            cf, fa = sample_previews(engine.module, cfg)
+            if is_rank0:
+                run.write_samples(step, cf, fa)
+
+        if step % cfg.checkpoint_interval == 0 or step == cfg.max_steps:
+            _export(engine, is_rank0, lambda m: run.export_latest(m, record, step, cfg.keep_latest))
+            _report(engine, step, best_val, cfg)
+
+
+def quiet_ray() -> None:
+    """Ray Data's per-execution progress bars and Train's per-report lines drown the run's own log."""
+    import logging
+
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    from ray.train.v2._internal.execution import context as train_context
+
+    # Train logs one INFO line per report under a logger named after its file.
+    for name in ("ray.data", "ray.train", train_context.__file__):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _endless_batches(shard, batch_size: int, device):
+    """Epoch after epoch of {cf, fa} float32 [B, 3, R, R] on `device`; every rank sees equal counts."""
+    while True:
+        for batch in shard.iter_torch_batches(batch_size=batch_size, drop_last=True, device=device,
+                                              local_shuffle_buffer_size=4 * batch_size):
+            yield {"cf": batch["cf"], "fa": batch["fa"]}
+
+
+@torch.no_grad()
+def validate(engine, val_batches: list[dict], cfg: TrainConfig, device) -> dict[str, float]:
+    """Mean losses over the whole validation set, with fixed noise so steps compare fairly."""
+    engine.eval()
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    totals: dict[str, float] = {}
+    count = 0
+    for batch in val_batches:
+        out = engine.module({k: v.to(device) for k, v in batch.items()}, generator=gen)
+        n = batch["cf"].shape[0]
+        for k, v in out.items():
+            totals[k] = totals.get(k, 0.0) + float(v) * n
+        count += n
+    engine.train()
+    return {k: v / max(count, 1) for k, v in totals.items()}
+
+
+@torch.no_grad()
+def sample_previews(model, cfg: TrainConfig):
+    """The --num_sample_pairs preview pairs, same z0 every time -> uint8 [N, H, W, 3] (cf, fa)."""
+    import numpy as np
+
+    from cffa_ray.images import to_uint8
+    from cffa_ray.sampling import pair_noise, sample_pairs
+
+    model.eval()
+    cfs, fas = [], []
+    ids = list(range(cfg.num_sample_pairs))
+    for start in range(0, len(ids), 8):
+        noise = pair_noise(model, cfg.resolution, cfg.seed, ids[start:start + 8])
+        cf, fa = sample_pairs(model, noise, steps=cfg.sample_steps, mixed_precision="no")
+        cfs.append(to_uint8(cf))
+        fas.append(to_uint8(fa))
+    model.train()
+    return np.concatenate(cfs), np.concatenate(fas)
+
+
+def _export(engine, is_rank0: bool, write) -> None:
+    """Run `write(model)` on rank 0 with the LoRA weights whole (gathered under ZeRO-3; all ranks call)."""
+    import deepspeed
+    import torch.distributed as dist
+
+    params = [p for p in engine.module.parameters() if p.requires_grad]
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=hasattr(params[0], "ds_id")):
+        if is_rank0:
+            write(engine.module)
+    dist.barrier()
+
+
+def _report(engine, step: int, best_val: float, cfg: TrainConfig) -> None:
+    """Every rank saves its DeepSpeed shard and reports it; Ray Train merges them into one checkpoint."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        engine.save_checkpoint(tmp, tag=DS_TAG, client_state={"step": step, "best_val": best_val},
+                               exclude_frozen_parameters=True)
+        ray.train.report({"step": step, "best_val_loss": best_val},
+                         checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                         checkpoint_dir_name=f"checkpoint_{step:06d}")

@@ -1,0 +1,130 @@
+"""The run folder a user of the seed recognises, written by rank 0 only.
+
+<output_dir>/<name>/
+    training_log.txt                     one line per --log_every steps
+    validation_log.txt                   one line per --val_every steps
+    step_XXXXXX_random_pairs/pair_NN/    cf.png fa.png joint.png cf_fa_chessboard.png
+    best_checkpoint/                     lowest validation loss so far
+    latest_checkpoints/step_XXXXXX/      the --keep_latest most recent
+    ray_train/                           Ray Train's resumable DeepSpeed checkpoints (all ranks)
+
+Every LoRA checkpoint folder holds one peft `save_pretrained` folder per adapter plus model.json,
+the record generation needs to rebuild the model. Folders appear complete or not at all.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from cffa_ray.config import join_path
+from cffa_ray.images import pair_pngs
+from cffa_ray.io import atomic_write_bytes, atomic_write_text, filesystem, is_uri, publish_dir, staging_dir
+from cffa_ray.models.interface import MODEL_RECORD
+
+TRAINING_LOG, VALIDATION_LOG = "training_log.txt", "validation_log.txt"
+BEST, LATEST = "best_checkpoint", "latest_checkpoints"
+RAY_DIR = "ray_train"
+STEP_LINE = re.compile(r"^step=(\d+)\b")
+
+
+def step_name(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+def log_line(step: int, values: dict[str, float]) -> str:
+    return " ".join([f"step={step:06d}"] + [f"{k}={v:.6g}" for k, v in values.items()])
+
+
+class RunFolder:
+    def __init__(self, root: str):
+        self.root = root
+        self._logs: dict[str, list[str]] = {}
+
+    def path(self, *parts: str) -> str:
+        return join_path(self.root, *parts)
+
+    # ---- logs: kept in memory, rewritten atomically (works the same on object stores)
+    def _read(self, name: str) -> list[str]:
+        if name not in self._logs:
+            fs, p = filesystem(self.path(name))
+            try:
+                with fs.open_input_stream(p) as f:
+                    self._logs[name] = f.read().decode().splitlines()
+            except (FileNotFoundError, OSError):
+                self._logs[name] = []
+        return self._logs[name]
+
+    def append(self, name: str, line: str) -> None:
+        lines = self._read(name)
+        lines.append(line)
+        atomic_write_text(self.path(name), "\n".join(lines) + "\n")
+
+    def rewind(self, step: int) -> None:
+        """On resume from `step`, drop log lines of steps that will be trained again."""
+        for name in (TRAINING_LOG, VALIDATION_LOG):
+            lines = self._read(name)
+            kept = [ln for ln in lines if not (m := STEP_LINE.match(ln)) or int(m.group(1)) <= step]
+            if kept != lines:
+                self._logs[name] = kept
+                atomic_write_text(self.path(name), "\n".join(kept) + ("\n" if kept else ""))
+
+    # ---- sample pairs
+    def write_samples(self, step: int, cf, fa) -> str:
+        """uint8 arrays [N, H, W, 3] -> step_XXXXXX_random_pairs/pair_NN/*.png."""
+        final = self.path(f"{step_name(step)}_random_pairs")
+        stage = staging_dir(final)
+        for i in range(len(cf)):
+            for fname, data in pair_pngs(cf[i], fa[i]).items():
+                atomic_write_bytes(stage / f"pair_{i:02d}" / fname, data)
+        publish_dir(stage, final)
+        return final
+
+    # ---- LoRA checkpoints
+    def export(self, model, record: dict, final: str) -> str:
+        stage = staging_dir(final)
+        for folder, peft_model in model.adapters().items():
+            peft_model.save_pretrained(str(stage / folder))
+        model.save_extra(stage)
+        atomic_write_text(stage / MODEL_RECORD, json.dumps(record, indent=2, sort_keys=True))
+        publish_dir(stage, final)
+        return final
+
+    def export_best(self, model, record: dict) -> str:
+        return self.export(model, record, self.path(BEST))
+
+    def export_latest(self, model, record: dict, step: int, keep: int) -> str:
+        out = self.export(model, record, self.path(LATEST, step_name(step)))
+        self._prune_latest(keep)
+        return out
+
+    def latest_steps(self) -> list[str]:
+        import pyarrow.fs as pafs
+
+        fs, p = filesystem(self.path(LATEST))
+        infos = fs.get_file_info(pafs.FileSelector(p, allow_not_found=True))
+        names = [i.base_name for i in infos if i.type == pafs.FileType.Directory]
+        return sorted(n for n in names if re.fullmatch(r"step_\d{6,}", n))
+
+    def _prune_latest(self, keep: int) -> None:
+        import shutil
+
+        for name in self.latest_steps()[:-keep]:
+            target = self.path(LATEST, name)
+            if is_uri(target):
+                fs, p = filesystem(target)
+                fs.delete_dir(p)
+            else:
+                shutil.rmtree(target, ignore_errors=True)
+
+    def write_json(self, name: str, payload: dict) -> None:
+        atomic_write_text(self.path(name), json.dumps(payload, indent=2, sort_keys=True))
+
+
+def exists(path: str) -> bool:
+    if is_uri(path):
+        import pyarrow.fs as pafs
+
+        fs, p = filesystem(path)
+        return fs.get_file_info(p).type != pafs.FileType.NotFound
+    return Path(path).exists()
