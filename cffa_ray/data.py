@@ -5,6 +5,7 @@ Decoded batches (numpy, from `decode_batch`) hold:
     pair_id  object [B]            the record's id
     cf       float32 [B, 3, R, R]  colour fundus, RGB, in [-1, 1]
     fa       float32 [B, 3, R, R]  angiogram, grey replicated to 3 channels, in [-1, 1]
+    error    object [B]            "" or why the pair could not be decoded (its images are then zeros)
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from PIL import Image
 
 from cffa_ray.io import filesystem, is_uri
 
-PAIR_ID, CF, FA, CF_PATH, FA_PATH, SPLIT = "pair_id", "cf", "fa", "cf_path", "fa_path", "split"
+PAIR_ID, CF, FA, CF_PATH, FA_PATH, SPLIT, ERROR = "pair_id", "cf", "fa", "cf_path", "fa_path", "split", "error"
 TRAIN, VAL = "train", "val"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 
@@ -182,14 +183,28 @@ def normalise(images: np.ndarray) -> np.ndarray:
 
 
 def decode_batch(batch: dict[str, np.ndarray], resolution: int) -> dict[str, np.ndarray]:
-    """Ray Data map_batches fn: records -> {pair_id, cf, fa} (see module docstring)."""
-    cf = np.stack([load_image(p, resolution, "RGB") for p in batch[CF_PATH]])
-    fa = np.stack([load_image(p, resolution, "L") for p in batch[FA_PATH]])
-    return {PAIR_ID: np.asarray(batch[PAIR_ID], dtype=object), CF: normalise(cf), FA: normalise(fa)}
+    """Ray Data map_batches fn: records -> {pair_id, cf, fa, error} (see module docstring).
+
+    A bad file does not fail the task: it is reported in `error`, so the driver can name every bad
+    file at once (Ray would only carry the first exception, as text).
+    """
+    cfs, fas, errors = [], [], []
+    for cf_path, fa_path in zip(batch[CF_PATH], batch[FA_PATH]):
+        cf = fa = np.zeros((resolution, resolution, 3), np.uint8)
+        error = ""
+        try:
+            cf, fa = load_image(cf_path, resolution, "RGB"), load_image(fa_path, resolution, "L")
+        except DataError as e:
+            error = str(e)
+        cfs.append(cf)
+        fas.append(fa)
+        errors.append(error)
+    return {PAIR_ID: np.asarray(batch[PAIR_ID], dtype=object), CF: normalise(np.stack(cfs)),
+            FA: normalise(np.stack(fas)), ERROR: np.asarray(errors, dtype=object)}
 
 
 def pairs_dataset(records: list[dict], resolution: int):
-    """A Ray Dataset of decoded pairs (lazy); materialise it to surface bad files early."""
+    """A Ray Dataset of decoded pairs (lazy); see `decoded_pairs` for the checked, materialised one."""
     import ray.data
 
     ds = ray.data.from_items([{PAIR_ID: r[PAIR_ID], CF_PATH: r[CF_PATH], FA_PATH: r[FA_PATH]} for r in records],
@@ -198,12 +213,14 @@ def pairs_dataset(records: list[dict], resolution: int):
                           batch_format="numpy", num_cpus=1)
 
 
-def find_cause(exc: BaseException, cls: type) -> BaseException | None:
-    """The first `cls` in an exception's cause chain (Ray wraps task errors several times)."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, cls):
-            return exc
-        exc = exc.__cause__ or exc.__context__
-    return None
+def decoded_pairs(records: list[dict], resolution: int):
+    """Decode every pair once (Ray Data CPU tasks) and keep it in the object store: {cf, fa} rows.
+
+    Raises DataError naming the files that would not decode, before any training starts.
+    """
+    ds = pairs_dataset(records, resolution).materialize()
+    errors = [e for e in ds.select_columns([ERROR]).to_pandas()[ERROR] if e]
+    if errors:
+        more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
+        raise DataError("; ".join(errors[:3]) + more)
+    return ds.select_columns([CF, FA])

@@ -29,6 +29,17 @@ def filesystem(path: str):
     return pafs.LocalFileSystem(), os.path.abspath(path)
 
 
+def read_text(path: str) -> str | None:
+    """A small file's text, local or URI; None when it does not exist."""
+    import pyarrow.fs as pafs
+
+    fs, p = filesystem(path)
+    if fs.get_file_info(p).type == pafs.FileType.NotFound:
+        return None
+    with fs.open_input_stream(p) as f:
+        return f.read().decode()
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     if is_uri(path):
         fs, p = filesystem(str(path))

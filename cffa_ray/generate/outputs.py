@@ -24,7 +24,7 @@ from ray.data import Datasink
 
 from cffa_ray.config import ConfigError, join_path
 from cffa_ray.images import PAIR_FILES, pair_pngs
-from cffa_ray.io import atomic_write_bytes, atomic_write_text, filesystem, publish_dir, staging_dir
+from cffa_ray.io import atomic_write_bytes, atomic_write_text, filesystem, publish_dir, read_text, staging_dir
 
 PARQUET_DIR, PNG_DIR = "parquet", "png"
 IDENTITY_FILE, SUMMARY_FILE = "generation.json", "summary.json"
@@ -47,12 +47,10 @@ def pair_folder(output_dir: str, pair_id: int) -> str:
 
 def check_identity(output_dir: str, identity: dict) -> None:
     """Refuse to mix pairs made with other pixel-deciding arguments into one output folder."""
-    path = join_path(output_dir, IDENTITY_FILE)
-    fs, p = filesystem(path)
-    if fs.get_file_info(p).type == pafs.FileType.NotFound:
+    text = read_text(join_path(output_dir, IDENTITY_FILE))
+    if text is None:
         return
-    with fs.open_input_stream(p) as f:
-        old = json.loads(f.read())
+    old = json.loads(text)
     diffs = [f"{k} {old.get(k)!r} -> {identity.get(k)!r}" for k in sorted(set(old) | set(identity))
              if old.get(k) != identity.get(k)]
     if diffs:

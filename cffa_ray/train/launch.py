@@ -4,8 +4,8 @@ from __future__ import annotations
 import os
 import time
 
-from cffa_ray.config import ConfigError, TrainConfig, to_dict
-from cffa_ray.data import TRAIN, VAL, DataError, assign_split, discover_pairs, find_cause, pairs_dataset
+from cffa_ray.config import ConfigError, TrainConfig, join_path, to_dict
+from cffa_ray.data import TRAIN, VAL, DataError, assign_split, decoded_pairs, discover_pairs
 
 
 def check(cfg: TrainConfig) -> list[dict]:
@@ -15,6 +15,7 @@ def check(cfg: TrainConfig) -> list[dict]:
     cfg.validate()
     if cfg.preset is None:
         check_base_model(cfg.base_model_or_default, cfg.model)
+    check_resumable(cfg)
     records = assign_split(discover_pairs(cfg.data), cfg.val_fraction, cfg.seed)
     n_train = sum(r["split"] == TRAIN for r in records)
     need = cfg.num_workers * cfg.batch_size
@@ -22,6 +23,23 @@ def check(cfg: TrainConfig) -> list[dict]:
         raise DataError(f"--data has {n_train} training pair(s); --num_workers {cfg.num_workers} x "
                         f"--batch_size {cfg.batch_size} needs at least {need}: add pairs or lower those flags")
     return records
+
+
+def check_resumable(cfg: TrainConfig) -> None:
+    """A rerun resumes the run folder; refuse one whose model settings would not fit its checkpoints."""
+    import json
+
+    from cffa_ray.io import read_text
+    from cffa_ray.train.run_folder import RUN_RECORD
+
+    text = read_text(join_path(cfg.run_dir, RUN_RECORD))
+    if text is None:
+        return
+    old, new = json.loads(text), cfg.model_record()
+    diffs = [f"{k} {old.get(k)!r} -> {new[k]!r}" for k in new if old.get(k) != new[k]]
+    if diffs:
+        raise ConfigError(f"run {cfg.run_dir} was started with other model settings ({'; '.join(diffs)}); "
+                          "rerun with those, or pick a new --name")
 
 
 def init_ray(num_cpus_needed: float, use_gpu: bool) -> None:
@@ -45,17 +63,6 @@ def init_ray(num_cpus_needed: float, use_gpu: bool) -> None:
         ray.init(num_cpus=num_cpus, runtime_env=runtime_env, log_to_driver=True)
 
 
-def materialise(records: list[dict], resolution: int):
-    """Decode every pair once (Ray Data CPU tasks); a file that will not decode fails here, by name."""
-    try:
-        return pairs_dataset(records, resolution).materialize()
-    except Exception as e:  # Ray wraps task errors; surface ours with its message
-        cause = find_cause(e, DataError)
-        if cause is not None:
-            raise DataError(str(cause)) from None
-        raise
-
-
 def train(cfg: TrainConfig):
     """Train; returns the Ray Train Result. Raises ConfigError / DataError before any work."""
     import ray.train
@@ -64,7 +71,7 @@ def train(cfg: TrainConfig):
 
     from cffa_ray.io import is_uri
     from cffa_ray.train.loop import quiet_ray, train_loop_per_worker
-    from cffa_ray.train.run_folder import RAY_DIR
+    from cffa_ray.train.run_folder import RAY_DIR, RUN_RECORD, RunFolder
 
     records = check(cfg)
     train_records = [r for r in records if r["split"] == TRAIN]
@@ -72,11 +79,12 @@ def train(cfg: TrainConfig):
     init_ray(cfg.num_workers * cfg.cpus_per_worker, cfg.use_gpu)
     quiet_ray()
     t0 = time.time()
-    train_ds = materialise(train_records, cfg.resolution).select_columns(["cf", "fa"])
-    val_ds = materialise(val_records, cfg.resolution).select_columns(["cf", "fa"])
+    train_ds = decoded_pairs(train_records, cfg.resolution)
+    val_ds = decoded_pairs(val_records, cfg.resolution)
     print(f"[cffa] {len(train_records)} training and {len(val_records)} validation pairs decoded "
           f"at {cfg.resolution}px in {time.time() - t0:.1f}s", flush=True)
 
+    RunFolder(cfg.run_dir).write_json(RUN_RECORD, cfg.model_record())
     storage = cfg.run_dir if is_uri(cfg.run_dir) else os.path.abspath(cfg.run_dir)
     trainer = TorchTrainer(
         train_loop_per_worker,

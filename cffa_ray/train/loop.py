@@ -58,6 +58,7 @@ def train_loop_per_worker(config: dict) -> None:
         for peft_model in model.adapters().values():
             peft_model.base_model.model.enable_gradient_checkpointing()
     params = [p for p in model.parameters() if p.requires_grad]
+    n_trainable = sum(p.numel() for p in params)  # before ZeRO-3 partitions them away
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                    config=deepspeed_config(cfg, world))
@@ -74,7 +75,7 @@ def train_loop_per_worker(config: dict) -> None:
     run = RunFolder(cfg.run_dir)
     if is_rank0:
         run.rewind(step)
-        print(f"[cffa] {model.name}: {sum(p.numel() for p in params):,} trainable LoRA parameters, "
+        print(f"[cffa] {model.name}: {n_trainable:,} trainable LoRA parameters, "
               f"{world} worker(s) x {cfg.batch_size} pairs x {cfg.gradient_accumulation_steps} accumulation "
               f"= {cfg.batch_size * world * cfg.gradient_accumulation_steps} pairs/step, ZeRO-{cfg.zero_stage}, "
               f"{'resuming at step ' + str(step) if step else 'starting'} -> {cfg.max_steps}", flush=True)

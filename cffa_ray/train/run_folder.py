@@ -7,6 +7,7 @@
     best_checkpoint/                     lowest validation loss so far
     latest_checkpoints/step_XXXXXX/      the --keep_latest most recent
     ray_train/                           Ray Train's resumable DeepSpeed checkpoints (all ranks)
+    run.json                             the model settings, checked when a rerun resumes
 
 Every LoRA checkpoint folder holds one peft `save_pretrained` folder per adapter plus model.json,
 the record generation needs to rebuild the model. Folders appear complete or not at all.
@@ -15,16 +16,16 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 from cffa_ray.config import join_path
 from cffa_ray.images import pair_pngs
-from cffa_ray.io import atomic_write_bytes, atomic_write_text, filesystem, is_uri, publish_dir, staging_dir
+from cffa_ray.io import atomic_write_bytes, atomic_write_text, filesystem, is_uri, publish_dir, read_text, staging_dir
 from cffa_ray.models.interface import MODEL_RECORD
 
 TRAINING_LOG, VALIDATION_LOG = "training_log.txt", "validation_log.txt"
 BEST, LATEST = "best_checkpoint", "latest_checkpoints"
 RAY_DIR = "ray_train"
+RUN_RECORD = "run.json"
 STEP_LINE = re.compile(r"^step=(\d+)\b")
 
 
@@ -47,12 +48,7 @@ class RunFolder:
     # ---- logs: kept in memory, rewritten atomically (works the same on object stores)
     def _read(self, name: str) -> list[str]:
         if name not in self._logs:
-            fs, p = filesystem(self.path(name))
-            try:
-                with fs.open_input_stream(p) as f:
-                    self._logs[name] = f.read().decode().splitlines()
-            except (FileNotFoundError, OSError):
-                self._logs[name] = []
+            self._logs[name] = (read_text(self.path(name)) or "").splitlines()
         return self._logs[name]
 
     def append(self, name: str, line: str) -> None:
@@ -119,12 +115,3 @@ class RunFolder:
 
     def write_json(self, name: str, payload: dict) -> None:
         atomic_write_text(self.path(name), json.dumps(payload, indent=2, sort_keys=True))
-
-
-def exists(path: str) -> bool:
-    if is_uri(path):
-        import pyarrow.fs as pafs
-
-        fs, p = filesystem(path)
-        return fs.get_file_info(p).type != pafs.FileType.NotFound
-    return Path(path).exists()

@@ -1,0 +1,85 @@
+"""Shared fixtures: synthetic pairs, a diffusers folder made with save_pretrained, the CLI runner,
+and one trained tiny run that the generation tests reuse."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CLI_TIMEOUT_S = 600  # a hang (e.g. Ray Data starved of CPUs) fails the test instead of blocking CI
+
+
+def run_cli(*args: str, timeout: float = CLI_TIMEOUT_S, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run `cffa <args>` as a user would, in a fresh process (its own local Ray)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.run([sys.executable, "-m", "cffa_ray.cli", *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, cwd=cwd or REPO, env=env)
+
+
+def assert_ok(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-6000:]}"
+
+
+@pytest.fixture(scope="session")
+def pairs_dir(tmp_path_factory) -> Path:
+    from cffa_ray.synth import write_synthetic_pairs
+
+    out = tmp_path_factory.mktemp("pairs")
+    write_synthetic_pairs(out, 16, 64, seed=0)
+    return out
+
+
+def write_tiny_tokenizer(folder: Path, max_length: int = 77):
+    """A real CLIPTokenizer with a handful of tokens (no download), saved like a hub tokenizer."""
+    from transformers import CLIPTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 2, "!": 1}
+    for i, ch in enumerate("abcdefghijklmnopqrstuvwxyz"):
+        vocab[ch], vocab[ch + "</w>"] = 3 + 2 * i, 4 + 2 * i
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length)
+    (folder / "vocab.json").unlink()
+    (folder / "merges.txt").unlink()
+    return tok
+
+
+@pytest.fixture(scope="session")
+def sd15_folder(tmp_path_factory) -> Path:
+    """A tiny Stable-Diffusion-1.5-layout pipeline folder written by diffusers' save_pretrained."""
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from cffa_ray.models.presets import SD_SCHEDULER, TINY_CLIP, TINY_UNET, TINY_VAE
+
+    out = tmp_path_factory.mktemp("sd15_tiny")
+    torch.manual_seed(7)
+    tokenizer = write_tiny_tokenizer(out / "tok_src")
+    pipe = StableDiffusionPipeline(
+        vae=AutoencoderKL(**TINY_VAE), text_encoder=CLIPTextModel(CLIPTextConfig(**TINY_CLIP)),
+        tokenizer=tokenizer, unet=UNet2DConditionModel(**TINY_UNET),
+        scheduler=DDPMScheduler.from_config(SD_SCHEDULER), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+    pipe.save_pretrained(out / "model")
+    return out / "model"
+
+
+TRAIN_ARGS = ("--preset", "tiny", "--resolution", 64, "--max_steps", 12, "--num_workers", 2, "--zero_stage", 2,
+              "--batch_size", 2, "--val_every", 4, "--sample_every", 6, "--num_sample_pairs", 2)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, pairs_dir):
+    """The training issue's 'done when' command, run once: (run folder, completed process)."""
+    out = tmp_path_factory.mktemp("runs")
+    proc = run_cli("train", "--data", pairs_dir, "--output_dir", out, "--name", "t", *TRAIN_ARGS)
+    assert_ok(proc)
+    return out / "t", proc

@@ -1,0 +1,155 @@
+"""Bad input: a one-line error naming the problem, exit 2, and nothing written.
+
+Most cases fail before Ray starts, so they run in-process through the real CLI entry point; the
+undecodable image is found by Ray Data, so that one runs as a subprocess.
+"""
+import json
+import shutil
+
+import pytest
+
+from cffa_ray.cli import main
+from tests.conftest import run_cli
+
+
+def _fails(capsys, argv, pattern, out_dir):
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith(f"cffa {argv[0]}: error: ")
+    import re
+
+    assert re.search(pattern, err), err
+    assert not out_dir.exists(), f"{out_dir} was written"
+    return err
+
+
+@pytest.fixture
+def data(tmp_path):
+    from cffa_ray.synth import write_synthetic_pairs
+
+    write_synthetic_pairs(tmp_path / "pairs", 6, 32)
+    return tmp_path / "pairs"
+
+
+def train_argv(data, out, *extra):
+    return ["train", "--data", str(data), "--output_dir", str(out), "--name", "r", "--preset", "tiny",
+            "--resolution", "32", "--num_workers", "2", "--batch_size", "1", *map(str, extra)]
+
+
+@pytest.mark.parametrize("extra, pattern", [
+    (("--unet_lora_rank", 0), r"--unet_lora_rank 0 must be > 0"),
+    (("--unet_lora_alpha", -1), r"--unet_lora_alpha -1.0 must be > 0"),
+    (("--hf_lambda", -0.5), r"--hf_lambda -0.5 must be >= 0"),
+    (("--struct_lambda", -1), r"--struct_lambda -1.0 must be >= 0"),
+    (("--zero_stage", 4), r"--zero_stage 4 is unknown"),
+    (("--name", "../escape"), r"--name '../escape' must be a plain folder name"),
+    (("--name", "a/b"), r"--name 'a/b' must be a plain folder name"),
+    (("--resolution", 30), r"--resolution 30 must be a positive multiple of 8"),
+    (("--preset", "tiny-sdxl"), r"--preset 'tiny-sdxl' does not fit --model dual_unet"),
+    (("--batch_size", 4), r"5 training pair\(s\); --num_workers 2 x --batch_size 4 needs at least 8"),
+])
+def test_train_flag_errors(capsys, tmp_path, data, extra, pattern):
+    _fails(capsys, train_argv(data, tmp_path / "out", *extra), pattern, tmp_path / "out")
+
+
+def test_train_missing_data(capsys, tmp_path):
+    _fails(capsys, ["train", "--output_dir", str(tmp_path / "out"), "--preset", "tiny"],
+           r"--data is missing", tmp_path / "out")
+
+
+def test_train_unpaired_images(capsys, tmp_path, data):
+    (data / "fa/synth_00003.png").unlink()
+    _fails(capsys, train_argv(data, tmp_path / "out"), r"have no FA partner.*synth_00003\.png", tmp_path / "out")
+    (data / "cf/synth_00003.png").unlink()
+    (data / "cf/synth_00001.png").unlink()
+    _fails(capsys, train_argv(data, tmp_path / "out"), r"have no CF partner.*fa/synth_00001\.png", tmp_path / "out")
+
+
+def test_train_empty_dataset(capsys, tmp_path):
+    (tmp_path / "empty/cf").mkdir(parents=True)
+    (tmp_path / "empty/fa").mkdir()
+    _fails(capsys, train_argv(tmp_path / "empty", tmp_path / "out"), r"no images in cf/ and fa/", tmp_path / "out")
+
+
+def test_train_base_model_not_a_diffusers_folder(capsys, tmp_path, data):
+    (tmp_path / "not_a_model").mkdir()
+    (tmp_path / "not_a_model/weights.bin").write_bytes(b"0")
+    argv = ["train", "--data", str(data), "--output_dir", str(tmp_path / "out"), "--base_model",
+            str(tmp_path / "not_a_model")]
+    _fails(capsys, argv, r"is not a diffusers SD15 folder \(missing unet/config.json", tmp_path / "out")
+
+
+def test_train_refuses_to_resume_with_other_model_settings(capsys, tmp_path, data):
+    run = tmp_path / "out/r"
+    run.mkdir(parents=True)
+    (run / "run.json").write_text(json.dumps({"model": "dual_unet", "base_model": None, "preset": "tiny",
+                                              "resolution": 32, "unet_lora_rank": 16, "unet_lora_alpha": 16.0}))
+    code = main(train_argv(data, tmp_path / "out", "--unet_lora_rank", 8))
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "unet_lora_rank 16 -> 8" in err and "pick a new --name" in err
+
+
+def test_train_undecodable_image_is_named(tmp_path, data):
+    (data / "fa/synth_00002.png").write_bytes(b"\x89PNG\r\n\x1a\ntruncated")
+    proc = run_cli(*train_argv(data, tmp_path / "out"), timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("cffa train: error: cannot decode image") and "fa/synth_00002.png" in last
+    assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------ generate
+
+
+@pytest.fixture
+def fake_checkpoint(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    for folder in ("unet_cf_lora", "unet_fa_lora"):
+        (ckpt / folder).mkdir(parents=True)
+        (ckpt / folder / "adapter_config.json").write_text("{}")
+    (ckpt / "model.json").write_text(json.dumps({"model": "dual_unet", "preset": "tiny", "resolution": 32}))
+    return ckpt
+
+
+def gen_argv(ckpt, out, *extra):
+    return ["generate", "--checkpoint_dir", str(ckpt), "--output_dir", str(out), *map(str, extra)]
+
+
+@pytest.mark.parametrize("extra, pattern", [
+    (("--num_samples", 0), r"--num_samples 0 must be > 0"),
+    (("--steps", 0), r"--steps 0 must be > 0"),
+    (("--strength", 0), r"--strength 0.0 must be in \(0, 1\]"),
+    (("--strength", 1.5), r"--strength 1.5 must be in \(0, 1\]"),
+    (("--mode", "from_data"), r"--mode from_data needs --data"),
+])
+def test_generate_flag_errors(capsys, tmp_path, fake_checkpoint, extra, pattern):
+    _fails(capsys, gen_argv(fake_checkpoint, tmp_path / "g", *extra), pattern, tmp_path / "g")
+
+
+def test_generate_missing_or_foreign_checkpoint(capsys, tmp_path, fake_checkpoint):
+    _fails(capsys, gen_argv(tmp_path / "nope", tmp_path / "g"), r"does not exist", tmp_path / "g")
+    (tmp_path / "run").mkdir()
+    _fails(capsys, gen_argv(tmp_path / "run", tmp_path / "g"), r"is not a cffa checkpoint \(no model.json\)",
+           tmp_path / "g")
+    shutil.rmtree(fake_checkpoint / "unet_fa_lora")
+    _fails(capsys, gen_argv(fake_checkpoint, tmp_path / "g"), r"lacks unet_fa_lora", tmp_path / "g")
+    (fake_checkpoint / "model.json").write_text(json.dumps({"model": "gan"}))
+    _fails(capsys, gen_argv(fake_checkpoint, tmp_path / "g"), r"model 'gan' .* not a design", tmp_path / "g")
+
+
+def test_generate_refuses_to_mix_arguments(capsys, tmp_path, fake_checkpoint):
+    out = tmp_path / "g"
+    out.mkdir()
+    from cffa_ray.config import GenerateConfig
+    from cffa_ray.generate.job import identity
+
+    ident = identity(GenerateConfig(checkpoint_dir=str(fake_checkpoint), steps=50), {"model": "dual_unet",
+                                                                                     "resolution": 32})
+    (out / "generation.json").write_text(json.dumps(ident))
+    before = sorted(p.name for p in out.iterdir())
+    code = main(gen_argv(fake_checkpoint, out, "--steps", 20))
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "holds pairs made with different arguments (steps 50 -> 20)" in err
+    assert sorted(p.name for p in out.iterdir()) == before

@@ -1,0 +1,150 @@
+"""End to end: the real `cffa generate` Ray Data job on the tiny run's checkpoint."""
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from tests.conftest import REPO, assert_ok, run_cli
+
+pytestmark = pytest.mark.slow
+
+GEN_ARGS = ("--num_samples", 40, "--steps", 4, "--batch_size", 8, "--concurrency", 2)
+
+
+def tree_digest(root):
+    """{relative path: sha256} of every file under root."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def png_digest(root):
+    return {k: v for k, v in tree_digest(root / "png").items()}
+
+
+@pytest.fixture(scope="module")
+def generated(trained_run, tmp_path_factory):
+    run, _ = trained_run
+    out = tmp_path_factory.mktemp("gen") / "G"
+    proc = run_cli("generate", "--checkpoint_dir", run / "best_checkpoint", "--output_dir", out, *GEN_ARGS)
+    assert_ok(proc)
+    return out, proc
+
+
+def test_forty_pairs_in_parquet_and_png_shards(generated, trained_run):
+    out, proc = generated
+    assert "generated 40 pairs, skipped 0 already done" in proc.stdout
+    df = pd.read_parquet(out / "parquet")
+    assert len(df) == 40 and df.pair_id.nunique() == 40 and sorted(df.pair_id) == list(range(40))
+    assert {"pair_id", "seed", "cf_png", "fa_png", "mode", "steps", "scheduler", "strength", "source_pair_id",
+            "checkpoint"} <= set(df.columns)
+    assert (df["mode"] == "noise").all() and (df.steps == 4).all() and (df.scheduler == "ddim").all()
+    assert df.strength.isna().all() and df.source_pair_id.isna().all()
+    assert df.seed.nunique() == 40
+    assert len(list((out / "parquet").glob("*.parquet"))) >= 1
+    assert pq.read_table(out / "parquet").num_rows == 40
+    folders = sorted((out / "png/shard_0000").iterdir())
+    assert [f.name for f in folders] == [f"pair_{k:06d}" for k in range(40)]
+    for folder in folders[:3] + folders[-2:]:
+        assert sorted(p.name for p in folder.iterdir()) == ["cf.png", "cf_fa_chessboard.png", "fa.png", "joint.png"]
+        assert Image.open(folder / "cf.png").size == (64, 64)
+        assert Image.open(folder / "fa.png").size == (64, 64) and Image.open(folder / "fa.png").mode == "L"
+        assert Image.open(folder / "joint.png").size == (128, 64)
+        assert Image.open(folder / "cf_fa_chessboard.png").size == (64, 64)
+    # parquet bytes are the PNG files
+    row = df.set_index("pair_id").loc[7]
+    assert row.cf_png == (out / "png/shard_0000/pair_000007/cf.png").read_bytes()
+    assert row.fa_png == (out / "png/shard_0000/pair_000007/fa.png").read_bytes()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["pairs_made"] == 40 and summary["pairs_skipped"] == 0 and summary["pairs_per_s"] > 0
+    assert summary["arguments"]["concurrency"] == 2
+    assert not [p for p in out.rglob("*") if p.name.startswith(".")], "temporary files left behind"
+
+
+def test_ray_data_reads_the_parquet(generated):
+    out, _ = generated
+    code = f"import ray; ray.init(num_cpus=1, include_dashboard=False); " \
+           f"print(ray.data.read_parquet({str(out / 'parquet')!r}).count())"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.stdout.strip().splitlines()[-1] == "40", proc.stderr[-2000:]
+
+
+def test_rerun_adds_nothing(generated, trained_run):
+    out, _ = generated
+    run, _ = trained_run
+    before = {k: v for k, v in tree_digest(out).items() if k != "summary.json"}
+    proc = run_cli("generate", "--checkpoint_dir", run / "best_checkpoint", "--output_dir", out, *GEN_ARGS)
+    assert_ok(proc)
+    assert "generated 0 pairs, skipped 40 already done" in proc.stdout
+    assert {k: v for k, v in tree_digest(out).items() if k != "summary.json"} == before
+
+
+def test_pairs_do_not_depend_on_batch_size_or_concurrency(generated, trained_run, tmp_path):
+    out, _ = generated
+    run, _ = trained_run
+    proc = run_cli("generate", "--checkpoint_dir", run / "best_checkpoint", "--output_dir", tmp_path / "g2",
+                   "--num_samples", 12, "--steps", 4, "--batch_size", 3, "--concurrency", 1)
+    assert_ok(proc)
+    mine, reference = png_digest(tmp_path / "g2"), png_digest(out)
+    assert len(mine) == 48
+    assert all(reference[k] == v for k, v in mine.items())
+    # and pairs are not all alike
+    assert len({v for k, v in mine.items() if k.endswith("/cf.png")}) == 12
+
+
+def test_killed_job_resumes_with_only_the_missing_pairs(generated, trained_run, tmp_path):
+    out_ref, _ = generated
+    run, _ = trained_run
+    out = tmp_path / "g"
+    args = ["generate", "--checkpoint_dir", run / "best_checkpoint", "--output_dir", out, "--num_samples", 40,
+            "--steps", 4, "--batch_size", 4, "--concurrency", 1, "--rows_per_shard", 4]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen([sys.executable, "-m", "cffa_ray.cli", *map(str, args)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while len(list((out / "parquet").glob("part-*.parquet"))) < 2:
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            assert time.time() < deadline
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    shards_before = {p.name: p.read_bytes() for p in (out / "parquet").glob("part-*.parquet")}
+    done_before = set(pd.read_parquet(out / "parquet").pair_id)
+    assert 0 < len(done_before) < 40, "the job was not stopped part-way"
+    pngs_before = {k: v for k, v in png_digest(out).items() if int(k.split("pair_")[1][:6]) in done_before}
+
+    proc = run_cli(*args)
+    assert_ok(proc)
+    assert f"generated {40 - len(done_before)} pairs, skipped {len(done_before)}" in proc.stdout
+    df = pd.read_parquet(out / "parquet")
+    assert len(df) == 40 and df.pair_id.nunique() == 40
+    for name, data in shards_before.items():
+        assert (out / "parquet" / name).read_bytes() == data  # finished work untouched
+    after = png_digest(out)
+    assert all(after[k] == v for k, v in pngs_before.items())
+    assert len([k for k in after if k.endswith("/joint.png")]) == 40
+    # and the result is the same as an uninterrupted run
+    assert after == png_digest(out_ref)
+
+
+def test_from_data_mode(trained_run, pairs_dir, tmp_path):
+    run, _ = trained_run
+    out = tmp_path / "fd"
+    proc = run_cli("generate", "--checkpoint_dir", run / "best_checkpoint", "--output_dir", out, "--num_samples", 6,
+                   "--steps", 4, "--batch_size", 4, "--mode", "from_data", "--data", pairs_dir, "--strength", 0.5)
+    assert_ok(proc)
+    df = pd.read_parquet(out / "parquet").sort_values("pair_id")
+    assert list(df.pair_id) == list(range(6))
+    assert (df["mode"] == "from_data").all() and (df.strength == 0.5).all()
+    assert list(df.source_pair_id) == [f"synth_{k:05d}" for k in range(6)]
+    assert len(png_digest(out)) == 24

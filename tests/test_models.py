@@ -1,0 +1,111 @@
+"""The dual-UNet model: LoRA only is trained, the base is shared and frozen, modalities are decoupled,
+checkpoints load with peft, and a base model can be a diffusers folder."""
+import pytest
+import torch
+from peft import PeftModel
+
+from cffa_ray.config import ConfigError, ModelConfig
+from cffa_ray.models import build_model
+from cffa_ray.models.base import check_base_model, load_base
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return build_model(ModelConfig(preset="tiny", resolution=64, unet_lora_rank=4, unet_lora_alpha=4))
+
+
+def _batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {"cf": torch.rand(2, 3, 64, 64, generator=g) * 2 - 1, "fa": torch.rand(2, 3, 64, 64, generator=g) * 2 - 1}
+
+
+def test_only_lora_is_trainable_and_the_base_is_shared(model):
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    assert any(n.startswith("unet_cf.") for n in trainable) and any(n.startswith("unet_fa.") for n in trainable)
+    assert not any(p.requires_grad for p in model.vae.parameters())
+    base_cf = model.unet_cf.base_model.model.conv_in.weight
+    assert base_cf is model.unet_fa.base_model.model.conv_in.weight  # one copy of the frozen base
+    lora_cf = model.unet_cf.base_model.model.down_blocks[1].attentions[0].transformer_blocks[0].attn1.to_q.lora_A
+    lora_fa = model.unet_fa.base_model.model.down_blocks[1].attentions[0].transformer_blocks[0].attn1.to_q.lora_A
+    assert lora_cf["default"].weight is not lora_fa["default"].weight  # but two adapters
+
+
+def test_training_step_is_decoupled_and_reaches_both_adapters(model):
+    seen = {}
+
+    def spy(name):
+        def hook(module, args, kwargs):
+            seen[name] = (args[0].clone(), args[1].clone())
+        return hook
+
+    handles = [model.unet_cf.register_forward_pre_hook(spy("cf"), with_kwargs=True),
+               model.unet_fa.register_forward_pre_hook(spy("fa"), with_kwargs=True)]
+    torch.manual_seed(1)
+    model.zero_grad()
+    out = model(_batch())
+    for h in handles:
+        h.remove()
+    # independent timesteps and noise per modality
+    assert not torch.equal(seen["cf"][1], seen["fa"][1])
+    assert {"loss", "loss_cf", "loss_fa", "struct"} <= out.keys() and torch.isfinite(out["loss"])
+    out["loss"].backward()
+    grads_cf = [p.grad for n, p in model.named_parameters() if p.requires_grad and n.startswith("unet_cf.")]
+    grads_fa = [p.grad for n, p in model.named_parameters() if p.requires_grad and n.startswith("unet_fa.")]
+    assert any(g is not None and g.abs().sum() > 0 for g in grads_cf)
+    assert any(g is not None and g.abs().sum() > 0 for g in grads_fa)
+
+
+def test_fixed_generator_gives_a_reproducible_validation_loss(model):
+    a = model(_batch(3), generator=torch.Generator().manual_seed(5))["loss"]
+    b = model(_batch(3), generator=torch.Generator().manual_seed(5))["loss"]
+    assert a.item() == b.item()
+
+
+def test_saved_lora_loads_with_peft_and_changes_the_unet(model, tmp_path):
+    with torch.no_grad():
+        for n, p in model.unet_cf.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    model.unet_cf.save_pretrained(tmp_path / "unet_cf_lora")
+    assert (tmp_path / "unet_cf_lora/adapter_config.json").is_file()
+    assert (tmp_path / "unet_cf_lora/adapter_model.safetensors").is_file()
+    parts = load_base("dual_unet", "", "tiny")  # a fresh base with the same seeded weights
+    x, t = torch.randn(1, 4, 8, 8), torch.tensor([400])
+    ctx = parts.prompt_embeds
+    before = parts.unet(x, t, encoder_hidden_states=ctx).sample
+    loaded = PeftModel.from_pretrained(parts.unet, tmp_path / "unet_cf_lora")
+    after = loaded(x, t, encoder_hidden_states=ctx).sample
+    assert (after - before).abs().max() > 1e-3
+    torch.testing.assert_close(after, model.unet_cf(x, t, encoder_hidden_states=ctx).sample)
+
+
+def test_preset_is_reproducible():
+    a, b = load_base("dual_unet", "", "tiny"), load_base("dual_unet", "", "tiny")
+    torch.testing.assert_close(a.unet.conv_in.weight, b.unet.conv_in.weight)
+    torch.testing.assert_close(a.prompt_embeds, b.prompt_embeds)
+
+
+def test_base_model_from_a_diffusers_folder(sd15_folder):
+    check_base_model(str(sd15_folder), "dual_unet")
+    parts = load_base("dual_unet", str(sd15_folder), None)
+    assert parts.prompt_embeds.shape == (1, 77, 32)
+    assert parts.scheduler_config["beta_schedule"] == "scaled_linear"
+    m = build_model(ModelConfig(base_model=str(sd15_folder), resolution=64, unet_lora_rank=4))
+    assert torch.isfinite(m(_batch())["loss"])
+
+
+def test_base_model_folder_errors(tmp_path, sd15_folder):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(sd15_folder, broken)
+    shutil.rmtree(broken / "vae")
+    with pytest.raises(ConfigError, match="not a diffusers SD15 folder.*vae/config.json"):
+        check_base_model(str(broken), "dual_unet")
+    with pytest.raises(ConfigError, match="not a diffusers SDXL folder.*text_encoder_2"):
+        check_base_model(str(sd15_folder), "joint_sdxl")
+    with pytest.raises(ConfigError, match="neither an existing folder nor a hub id"):
+        check_base_model(str(tmp_path / "missing" / "model"), "dual_unet")
+    check_base_model("stable-diffusion-v1-5/stable-diffusion-v1-5", "dual_unet")  # hub ids are accepted

@@ -1,0 +1,141 @@
+"""End to end: the real `cffa train` on the tiny preset, 2 Ray Train workers, DeepSpeed ZeRO-2."""
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from peft import PeftModel
+from PIL import Image
+
+from tests.conftest import REPO, TRAIN_ARGS, assert_ok, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def log_steps(path):
+    return [int(m.group(1)) for line in path.read_text().splitlines() if (m := re.match(r"step=(\d+)", line))]
+
+
+def test_run_folder_is_complete(trained_run):
+    run, proc = trained_run
+    assert "ZeRO-2" in proc.stdout and "2 worker(s)" in proc.stdout
+    assert log_steps(run / "training_log.txt") == [10, 12]
+    assert log_steps(run / "validation_log.txt") == [4, 8, 12]
+    assert "val_loss=" in (run / "validation_log.txt").read_text()
+    assert sorted(p.name for p in run.glob("step_*_random_pairs")) == [
+        "step_000006_random_pairs", "step_000012_random_pairs"]
+    for step in ("000006", "000012"):
+        pairs = sorted(p.name for p in (run / f"step_{step}_random_pairs").iterdir())
+        assert pairs == ["pair_00", "pair_01"]
+        for pair in pairs:
+            folder = run / f"step_{step}_random_pairs" / pair
+            assert Image.open(folder / "cf.png").size == (64, 64) and Image.open(folder / "cf.png").mode == "RGB"
+            assert Image.open(folder / "fa.png").mode == "L"
+            assert Image.open(folder / "joint.png").size == (128, 64)
+    assert sorted(p.name for p in (run / "latest_checkpoints").iterdir()) == [
+        "step_000004", "step_000008", "step_000012"]
+    for ckpt in [run / "best_checkpoint", *(run / "latest_checkpoints").iterdir()]:
+        for adapter in ("unet_cf_lora", "unet_fa_lora"):
+            assert (ckpt / adapter / "adapter_config.json").is_file()
+            assert (ckpt / adapter / "adapter_model.safetensors").is_file()
+        record = json.loads((ckpt / "model.json").read_text())
+        assert record["model"] == "dual_unet" and record["preset"] == "tiny" and record["resolution"] == 64
+        assert record["unet_lora_rank"] == 16 and record["unet_lora_alpha"] == 16
+    assert json.loads((run / "latest_checkpoints/step_000012/model.json").read_text())["trained_steps"] == 12
+    assert "val_loss" in json.loads((run / "best_checkpoint/model.json").read_text())
+    # every rank's DeepSpeed state went through ray.train.report into the run folder
+    ray_ckpts = sorted(p.name for p in (run / "ray_train").glob("checkpoint_0*"))
+    assert ray_ckpts[-1] == "checkpoint_000012"
+    assert list((run / "ray_train" / ray_ckpts[-1]).rglob("*optim_states.pt"))
+    assert not list(run.rglob(".*tmp*")), "a temporary file was left behind"
+
+
+def test_saved_lora_loads_with_peft_and_changes_the_unet(trained_run):
+    from cffa_ray.models.base import load_base
+
+    run, _ = trained_run
+    parts = load_base("dual_unet", "", "tiny")
+    x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([300, 700]), parts.prompt_embeds.expand(2, -1, -1)
+    before = parts.unet(x, t, encoder_hidden_states=ctx).sample
+    for adapter in ("unet_cf_lora", "unet_fa_lora"):
+        base = load_base("dual_unet", "", "tiny").unet
+        after = PeftModel.from_pretrained(base, run / "best_checkpoint" / adapter)(x, t, encoder_hidden_states=ctx)
+        assert (after.sample - before).abs().max() > 1e-4, adapter
+
+
+def test_rerun_resumes_instead_of_starting_over(trained_run, pairs_dir, tmp_path):
+    run, _ = trained_run
+    out = tmp_path / "runs"
+    shutil.copytree(run, out / "t")
+    log_before = (out / "t/training_log.txt").read_text()
+
+    same = run_cli("train", "--data", pairs_dir, "--output_dir", out, "--name", "t", *TRAIN_ARGS)
+    assert_ok(same)
+    assert "resuming at step 12" in same.stdout
+    assert "[cffa] step" not in same.stdout  # nothing trained again
+    assert (out / "t/training_log.txt").read_text() == log_before
+
+    longer = list(TRAIN_ARGS)
+    longer[longer.index("--max_steps") + 1] = 16
+    more = run_cli("train", "--data", pairs_dir, "--output_dir", out, "--name", "t", *longer)
+    assert_ok(more)
+    assert "resuming at step 12" in more.stdout
+    assert log_steps(out / "t/training_log.txt") == [10, 12, 16]
+    assert log_steps(out / "t/validation_log.txt") == [4, 8, 12, 16]
+    assert sorted(p.name for p in (out / "t/latest_checkpoints").iterdir()) == [
+        "step_000008", "step_000012", "step_000016"]  # only the 3 most recent kept
+
+
+def test_base_model_from_a_diffusers_folder_trains_and_generates(sd15_folder, pairs_dir, tmp_path):
+    proc = run_cli("train", "--data", pairs_dir, "--output_dir", tmp_path, "--name", "f", "--base_model",
+                   sd15_folder, "--resolution", 64, "--max_steps", 2, "--num_workers", 1, "--zero_stage", 0,
+                   "--batch_size", 2, "--val_every", 2, "--sample_every", 2, "--num_sample_pairs", 1,
+                   "--sample_steps", 2, "--unet_lora_rank", 4)
+    assert_ok(proc)
+    record = json.loads((tmp_path / "f/best_checkpoint/model.json").read_text())
+    assert record["base_model"] == str(sd15_folder) and record["preset"] is None
+    gen = run_cli("generate", "--checkpoint_dir", tmp_path / "f/best_checkpoint", "--num_samples", 2,
+                  "--steps", 2, "--output_dir", tmp_path / "g")
+    assert_ok(gen)
+    assert len(list((tmp_path / "g/png/shard_0000").iterdir())) == 2
+
+
+def _ray_train_workers():
+    out = subprocess.run(["pgrep", "-f", "ray::RayTrainWorker"], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def test_a_killed_worker_is_replaced_and_training_resumes(pairs_dir, tmp_path):
+    args = ["train", "--data", pairs_dir, "--output_dir", tmp_path, "--name", "ft", "--preset", "tiny",
+            "--resolution", 64, "--max_steps", 40, "--num_workers", 2, "--batch_size", 2, "--val_every", 4,
+            "--sample_every", 1000, "--log_every", 2, "--max_failures", 2]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen([sys.executable, "-m", "cffa_ray.cli", *map(str, args)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        snapshot = tmp_path / "ft/ray_train/checkpoint_manager_snapshot.json"
+        # wait until Ray Train has *registered* checkpoint 8 (its folder appears a little earlier)
+        while not (snapshot.exists() and "checkpoint_000008" in snapshot.read_text()):
+            assert proc.poll() is None, proc.stdout.read()[-4000:]
+            assert time.time() < deadline, "no checkpoint in time"
+            time.sleep(0.5)
+        workers = _ray_train_workers()
+        assert len(workers) == 2, workers
+        os.kill(workers[1], signal.SIGKILL)
+        output, _ = proc.communicate(timeout=500)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, output[-5000:]
+    resumed = [int(s) for s in re.findall(r"resuming at step (\d+)", output)]
+    assert resumed and resumed[0] >= 8, output[-3000:]  # at most one checkpoint interval redone
+    assert log_steps(tmp_path / "ft/training_log.txt")[-1] == 40
+    assert (tmp_path / "ft/latest_checkpoints/step_000040").is_dir()
