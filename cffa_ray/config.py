@@ -30,6 +30,19 @@ class ConfigError(ValueError):
     """A bad flag value; the message names the flag and how to fix it."""
 
 
+def join_path(base: str, *parts: str) -> str:
+    """Join local paths and URIs (s3://bucket/x) alike."""
+    if "://" in base:
+        return "/".join([base.rstrip("/"), *parts])
+    return os.path.join(base, *parts)
+
+
+def storage_default(name: str) -> str:
+    """`name` under $CFFA_STORAGE (a shared or cloud prefix, set on cluster nodes), else a local folder."""
+    root = os.environ.get("CFFA_STORAGE")
+    return join_path(root, name) if root else name
+
+
 def flag(default: Any, help: str, **extra: Any) -> Any:
     return field(default=default, metadata={"help": help, **extra})
 
@@ -87,7 +100,8 @@ class TrainConfig(ModelConfig):
         "or a manifest .csv/.parquet with columns cf_path, fa_path [, pair_id, split]; "
         "local paths or s3:// / gs:// URIs",
     )
-    output_dir: str = flag("runs", "parent folder of run folders")
+    output_dir: str = flag(storage_default("runs"),
+                           "parent folder of run folders: local, or s3:// / gs:// (default: $CFFA_STORAGE/runs if set)")
     name: str = flag("cffa", "run name; the run folder is <output_dir>/<name>; rerunning resumes it")
     max_steps: int = flag(15000, "optimizer steps to train for")
     batch_size: int = flag(1, "pairs per worker per micro-step")
@@ -95,7 +109,9 @@ class TrainConfig(ModelConfig):
     lr: float = flag(1e-4, "AdamW learning rate of the LoRA weights")
     seed: int = flag(0, "seed for noise, timesteps, LoRA init and the train/validation split")
     hf_lambda: float = flag(0.5, "weight of the high-frequency loss on predicted x0")
-    struct_lambda: float = flag(0.3, "weight of the Sobel structure loss between CF and FA (dual_unet)")
+    struct_lambda: float | None = flag(
+        None, "weight of the Sobel structure loss between CF and FA (default: 0.3 for dual_unet, "
+              "0 for joint_sdxl, whose seed had none; > 0 compares the two halves of the joint latent)")
     offset_noise_strength: float = flag(0.1, "offset noise strength (per-channel constant added to the noise)")
     num_workers: int = flag(1, "Ray Train workers (one per GPU with --use_gpu)")
     use_gpu: bool = flag(False, "one GPU per worker, NCCL; otherwise CPU workers, gloo")
@@ -113,6 +129,10 @@ class TrainConfig(ModelConfig):
     keep_latest: int = flag(3, "latest_checkpoints/ kept")
     max_failures: int = flag(3, "worker-group restarts from the last checkpoint before giving up")
     log_every: int = flag(10, "steps between lines in training_log.txt and on the console")
+
+    def __post_init__(self) -> None:
+        if self.struct_lambda is None:
+            self.struct_lambda = 0.3 if self.model == "dual_unet" else 0.0
 
     def validate(self) -> None:
         self.validate_model()
@@ -162,8 +182,11 @@ class GenerateConfig:
     """`cffa generate` / `jobs/generate.py`."""
 
     checkpoint_dir: str | None = flag(None, "a checkpoint folder written by training, e.g. <run>/best_checkpoint")
+    model: str | None = flag(None, "expect this design (dual_unet | joint_sdxl); default: the checkpoint's own")
     num_samples: int = flag(10, "pairs to make in total (pair ids 0 .. N-1)")
-    output_dir: str = flag("generated", "where parquet/, png/ and summary.json go")
+    output_dir: str = flag(storage_default("generated"),
+                           "where parquet/, png/ and summary.json go: local, or s3:// / gs:// "
+                           "(default: $CFFA_STORAGE/generated if set)")
     steps: int = flag(50, "denoising steps")
     seed: int = flag(42, "base seed; pair k's noise depends only on (seed, k)")
     scheduler: str = flag("ddim", "ddim (the seed's) | dpm++ (DPM-Solver++, good at 20-25 steps)", choices=SCHEDULERS)
@@ -186,6 +209,8 @@ class GenerateConfig:
         for flag_name in ("num_samples", "steps", "batch_size", "model_batch", "concurrency", "rows_per_shard"):
             if getattr(self, flag_name) <= 0:
                 raise ConfigError(f"--{flag_name} {getattr(self, flag_name)} must be > 0")
+        if self.model is not None and self.model not in MODELS:
+            raise ConfigError(f"--model {self.model!r} is unknown; choose one of {', '.join(MODELS)}")
         if self.scheduler not in SCHEDULERS:
             raise ConfigError(f"--scheduler {self.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
         if self.mode not in GENERATION_MODES:
@@ -198,13 +223,6 @@ class GenerateConfig:
             raise ConfigError(f"--mixed_precision {self.mixed_precision!r}; choose no, fp16 or bf16")
         if self.cpus_per_actor <= 0:
             raise ConfigError(f"--cpus_per_actor {self.cpus_per_actor} must be > 0")
-
-
-def join_path(base: str, *parts: str) -> str:
-    """Join local paths and URIs (s3://bucket/x) alike."""
-    if "://" in base:
-        return "/".join([base.rstrip("/"), *parts])
-    return os.path.join(base, *parts)
 
 
 # ---------------------------------------------------------------- CLI from dataclasses

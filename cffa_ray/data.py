@@ -72,6 +72,7 @@ def _list_images(folder: str) -> dict[str, str]:
 def _from_folder(data: str) -> list[dict]:
     if not is_uri(data) and not Path(data).exists():
         raise DataError(f"--data {data} does not exist; give a folder with cf/ and fa/ or a manifest")
+    data = data if is_uri(data) else os.path.abspath(data)  # Ray tasks may not share our cwd
     sep = "/" if is_uri(data) else os.sep
     cf = _list_images(data.rstrip("/") + sep + "cf")
     fa = _list_images(data.rstrip("/") + sep + "fa")

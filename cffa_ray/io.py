@@ -29,6 +29,25 @@ def filesystem(path: str):
     return pafs.LocalFileSystem(), os.path.abspath(path)
 
 
+def local_copy(path: str) -> str:
+    """A local folder with the contents of `path`: the path itself, or a download of a URI folder."""
+    if not is_uri(path):
+        return path
+    import pyarrow.fs as pafs
+
+    fs, p = filesystem(path)
+    if fs.get_file_info(p).type != pafs.FileType.Directory:
+        raise FileNotFoundError(path)
+    target = tempfile.mkdtemp(prefix="cffa-download-")
+    pafs.copy_files(p, target, source_filesystem=fs)
+    return target
+
+
+def absolute(path: str) -> str:
+    """Local paths made absolute (workers may run elsewhere); URIs unchanged."""
+    return path if is_uri(path) else os.path.abspath(path)
+
+
 def read_text(path: str) -> str | None:
     """A small file's text, local or URI; None when it does not exist."""
     import pyarrow.fs as pafs

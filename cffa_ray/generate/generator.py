@@ -12,12 +12,13 @@ import torch
 
 class PairGenerator:
     def __init__(self, checkpoint_dir: str, cfg: dict):
+        from cffa_ray.io import local_copy
         from cffa_ray.models import load_for_generation
 
         torch.set_grad_enabled(False)
         self.cfg = cfg
         self.device = torch.device("cuda" if cfg["use_gpu"] else "cpu")
-        self.model, record = load_for_generation(checkpoint_dir, merge=True)
+        self.model, record = load_for_generation(local_copy(checkpoint_dir), merge=True)
         self.model.to(self.device).eval()
         self.resolution = record["resolution"]
 

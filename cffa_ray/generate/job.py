@@ -8,7 +8,7 @@
 """
 from __future__ import annotations
 
-import os
+import dataclasses
 import time
 from pathlib import Path
 
@@ -16,16 +16,19 @@ import numpy as np
 
 from cffa_ray.config import ConfigError, GenerateConfig, to_dict
 from cffa_ray.data import CF_PATH, FA_PATH, PAIR_ID, discover_pairs, load_image, normalise
-from cffa_ray.io import is_uri
+from cffa_ray.io import absolute, local_copy
 from cffa_ray.sampling import pair_seed
 
 
-def check_checkpoint(checkpoint_dir: str) -> dict:
+def check_checkpoint(checkpoint_dir: str, expected_model: str | None = None) -> dict:
     """The checkpoint's model record; a clear error for a missing or foreign folder."""
     from cffa_ray.models import adapter_folders
     from cffa_ray.models.interface import MODEL_RECORD, read_model_record
 
-    path = Path(checkpoint_dir)
+    try:
+        path = Path(local_copy(checkpoint_dir))
+    except FileNotFoundError:
+        path = Path("/nonexistent")
     if not path.is_dir():
         raise ConfigError(f"--checkpoint_dir {checkpoint_dir} does not exist; "
                           "give <run>/best_checkpoint or <run>/latest_checkpoints/step_XXXXXX")
@@ -37,6 +40,10 @@ def check_checkpoint(checkpoint_dir: str) -> dict:
     if folders is None:
         raise ConfigError(f"--checkpoint_dir {checkpoint_dir}: model {record.get('model')!r} in {MODEL_RECORD} "
                           "is not a design this version knows (dual_unet, joint_sdxl)")
+    if expected_model and expected_model != record["model"]:
+        raise ConfigError(f"--checkpoint_dir {checkpoint_dir} holds a {record['model']} model "
+                          f"({', '.join(f + '/' for f in folders)}), not --model {expected_model}; "
+                          f"drop --model or give a {expected_model} checkpoint")
     missing = [f for f in folders if not (path / f / "adapter_config.json").is_file()]
     if missing:
         raise ConfigError(f"--checkpoint_dir {checkpoint_dir} ({record.get('model')}) lacks {', '.join(missing)}; "
@@ -46,12 +53,12 @@ def check_checkpoint(checkpoint_dir: str) -> dict:
 
 def identity(cfg: GenerateConfig, record: dict) -> dict:
     """Everything that decides a pair's pixels; --num_samples, --batch_size, --concurrency do not."""
-    out = {"checkpoint": os.path.abspath(cfg.checkpoint_dir), "trained_steps": record.get("trained_steps"),
+    out = {"checkpoint": absolute(cfg.checkpoint_dir), "trained_steps": record.get("trained_steps"),
            "model": record["model"], "resolution": record["resolution"], "mode": cfg.mode, "steps": cfg.steps,
            "seed": cfg.seed, "scheduler": cfg.scheduler, "model_batch": cfg.model_batch,
            "mixed_precision": cfg.mixed_precision}
     if cfg.mode == "from_data":
-        out.update(strength=cfg.strength, data=cfg.data)
+        out.update(strength=cfg.strength, data=absolute(cfg.data))
     return out
 
 
@@ -91,7 +98,8 @@ def generate(cfg: GenerateConfig) -> dict:
     from cffa_ray.train.launch import init_ray
 
     cfg.validate()
-    record = check_checkpoint(cfg.checkpoint_dir)
+    cfg = dataclasses.replace(cfg, output_dir=absolute(cfg.output_dir))  # the sink may run elsewhere
+    record = check_checkpoint(cfg.checkpoint_dir, cfg.model)
     sources = sorted(discover_pairs(cfg.data), key=lambda r: r[PAIR_ID]) if cfg.mode == "from_data" else None
     ident = identity(cfg, record)
     check_identity(cfg.output_dir, ident)
@@ -110,7 +118,7 @@ def generate(cfg: GenerateConfig) -> dict:
             ds = ds.map_batches(load_sources, fn_kwargs={"resolution": record["resolution"]},
                                 batch_size=cfg.batch_size, batch_format="numpy")
         ds = ds.map_batches(
-            PairGenerator, fn_constructor_kwargs={"checkpoint_dir": os.path.abspath(cfg.checkpoint_dir),
+            PairGenerator, fn_constructor_kwargs={"checkpoint_dir": absolute(cfg.checkpoint_dir),
                                                   "cfg": to_dict(cfg)},
             batch_size=cfg.batch_size, batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
@@ -133,4 +141,4 @@ def generate(cfg: GenerateConfig) -> dict:
     return summary
 
 
-__all__ = ["generate", "check_checkpoint", "is_uri"]
+__all__ = ["generate", "check_checkpoint"]

@@ -29,7 +29,8 @@ def adapter_folders(name: str) -> tuple[str, ...] | None:
 def build_model(cfg: ModelConfig, *, share_base: bool = True, **loss_weights) -> PairModel:
     """Base parts (folder, hub id or preset) + fresh LoRA adapters, for training."""
     parts = load_base(cfg.model, cfg.base_model_or_default, cfg.preset)
-    return _design(cfg.model)(parts, cfg.unet_lora_rank, cfg.unet_lora_alpha, share_base=share_base, **loss_weights)
+    return _design(cfg.model)(parts, cfg.unet_lora_rank, cfg.unet_lora_alpha, resolution=cfg.resolution,
+                              share_base=share_base, **loss_weights)
 
 
 def load_for_generation(checkpoint_dir: str | Path, merge: bool = False) -> tuple[PairModel, dict]:

@@ -14,7 +14,7 @@ class DualUNet(PairModel):
     name = "dual_unet"
     ADAPTERS = ("unet_cf_lora", "unet_fa_lora")
 
-    def __init__(self, parts: BaseParts, rank: int, alpha: float, *, hf_lambda: float = 0.5,
+    def __init__(self, parts: BaseParts, rank: int, alpha: float, *, resolution: int, hf_lambda: float = 0.5,
                  struct_lambda: float = 0.3, offset_noise_strength: float = 0.1, share_base: bool = True):
         super().__init__()
         unet_fa = twin(parts.unet, share_base)

@@ -1,11 +1,13 @@
 """The driver side of `cffa train`: check everything, prepare Ray Data, run the TorchTrainer."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 
 from cffa_ray.config import ConfigError, TrainConfig, join_path, to_dict
 from cffa_ray.data import TRAIN, VAL, DataError, assign_split, decoded_pairs, discover_pairs
+from cffa_ray.io import absolute
 
 
 def check(cfg: TrainConfig) -> list[dict]:
@@ -65,14 +67,13 @@ def init_ray(num_cpus_needed: float, use_gpu: bool) -> None:
 
 def train(cfg: TrainConfig):
     """Train; returns the Ray Train Result. Raises ConfigError / DataError before any work."""
-    import ray.train
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from cffa_ray.io import is_uri
     from cffa_ray.train.loop import quiet_ray, train_loop_per_worker
     from cffa_ray.train.run_folder import RAY_DIR, RUN_RECORD, RunFolder
 
+    cfg = dataclasses.replace(cfg, output_dir=absolute(cfg.output_dir))  # workers may not share our cwd
     records = check(cfg)
     train_records = [r for r in records if r["split"] == TRAIN]
     val_records = [r for r in records if r["split"] == VAL] or train_records[: max(1, cfg.batch_size)]
@@ -85,7 +86,7 @@ def train(cfg: TrainConfig):
           f"at {cfg.resolution}px in {time.time() - t0:.1f}s", flush=True)
 
     RunFolder(cfg.run_dir).write_json(RUN_RECORD, cfg.model_record())
-    storage = cfg.run_dir if is_uri(cfg.run_dir) else os.path.abspath(cfg.run_dir)
+    storage = absolute(cfg.run_dir)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": to_dict(cfg)},

@@ -86,7 +86,7 @@ def train_loop_per_worker(config: dict) -> None:
                    ray.train.get_dataset_shard("val").iter_torch_batches(batch_size=cfg.batch_size)]
     batches = _endless_batches(train_shard, cfg.batch_size, device)
     window: dict[str, float] = {}
-    t0, step0 = time.time(), step
+    t_window, step_window = time.time(), step  # rates are over the last log window (steady state)
 
     while step < cfg.max_steps:
         engine.train()
@@ -101,7 +101,7 @@ def train_loop_per_worker(config: dict) -> None:
 
         if step % cfg.log_every == 0 or step == cfg.max_steps:
             n = window.pop("n")
-            rate = (step - step0) / max(time.time() - t0, 1e-9)
+            rate = (step - step_window) / max(time.time() - t_window, 1e-9)
             values = {k: v / n for k, v in window.items()}
             values.update(lr=optimizer.param_groups[0]["lr"], steps_per_s=rate,
                           pairs_per_s=rate * cfg.batch_size * world * cfg.gradient_accumulation_steps)
@@ -112,6 +112,7 @@ def train_loop_per_worker(config: dict) -> None:
                 eta = (cfg.max_steps - step) / max(rate, 1e-9)
                 print(f"[cffa] step {step}/{cfg.max_steps} loss {values['loss']:.4f} "
                       f"{rate:.2f} steps/s eta {eta:.0f}s", flush=True)
+            t_window, step_window = time.time(), step
 
         record["trained_steps"] = step
         if step % cfg.val_every == 0 or step == cfg.max_steps:

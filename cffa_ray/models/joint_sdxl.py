@@ -1,0 +1,106 @@
+"""Seed system B (v25-SDXL): one SDXL UNet + one LoRA on the joint image cat([cf, fa], width).
+
+The joint image is 3 x R x 2R (latent 4 x R/8 x R/4); CF is its left half and FA its right half,
+with no resizing either way. SDXL's size conditioning sees the real, non-square size.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from cffa_ray import diffusion as D
+from cffa_ray.models.base import BaseParts
+from cffa_ray.models.interface import PairModel
+from cffa_ray.models.lora import with_lora
+from cffa_ray.models.vae import decode_latents, encode_images, noise_schedule, vae_scale
+
+DIFFUSERS_LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+def sdxl_time_ids(height: int, width: int) -> torch.Tensor:
+    """SDXL added time ids [1, 6]: original size, crop top-left (0, 0), target size — as (h, w) pairs."""
+    return torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32)
+
+
+def joint(cf: torch.Tensor, fa: torch.Tensor) -> torch.Tensor:
+    """[B, 3, R, R] x 2 -> [B, 3, R, 2R]: CF on the left, FA on the right."""
+    return torch.cat([cf, fa], dim=-1)
+
+
+def split(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, C, H, 2W] -> left and right halves, exactly (no resizing)."""
+    w = images.shape[-1] // 2
+    return images[..., :w], images[..., w:]
+
+
+class JointSDXL(PairModel):
+    name = "joint_sdxl"
+    ADAPTERS = ("unet_lora",)
+
+    def __init__(self, parts: BaseParts, rank: int, alpha: float, *, resolution: int, hf_lambda: float = 0.5,
+                 struct_lambda: float = 0.0, offset_noise_strength: float = 0.1, share_base: bool = True):
+        super().__init__()
+        if parts.pooled_prompt_embeds is None:
+            raise ValueError("joint_sdxl needs an SDXL base (two text encoders)")
+        self.unet = with_lora(parts.unet, rank, alpha)
+        self.vae = parts.vae
+        self.register_buffer("prompt_embeds", parts.prompt_embeds, persistent=False)
+        self.register_buffer("pooled_prompt_embeds", parts.pooled_prompt_embeds, persistent=False)
+        self.register_buffer("time_ids", sdxl_time_ids(resolution, 2 * resolution), persistent=False)
+        self._scheduler_config = parts.scheduler_config
+        self._alphas_cumprod = noise_schedule(parts.scheduler_config)
+        self.hf_lambda, self.struct_lambda, self.offset_noise_strength = hf_lambda, struct_lambda, offset_noise_strength
+
+    def _eps(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        b = x_t.shape[0]
+        dtype = self.prompt_embeds.dtype
+        cond = {"text_embeds": self.pooled_prompt_embeds.expand(b, -1), "time_ids": self.time_ids.expand(b, -1)}
+        out = self.unet(x_t.to(dtype), t, encoder_hidden_states=self.prompt_embeds.expand(b, -1, -1),
+                        added_cond_kwargs=cond).sample
+        return out.float()
+
+    def forward(self, batch, generator=None):
+        with torch.no_grad():
+            x0 = encode_images(self.vae, joint(batch["cf"], batch["fa"]), generator)
+        ac = self._alphas_cumprod
+        v = D.noised_view(x0, ac, self.offset_noise_strength, generator)
+        eps_hat = self._eps(v["x_t"], v["t"])
+        pred_x0 = D.predict_x0(v["x_t"], eps_hat, v["t"], ac)
+        out = D.modality_loss(eps_hat, v["eps"], pred_x0, x0, v["ab"], self.hf_lambda)
+        struct = D.structure_loss(*split(pred_x0), v["ab"]) if self.struct_lambda > 0 else out["loss"].new_zeros(())
+        return {"loss": out["loss"] + self.struct_lambda * struct, "mse": out["mse"], "hf": out["hf"],
+                "struct": struct}
+
+    def noise_shape(self, resolution):
+        side = resolution // vae_scale(self.vae)
+        return (self.vae.config.latent_channels, side, 2 * side)
+
+    def noise_to_state(self, noise):
+        return noise
+
+    def encode_pair(self, cf, fa, generator=None, sample=True):
+        return encode_images(self.vae, joint(cf, fa), generator, sample)
+
+    def predict_noise(self, state, t):
+        return self._eps(state, t.expand(state.shape[0]) if t.ndim == 0 else t)
+
+    def decode(self, state):
+        return split(decode_latents(self.vae, state))
+
+    def adapters(self):
+        return {"unet_lora": self.unet}
+
+    def save_extra(self, folder: Path) -> None:
+        """The LoRA in diffusers' format too: StableDiffusionXLPipeline.load_lora_weights(folder) takes it."""
+        from diffusers import StableDiffusionXLPipeline
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        state = get_peft_model_state_dict(self.unet)
+        state = {k.removeprefix("base_model.model."): v.detach().float().cpu().contiguous() for k, v in state.items()}
+        config = self.unet.peft_config["default"].to_dict()
+        config["target_modules"] = sorted(config["target_modules"])  # a set is not JSON
+        StableDiffusionXLPipeline.save_lora_weights(
+            str(folder), unet_lora_layers=convert_state_dict_to_diffusers(state), weight_name=DIFFUSERS_LORA_FILE,
+            unet_lora_adapter_metadata=config)
