@@ -91,34 +91,39 @@ def main() -> None:
     p.add_argument("--use_gpu", action="store_true")
     p.add_argument("--mixed_precision", default="no")
     p.add_argument("--gradient_checkpointing", action="store_true")
+    p.add_argument("--cpus_per_worker", type=float, default=1.0,
+                   help="CPUs per Ray worker; on CPU the baseline gets as many torch threads, for a fair ratio")
     args = p.parse_args()
+    if not args.use_gpu:
+        torch.set_num_threads(max(1, int(args.cpus_per_worker)))
 
     from cffa_ray.synth import write_synthetic_pairs
 
     work = tempfile.mkdtemp(prefix="cffa-bench-")
     n_pairs = max(16, 4 * args.batch_size * args.num_workers)
     write_synthetic_pairs(f"{work}/pairs", n_pairs, args.resolution)
-    total = args.steps + args.warmup
+    total = 2 * args.steps  # the Ray path's rate is its second log window: steps..2*steps, warmed up
     cfg = TrainConfig(model=MODEL_OF_PRESET[args.preset], preset=args.preset, resolution=args.resolution,
                       data=f"{work}/pairs", output_dir=f"{work}/runs", name="bench", batch_size=args.batch_size,
                       max_steps=total, num_workers=args.num_workers, zero_stage=args.zero_stage,
-                      use_gpu=args.use_gpu, mixed_precision=args.mixed_precision,
+                      use_gpu=args.use_gpu, mixed_precision=args.mixed_precision, cpus_per_worker=args.cpus_per_worker,
                       gradient_checkpointing=args.gradient_checkpointing, val_every=total, sample_every=total,
-                      num_sample_pairs=0, log_every=args.steps, val_fraction=0.1)
+                      num_sample_pairs=0, log_every=args.steps, checkpoint_every=total, val_fraction=0.1)
     cfg.validate()
 
     base_rate, flops = plain_loop(cfg, args.steps, args.warmup)
     ray_rate = ray_path(cfg, f"{work}/pairs")
     pairs = args.batch_size
     print(f"\npreset {args.preset}, {args.resolution}px, batch {args.batch_size}/worker, "
-          f"{'GPU' if args.use_gpu else 'CPU'}, {args.mixed_precision}, {args.steps} timed steps")
+          f"{'GPU' if args.use_gpu else f'CPU ({torch.get_num_threads()} thread(s) per process)'}, "
+          f"{args.mixed_precision}, {args.steps} timed steps")
     print(f"{'path':44s} {'steps/s':>9s} {'pairs/s':>9s} {'ratio':>7s}")
     print(f"{'plain PyTorch loop, 1 process (baseline)':44s} {base_rate:9.3f} {base_rate * pairs:9.3f} {1.0:7.2f}")
     label = f"Ray Train + DeepSpeed ZeRO-{args.zero_stage}, {args.num_workers} worker(s)"
     print(f"{label:44s} {ray_rate:9.3f} {ray_rate * pairs * args.num_workers:9.3f} "
           f"{ray_rate * args.num_workers / base_rate:7.2f}   (ratio of pairs/s)")
-    print(f"FLOP per training step (torch counter): {flops / 1e12:.3f} TFLOP; plain loop achieves "
-          f"{flops * base_rate / 1e12:.3f} TFLOP/s, Ray path {flops * ray_rate / 1e12:.3f} TFLOP/s per worker")
+    print(f"FLOP per training step (torch counter): {flops / 1e9:.2f} GFLOP; plain loop achieves "
+          f"{flops * base_rate / 1e12:.4f} TFLOP/s, Ray path {flops * ray_rate / 1e12:.4f} TFLOP/s per worker")
 
 
 if __name__ == "__main__":

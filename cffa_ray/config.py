@@ -116,6 +116,7 @@ class TrainConfig(ModelConfig):
     num_workers: int = flag(1, "Ray Train workers (one per GPU with --use_gpu)")
     use_gpu: bool = flag(False, "one GPU per worker, NCCL; otherwise CPU workers, gloo")
     cpus_per_worker: float = flag(1.0, "CPUs reserved per training worker")
+    accelerator_type: str | None = flag(None, "only GPUs of this Ray accelerator type, e.g. A10G or L40S")
     zero_stage: int = flag(2, "DeepSpeed ZeRO stage: 0 | 1 | 2 | 3")
     mixed_precision: str = flag("no", "no | fp16 | bf16 (DeepSpeed mixed precision)", choices=MIXED_PRECISION)
     gradient_checkpointing: bool = flag(False, "recompute UNet activations in backward (less memory)")
@@ -202,6 +203,7 @@ class GenerateConfig:
     use_gpu: bool = flag(False, "one GPU per model actor")
     mixed_precision: str = flag("no", "no | fp16 | bf16 autocast during sampling", choices=MIXED_PRECISION)
     cpus_per_actor: float = flag(1.0, "CPUs reserved per model actor")
+    accelerator_type: str | None = flag(None, "only GPUs of this Ray accelerator type, e.g. A10G or L40S")
 
     def validate(self) -> None:
         if not self.checkpoint_dir:

@@ -93,6 +93,7 @@ def publish_dir(staging: str | os.PathLike, final: str | os.PathLike) -> None:
 
         fs, p = filesystem(str(final))
         fs.delete_dir_contents(p, missing_dir_ok=True)
+        fs.create_dir(p, recursive=True)  # a no-op on object stores, needed on file://
         pafs.copy_files(str(staging), p, destination_filesystem=fs)
         shutil.rmtree(staging, ignore_errors=True)
         return

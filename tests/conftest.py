@@ -14,12 +14,22 @@ REPO = Path(__file__).resolve().parents[1]
 CLI_TIMEOUT_S = 600  # a hang (e.g. Ray Data starved of CPUs) fails the test instead of blocking CI
 
 
-def run_cli(*args: str, timeout: float = CLI_TIMEOUT_S, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """Run `cffa <args>` as a user would, in a fresh process (its own local Ray)."""
+def _cli_env() -> dict:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop("RAY_ADDRESS", None)
+    env.pop("RAY_ADDRESS", None)  # each run starts its own local Ray
+    return env
+
+
+def run_cli(*args: str, timeout: float = CLI_TIMEOUT_S) -> subprocess.CompletedProcess:
+    """Run `cffa <args>` as a user would, in a fresh process (its own local Ray)."""
     return subprocess.run([sys.executable, "-m", "cffa_ray.cli", *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout, cwd=cwd or REPO, env=env)
+                          text=True, timeout=timeout, cwd=REPO, env=_cli_env())
+
+
+def start_cli(*args: str) -> subprocess.Popen:
+    """`cffa <args>` in the background, in its own session so the test can kill it with all of Ray."""
+    return subprocess.Popen([sys.executable, "-m", "cffa_ray.cli", *map(str, args)], cwd=REPO, env=_cli_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
 def assert_ok(proc: subprocess.CompletedProcess) -> None:

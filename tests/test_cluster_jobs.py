@@ -81,13 +81,18 @@ class Cluster:
         assert proc.returncode == 0, proc.stdout + proc.stderr
 
     def status(self, job_id: str) -> str:
-        out = self.ray("job", "status", job_id).stdout
-        m = re.search(r"Status for job '[^']+': (\w+)", out)
-        return m.group(1) if m else "UNKNOWN"
+        """RUNNING, PENDING, SUCCEEDED, FAILED or STOPPED, as `ray job status` prints it."""
+        out = re.sub(r"\x1b\[[0-9;]*m", "", self.ray("job", "status", job_id).stdout)
+        if m := re.search(r"Status for job '[^']+': (\w+)", out):
+            return m.group(1)
+        for word, status in (("succeeded", "SUCCEEDED"), ("failed", "FAILED"), ("stopped", "STOPPED")):
+            if f"Job '{job_id}' " in out and word in out:
+                return status
+        return "UNKNOWN"
 
     def wait(self, job_id: str, timeout: float = 600) -> str:
         deadline = time.time() + timeout
-        while (status := self.status(job_id)) not in ("SUCCEEDED", "FAILED", "STOPPED"):
+        while (status := self.status(job_id)) not in ("SUCCEEDED", "FAILED", "STOPPED", "UNKNOWN"):
             assert time.time() < deadline, f"{job_id} still {status}"
             time.sleep(2)
         return status

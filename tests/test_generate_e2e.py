@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from tests.conftest import REPO, assert_ok, run_cli
+from tests.conftest import assert_ok, run_cli, start_cli
 
 pytestmark = pytest.mark.slow
 
@@ -26,7 +26,7 @@ def tree_digest(root):
 
 
 def png_digest(root):
-    return {k: v for k, v in tree_digest(root / "png").items()}
+    return tree_digest(root / "png")
 
 
 @pytest.fixture(scope="module")
@@ -105,10 +105,7 @@ def test_killed_job_resumes_with_only_the_missing_pairs(generated, trained_run, 
     out = tmp_path / "g"
     args = ["generate", "--checkpoint_dir", run / "best_checkpoint", "--output_dir", out, "--num_samples", 40,
             "--steps", 4, "--batch_size", 4, "--concurrency", 1, "--rows_per_shard", 4]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen([sys.executable, "-m", "cffa_ray.cli", *map(str, args)], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = start_cli(*args)
     try:
         deadline = time.time() + 300
         while len(list((out / "parquet").glob("part-*.parquet"))) < 2:

@@ -109,7 +109,7 @@ def generate(cfg: GenerateConfig) -> dict:
     t0 = time.time()
     if todo:
         write_identity(cfg.output_dir, ident)
-        init_ray(cfg.concurrency * cfg.cpus_per_actor, cfg.use_gpu)
+        init_ray(cfg.concurrency * cfg.cpus_per_actor)
         ctx = ray.data.DataContext.get_current()
         ctx.print_on_execution_start = False
         ds = ray.data.from_items(pair_rows(cfg, todo, sources),
@@ -122,7 +122,8 @@ def generate(cfg: GenerateConfig) -> dict:
                                                   "cfg": to_dict(cfg)},
             batch_size=cfg.batch_size, batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
-            num_gpus=1 if cfg.use_gpu else 0, num_cpus=cfg.cpus_per_actor)
+            num_gpus=1 if cfg.use_gpu else 0, num_cpus=cfg.cpus_per_actor,
+            **({"accelerator_type": cfg.accelerator_type} if cfg.accelerator_type else {}))
         ds = ds.map_batches(encode_pngs, batch_format="numpy", batch_size=cfg.batch_size)
         ds.write_datasink(PairShardSink(cfg.output_dir, cfg.rows_per_shard, row_constants(cfg, record, ident)))
     seconds = time.time() - t0

@@ -44,8 +44,8 @@ def check_resumable(cfg: TrainConfig) -> None:
                           "rerun with those, or pick a new --name")
 
 
-def init_ray(num_cpus_needed: float, use_gpu: bool) -> None:
-    """Join the cluster named by RAY_ADDRESS, else start a local one with room for Ray Data.
+def init_ray(num_cpus_needed: float) -> None:
+    """Join the cluster named by RAY_ADDRESS (set inside `ray job submit` jobs), else start a local one.
 
     On a small machine, training workers holding every CPU would leave Ray Data none and the job
     would wait forever, so a local cluster advertises at least the workers' CPUs plus two.
@@ -54,15 +54,31 @@ def init_ray(num_cpus_needed: float, use_gpu: bool) -> None:
 
     if ray.is_initialized():
         return
-    # Train's print patch would echo every worker line twice; plain stdout reaches the driver anyway.
-    env = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **({} if use_gpu else {"DS_ACCELERATOR": "cpu"})}
-    runtime_env = {"env_vars": env}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(runtime_env=runtime_env, log_to_driver=True)
+        ray.init(log_to_driver=True)
     else:
-        num_cpus = max(os.cpu_count() or 1, int(num_cpus_needed + 0.999) + 2)
         # The dashboard also serves the state API that Train's placement-group cleaner polls.
-        ray.init(num_cpus=num_cpus, runtime_env=runtime_env, log_to_driver=True)
+        ray.init(num_cpus=max(os.cpu_count() or 1, int(num_cpus_needed + 0.999) + 2), log_to_driver=True)
+
+
+def worker_env(use_gpu: bool) -> dict:
+    """Environment of the training workers (merged into a job's own runtime env, not clashing with it)."""
+    env = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}  # the patch would echo every worker line twice
+    if not use_gpu:
+        env["DS_ACCELERATOR"] = "cpu"  # must be set before deepspeed is first imported
+    return {"env_vars": env}
+
+
+def passes_of(ds, n_rows: int, min_rows: int = 2048):
+    """The decoded pairs repeated to >= min_rows rows, in a fresh random block order on every pass.
+
+    Each pass over a worker's shard restarts a streaming split, which costs about as much as
+    tens of small batches; with tens of pairs (the usual dataset) repeating the blocks, which are
+    only references into the object store, amortises that. Blocks hold a few pairs each, so
+    shuffling their order shuffles the pairs.
+    """
+    copies = max(1, -(-min_rows // max(n_rows, 1)))
+    return (ds.union(*[ds] * (copies - 1)) if copies > 1 else ds).randomize_block_order()
 
 
 def train(cfg: TrainConfig):
@@ -77,10 +93,10 @@ def train(cfg: TrainConfig):
     records = check(cfg)
     train_records = [r for r in records if r["split"] == TRAIN]
     val_records = [r for r in records if r["split"] == VAL] or train_records[: max(1, cfg.batch_size)]
-    init_ray(cfg.num_workers * cfg.cpus_per_worker, cfg.use_gpu)
+    init_ray(cfg.num_workers * cfg.cpus_per_worker)
     quiet_ray()
     t0 = time.time()
-    train_ds = decoded_pairs(train_records, cfg.resolution)
+    train_ds = passes_of(decoded_pairs(train_records, cfg.resolution), len(train_records))
     val_ds = decoded_pairs(val_records, cfg.resolution)
     print(f"[cffa] {len(train_records)} training and {len(val_records)} validation pairs decoded "
           f"at {cfg.resolution}px in {time.time() - t0:.1f}s", flush=True)
@@ -91,10 +107,12 @@ def train(cfg: TrainConfig):
         train_loop_per_worker,
         train_loop_config={"cfg": to_dict(cfg)},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
+                                     resources_per_worker={"CPU": cfg.cpus_per_worker},
+                                     accelerator_type=cfg.accelerator_type),
         run_config=RunConfig(name=RAY_DIR, storage_path=storage,
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             worker_runtime_env=worker_env(cfg.use_gpu)),
         datasets={"train": train_ds, "val": val_ds},
         dataset_config=DataConfig(datasets_to_split=["train"]),
     )

@@ -36,8 +36,8 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
 
 def train_loop_per_worker(config: dict) -> None:
     cfg = from_dict(TrainConfig, config["cfg"])
-    if not cfg.use_gpu:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # must precede the first deepspeed import
+    if not cfg.use_gpu:  # also in the workers' runtime env; must precede the first deepspeed import
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
     import ray.train
     import ray.train.torch
@@ -153,8 +153,7 @@ def quiet_ray() -> None:
 def _endless_batches(shard, batch_size: int, device):
     """Epoch after epoch of {cf, fa} float32 [B, 3, R, R] on `device`; every rank sees equal counts."""
     while True:
-        for batch in shard.iter_torch_batches(batch_size=batch_size, drop_last=True, device=device,
-                                              local_shuffle_buffer_size=4 * batch_size):
+        for batch in shard.iter_torch_batches(batch_size=batch_size, drop_last=True, device=device):
             yield {"cf": batch["cf"], "fa": batch["fa"]}
 
 
