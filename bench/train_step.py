@@ -41,8 +41,7 @@ def plain_loop(cfg: TrainConfig, steps: int, warmup: int) -> tuple[float, float]
     model = build_model(cfg, hf_lambda=cfg.hf_lambda, struct_lambda=cfg.struct_lambda,
                         offset_noise_strength=cfg.offset_noise_strength).to(device)
     if cfg.gradient_checkpointing:
-        for peft_model in model.adapters().values():
-            peft_model.base_model.model.enable_gradient_checkpointing()
+        model.enable_gradient_checkpointing()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
     data = batch(cfg.batch_size, cfg.resolution, device)
 

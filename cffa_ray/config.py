@@ -102,7 +102,8 @@ class TrainConfig(ModelConfig):
     )
     output_dir: str = flag(storage_default("runs"),
                            "parent folder of run folders: local, or s3:// / gs:// (default: $CFFA_STORAGE/runs if set)")
-    name: str = flag("cffa", "run name; the run folder is <output_dir>/<name>; rerunning resumes it")
+    name: str = flag("cffa", "run name; the run folder is <output_dir>/<name>; rerunning resumes it",
+                     aliases=("-n",))
     max_steps: int = flag(15000, "optimizer steps to train for")
     batch_size: int = flag(1, "pairs per worker per micro-step")
     gradient_accumulation_steps: int = flag(1, "micro-steps per optimizer step")
@@ -184,10 +185,12 @@ class GenerateConfig:
 
     checkpoint_dir: str | None = flag(None, "a checkpoint folder written by training, e.g. <run>/best_checkpoint")
     model: str | None = flag(None, "expect this design (dual_unet | joint_sdxl); default: the checkpoint's own")
-    num_samples: int = flag(10, "pairs to make in total (pair ids 0 .. N-1)")
+    num_samples: int = flag(10, "pairs to make in total (pair ids 0 .. N-1); --amount as in seed B",
+                            aliases=("--amount",))
     output_dir: str = flag(storage_default("generated"),
                            "where parquet/, png/ and summary.json go: local, or s3:// / gs:// "
-                           "(default: $CFFA_STORAGE/generated if set)")
+                           "(default: $CFFA_STORAGE/generated if set); --savedir as in seed B",
+                           aliases=("--savedir",))
     steps: int = flag(50, "denoising steps")
     seed: int = flag(42, "base seed; pair k's noise depends only on (seed, k)")
     scheduler: str = flag("ddim", "ddim (the seed's) | dpm++ (DPM-Solver++, good at 20-25 steps)", choices=SCHEDULERS)
@@ -236,7 +239,7 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] 
         if f.name in skip:
             continue
         kind = hints[f.name]
-        names = [f"--{f.name}"] + (["-n"] if f.name == "name" else [])
+        names = [f"--{f.name}", *f.metadata.get("aliases", ())]
         help_text = f.metadata.get("help", "")
         if kind is bool:
             parser.add_argument(*names, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)

@@ -29,6 +29,20 @@ def png_digest(root):
     return tree_digest(root / "png")
 
 
+def settle(folder, quiet_s=3.0, timeout_s=60.0):
+    """Wait until nothing changes in `folder` for quiet_s: Ray worker processes of a killed driver
+    can outlive it by a moment and still commit a shard."""
+    deadline = time.time() + timeout_s
+    last, since = None, time.time()
+    while time.time() < deadline:
+        now = sorted(p.name for p in folder.iterdir())
+        if now != last:
+            last, since = now, time.time()
+        elif time.time() - since >= quiet_s:
+            return
+        time.sleep(0.2)
+
+
 @pytest.fixture(scope="module")
 def generated(trained_run, tmp_path_factory):
     run, _ = trained_run
@@ -115,6 +129,7 @@ def test_killed_job_resumes_with_only_the_missing_pairs(generated, trained_run, 
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+    settle(out / "parquet")
     shards_before = {p.name: p.read_bytes() for p in (out / "parquet").glob("part-*.parquet")}
     done_before = set(pd.read_parquet(out / "parquet").pair_id)
     assert 0 < len(done_before) < 40, "the job was not stopped part-way"

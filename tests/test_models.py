@@ -109,3 +109,28 @@ def test_base_model_folder_errors(tmp_path, sd15_folder):
     with pytest.raises(ConfigError, match="neither an existing folder nor a hub id"):
         check_base_model(str(tmp_path / "missing" / "model"), "dual_unet")
     check_base_model("stable-diffusion-v1-5/stable-diffusion-v1-5", "dual_unet")  # hub ids are accepted
+
+
+def test_gradient_checkpointing_keeps_loss_and_gradients():
+    def loss_and_grads(checkpointing):
+        torch.manual_seed(0)
+        m = build_model(ModelConfig(preset="tiny", resolution=64, unet_lora_rank=4))
+        with torch.no_grad():
+            for n, p in m.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.1)
+        if checkpointing:
+            m.enable_gradient_checkpointing()
+            assert m.unet_cf.base_model.model.is_gradient_checkpointing
+            assert m.unet_fa.base_model.model.is_gradient_checkpointing
+        m.train()
+        out = m(_batch(4), generator=torch.Generator().manual_seed(9))
+        out["loss"].backward()
+        return out["loss"], [p.grad.clone() for p in m.parameters() if p.requires_grad]
+
+    loss, grads = loss_and_grads(False)
+    loss_ckpt, grads_ckpt = loss_and_grads(True)
+    torch.testing.assert_close(loss_ckpt, loss)
+    assert sum(g.abs().sum() for g in grads_ckpt) > 0
+    for a, b in zip(grads, grads_ckpt):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

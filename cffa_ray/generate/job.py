@@ -112,6 +112,7 @@ def generate(cfg: GenerateConfig) -> dict:
         init_ray(cfg.concurrency * cfg.cpus_per_actor)
         ctx = ray.data.DataContext.get_current()
         ctx.print_on_execution_start = False
+        ctx.enable_progress_bars = True  # the pairs' progress bar (training turns them off for its own log)
         ds = ray.data.from_items(pair_rows(cfg, todo, sources),
                                  override_num_blocks=max(1, -(-len(todo) // cfg.batch_size)))
         if sources:

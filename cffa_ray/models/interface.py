@@ -51,6 +51,11 @@ class PairModel(nn.Module):
         """Checkpoint sub-folder name -> peft model whose adapter is saved there."""
         raise NotImplementedError
 
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute UNet activations in backward (diffusers' non-reentrant checkpointing)."""
+        for peft_model in self.adapters().values():
+            peft_model.base_model.model.enable_gradient_checkpointing()
+
     def save_extra(self, folder: Path) -> None:
         """Extra export formats beside the peft folders (e.g. diffusers LoRA for SDXL)."""
 

@@ -72,13 +72,16 @@ def worker_env(use_gpu: bool) -> dict:
 def passes_of(ds, n_rows: int, min_rows: int = 2048):
     """The decoded pairs repeated to >= min_rows rows, in a fresh random block order on every pass.
 
-    Each pass over a worker's shard restarts a streaming split, which costs about as much as
-    tens of small batches; with tens of pairs (the usual dataset) repeating the blocks, which are
-    only references into the object store, amortises that. Blocks hold a few pairs each, so
+    Each pass over a worker's shard restarts a streaming split, which costs about as much as tens
+    of small batches; with tens of pairs (the usual dataset), repeating the blocks amortises that.
+    The repeats are references to the same blocks in the object store (no copies), in one input
+    (a union of many datasets would plan one operator per copy). Blocks hold a few pairs each, so
     shuffling their order shuffles the pairs.
     """
+    import ray.data
+
     copies = max(1, -(-min_rows // max(n_rows, 1)))
-    return (ds.union(*[ds] * (copies - 1)) if copies > 1 else ds).randomize_block_order()
+    return ray.data.from_arrow_refs(ds.to_arrow_refs() * copies).randomize_block_order()
 
 
 def train(cfg: TrainConfig):

@@ -55,8 +55,7 @@ def train_loop_per_worker(config: dict) -> None:
     model = build_model(cfg, hf_lambda=cfg.hf_lambda, struct_lambda=cfg.struct_lambda,
                         offset_noise_strength=cfg.offset_noise_strength)
     if cfg.gradient_checkpointing:
-        for peft_model in model.adapters().values():
-            peft_model.base_model.model.enable_gradient_checkpointing()
+        model.enable_gradient_checkpointing()
     params = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in params)  # before ZeRO-3 partitions them away
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
