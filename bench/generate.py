@@ -23,12 +23,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cffa_ray.config import GenerateConfig, TrainConfig  # noqa: E402
+from cffa_ray.config import PRESETS, GenerateConfig, TrainConfig  # noqa: E402
 from cffa_ray.models import build_model  # noqa: E402
-from cffa_ray.sampling import autocast, make_scheduler, pair_noise, sample_in_fixed_batches  # noqa: E402
+from cffa_ray.sampling import make_scheduler, pair_noise, sample_in_fixed_batches  # noqa: E402
 
-MODEL_OF_PRESET = {"tiny": "dual_unet", "sd15-random": "dual_unet", "tiny-sdxl": "joint_sdxl",
-                   "sdxl-random": "joint_sdxl"}
+MODEL_OF_PRESET = {preset: model for model, presets in PRESETS.items() for preset in presets}
 
 
 def sync(device):

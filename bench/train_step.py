@@ -21,12 +21,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cffa_ray.config import TrainConfig  # noqa: E402
+from cffa_ray.config import PRESETS, TrainConfig  # noqa: E402
 from cffa_ray.models import build_model  # noqa: E402
 from cffa_ray.sampling import autocast  # noqa: E402
 
-MODEL_OF_PRESET = {"tiny": "dual_unet", "sd15-random": "dual_unet", "tiny-sdxl": "joint_sdxl",
-                   "sdxl-random": "joint_sdxl"}
+MODEL_OF_PRESET = {preset: model for model, presets in PRESETS.items() for preset in presets}
 
 
 def batch(n: int, resolution: int, device) -> dict:

@@ -163,12 +163,20 @@ class TrainConfig(ModelConfig):
             raise ConfigError(f"--mixed_precision {self.mixed_precision!r}; choose no, fp16 or bf16")
         if self.mixed_precision == "fp16" and not self.use_gpu:
             raise ConfigError("--mixed_precision fp16 needs --use_gpu; on CPU use bf16 or no")
+        if self.mixed_precision == "fp16" and self.model == "joint_sdxl":
+            raise ConfigError("--mixed_precision fp16 with --model joint_sdxl: the SDXL VAE overflows in fp16; "
+                              "use bf16")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"--val_fraction {self.val_fraction} must be in [0, 1)")
         if self.lr <= 0:
             raise ConfigError(f"--lr {self.lr} must be > 0")
         if self.cpus_per_worker <= 0:
             raise ConfigError(f"--cpus_per_worker {self.cpus_per_worker} must be > 0")
+
+    def resume_record(self) -> dict:
+        """What a rerun must keep to resume this run: the model, and how DeepSpeed sharded its state."""
+        return {**self.model_record(), "num_workers": self.num_workers, "zero_stage": self.zero_stage,
+                "mixed_precision": self.mixed_precision}
 
     @property
     def checkpoint_interval(self) -> int:

@@ -210,7 +210,8 @@ def pairs_dataset(records: list[dict], resolution: int):
 
     ds = ray.data.from_items([{PAIR_ID: r[PAIR_ID], CF_PATH: r[CF_PATH], FA_PATH: r[FA_PATH]} for r in records],
                              override_num_blocks=max(1, min(len(records), 64)))
-    return ds.map_batches(decode_batch, fn_kwargs={"resolution": resolution}, batch_size=8,
+    # One pair per output block: training shuffles by block order, so blocks must not group pairs.
+    return ds.map_batches(decode_batch, fn_kwargs={"resolution": resolution}, batch_size=1,
                           batch_format="numpy", num_cpus=1)
 
 

@@ -48,6 +48,18 @@ def absolute(path: str) -> str:
     return path if is_uri(path) else os.path.abspath(path)
 
 
+def changed_fields(path: str, new: dict) -> list[str] | None:
+    """'key old -> new' for each field of the JSON record at `path` that differs from `new`
+    (None when there is no record yet)."""
+    import json
+
+    text = read_text(path)
+    if text is None:
+        return None
+    old = json.loads(text)
+    return [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
 def read_text(path: str) -> str | None:
     """A small file's text, local or URI; None when it does not exist."""
     import pyarrow.fs as pafs

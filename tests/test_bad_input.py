@@ -85,10 +85,27 @@ def test_train_refuses_to_resume_with_other_model_settings(capsys, tmp_path, dat
     run = tmp_path / "out/r"
     run.mkdir(parents=True)
     (run / "run.json").write_text(json.dumps({"model": "dual_unet", "base_model": None, "preset": "tiny",
-                                              "resolution": 32, "unet_lora_rank": 16, "unet_lora_alpha": 16.0}))
+                                              "resolution": 32, "unet_lora_rank": 16, "unet_lora_alpha": 16.0,
+                                              "num_workers": 2, "zero_stage": 2, "mixed_precision": "no"}))
     code = main(train_argv(data, tmp_path / "out", "--unet_lora_rank", 8))
     err = capsys.readouterr().err.strip()
     assert code == 2 and "unet_lora_rank 16 -> 8" in err and "pick a new --name" in err
+    code = main(train_argv(data, tmp_path / "out", "--unet_lora_rank", 16, "--zero_stage", 3))
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "zero_stage 2 -> 3" in err
+
+
+def test_train_fp16_joint_sdxl_is_refused(capsys, tmp_path, data):
+    argv = ["train", "--data", str(data), "--output_dir", str(tmp_path / "out"), "--model", "joint_sdxl",
+            "--preset", "tiny-sdxl", "--use_gpu", "--mixed_precision", "fp16"]
+    _fails(capsys, argv, r"SDXL VAE overflows in fp16; use bf16", tmp_path / "out")
+
+
+def test_train_more_gpus_than_the_machine_has(tmp_path, data):
+    proc = run_cli(*train_argv(data, tmp_path / "out", "--use_gpu"), timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "--num_workers 2 with --use_gpu needs 2 GPU(s); this machine's Ray has 0" in proc.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_train_undecodable_image_is_named(tmp_path, data):
@@ -109,6 +126,7 @@ def fake_checkpoint(tmp_path):
     for folder in ("unet_cf_lora", "unet_fa_lora"):
         (ckpt / folder).mkdir(parents=True)
         (ckpt / folder / "adapter_config.json").write_text("{}")
+        (ckpt / folder / "adapter_model.safetensors").write_bytes(b"")
     (ckpt / "model.json").write_text(json.dumps({"model": "dual_unet", "preset": "tiny", "resolution": 32}))
     return ckpt
 
@@ -133,8 +151,10 @@ def test_generate_missing_or_foreign_checkpoint(capsys, tmp_path, fake_checkpoin
     (tmp_path / "run").mkdir()
     _fails(capsys, gen_argv(tmp_path / "run", tmp_path / "g"), r"is not a cffa checkpoint \(no model.json\)",
            tmp_path / "g")
+    (fake_checkpoint / "unet_cf_lora/adapter_model.safetensors").unlink()  # e.g. a half-uploaded folder
+    _fails(capsys, gen_argv(fake_checkpoint, tmp_path / "g"), r"lacks unet_cf_lora", tmp_path / "g")
     shutil.rmtree(fake_checkpoint / "unet_fa_lora")
-    _fails(capsys, gen_argv(fake_checkpoint, tmp_path / "g"), r"lacks unet_fa_lora", tmp_path / "g")
+    _fails(capsys, gen_argv(fake_checkpoint, tmp_path / "g"), r"lacks unet_cf_lora, unet_fa_lora", tmp_path / "g")
     (fake_checkpoint / "model.json").write_text(json.dumps({"model": "gan"}))
     _fails(capsys, gen_argv(fake_checkpoint, tmp_path / "g"), r"model 'gan' .* not a design", tmp_path / "g")
 

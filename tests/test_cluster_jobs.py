@@ -62,9 +62,10 @@ class Cluster:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
             try:
-                self.proc.wait(timeout=60)
+                self.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
         left = subprocess.run(["pgrep", "-f", self.temp_dir], capture_output=True, text=True).stdout.split()
         for pid in left:
             os.kill(int(pid), signal.SIGKILL)
@@ -143,32 +144,44 @@ def test_train_then_generate_through_ray_job_submit(cluster, pairs_dir, tmp_path
     assert len(list((tmp_path / "generated/png/shard_0000").iterdir())) == 24
 
 
+def _registered_steps(snapshot: Path) -> list[int]:
+    """Steps of the checkpoints Ray Train has registered (its snapshot file, rewritten atomically)."""
+    try:
+        return [int(s) for s in re.findall(r'"checkpoint_(\d+)"', snapshot.read_text())]
+    except FileNotFoundError:
+        return []
+
+
 def test_training_survives_a_killed_worker(cluster, pairs_dir, tmp_path):
     run = tmp_path / "runs/ft"
-    every = 4
+    every = 8
+    # Ray Train registers a reported checkpoint when its controller next polls the workers (every 2 s),
+    # so steps here are made slow enough (128 px) that an interval outlasts that lag, as in real runs.
     cluster.submit("cffa-fault", "python", "jobs/train.py", "--data", str(pairs_dir), "--output_dir",
-                   str(tmp_path / "runs"), "--name", "ft", "--preset", "tiny", "--resolution", "64",
-                   "--max_steps", "20", "--num_workers", "2", "--batch_size", "2", "--val_every", str(every),
+                   str(tmp_path / "runs"), "--name", "ft", "--preset", "tiny", "--resolution", "128",
+                   "--max_steps", "24", "--num_workers", "2", "--batch_size", "2", "--val_every", str(every),
                    "--sample_every", "1000", "--log_every", "1", "--max_failures", "2")
     snapshot = run / "ray_train/checkpoint_manager_snapshot.json"
     deadline = time.time() + 400
-    while not (snapshot.exists() and "checkpoint_000008" in snapshot.read_text()):
+    while every not in _registered_steps(snapshot):
         assert cluster.status("cffa-fault") in ("PENDING", "RUNNING"), cluster.logs("cffa-fault")[-4000:]
         assert time.time() < deadline
-        time.sleep(0.5)
+        time.sleep(0.2)
     workers = [int(p) for p in subprocess.run(["pgrep", "-f", "ray::RayTrainWorker"], capture_output=True,
                                               text=True).stdout.split()]
     assert len(workers) == 2, workers
     os.kill(workers[0], signal.SIGKILL)
-    steps_logged = [int(s) for s in re.findall(r"^step=(\d+)", (run / "training_log.txt").read_text(), re.M)]
-    reached = max(steps_logged)
+    last_checkpoint = max(_registered_steps(snapshot))
+    reached = max(int(s) for s in re.findall(r"^step=(\d+)", (run / "training_log.txt").read_text(), re.M))
     assert cluster.wait("cffa-fault") == "SUCCEEDED", cluster.logs("cffa-fault")[-5000:]
     logs = cluster.logs("cffa-fault")
     resumed = [int(s) for s in re.findall(r"resuming at step (\d+)", logs)]
-    assert resumed, logs[-4000:]
+    assert len(resumed) == 1 and last_checkpoint <= resumed[0] <= reached, logs[-4000:]  # from the last checkpoint
     redone = reached - resumed[0]
-    print(f"\nkilled a worker after step {reached}; resumed from step {resumed[0]}: {redone} step(s) redone "
+    print(f"\nkilled a worker at step {reached}; resumed from step {resumed[0]}: {redone} step(s) redone "
           f"(checkpoint interval {every})")
-    assert 0 <= redone <= every + 1  # at most one checkpoint interval (+1 step logged while the kill landed)
+    # Typically at most one interval (measured: 6 and 8 steps). On 2 cores the busy workers can delay
+    # the controller's registration of a reported checkpoint by several steps, hence the margin.
+    assert 0 <= redone <= 2 * every
     steps = [int(s) for s in re.findall(r"^step=(\d+)", (run / "training_log.txt").read_text(), re.M)]
-    assert steps == list(range(1, 21))  # the log was rewound and continued: every step once
+    assert steps == list(range(1, 25))  # the log was rewound and continued: every step once

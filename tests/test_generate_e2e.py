@@ -62,7 +62,6 @@ def test_forty_pairs_in_parquet_and_png_shards(generated, trained_run):
     assert (df["mode"] == "noise").all() and (df.steps == 4).all() and (df.scheduler == "ddim").all()
     assert df.strength.isna().all() and df.source_pair_id.isna().all()
     assert df.seed.nunique() == 40
-    assert len(list((out / "parquet").glob("*.parquet"))) >= 1
     assert pq.read_table(out / "parquet").num_rows == 40
     folders = sorted((out / "png/shard_0000").iterdir())
     assert [f.name for f in folders] == [f"pair_{k:06d}" for k in range(40)]

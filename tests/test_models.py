@@ -44,11 +44,14 @@ def test_training_step_is_decoupled_and_reaches_both_adapters(model):
                model.unet_fa.register_forward_pre_hook(spy("fa"), with_kwargs=True)]
     torch.manual_seed(1)
     model.zero_grad()
-    out = model(_batch())
+    same = _batch()
+    same["fa"] = same["cf"].clone()  # identical images: any difference below comes from noise and t
+    out = model(same)
     for h in handles:
         h.remove()
     # independent timesteps and noise per modality
     assert not torch.equal(seen["cf"][1], seen["fa"][1])
+    assert not torch.allclose(seen["cf"][0], seen["fa"][0])
     assert {"loss", "loss_cf", "loss_fa", "struct"} <= out.keys() and torch.isfinite(out["loss"])
     out["loss"].backward()
     grads_cf = [p.grad for n, p in model.named_parameters() if p.requires_grad and n.startswith("unet_cf.")]

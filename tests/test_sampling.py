@@ -76,4 +76,3 @@ def test_dpm_solver_runs_and_differs_from_ddim(model):
     ddim, _ = sample_pairs(model, z0, steps=5, scheduler="ddim")
     dpm, _ = sample_pairs(model, z0, steps=5, scheduler="dpm++")
     assert torch.isfinite(dpm).all() and not torch.equal(ddim, dpm)
-    assert dpm.min() >= -1 and dpm.max() <= 1

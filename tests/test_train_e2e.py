@@ -89,14 +89,22 @@ def test_rerun_resumes_instead_of_starting_over(trained_run, pairs_dir, tmp_path
         "step_000008", "step_000012", "step_000016"]  # only the 3 most recent kept
 
 
-def test_base_model_from_a_diffusers_folder_trains_and_generates(sd15_folder, pairs_dir, tmp_path):
+def test_diffusers_folder_base_with_zero3_bf16_and_accumulation(sd15_folder, pairs_dir, tmp_path):
+    """The GPU-style settings on CPU: ZeRO-3 (sharded weights, shared frozen base), bf16, accumulation."""
     proc = run_cli("train", "--data", pairs_dir, "--output_dir", tmp_path, "--name", "f", "--base_model",
-                   sd15_folder, "--resolution", 64, "--max_steps", 2, "--num_workers", 1, "--zero_stage", 0,
-                   "--batch_size", 2, "--val_every", 2, "--sample_every", 2, "--num_sample_pairs", 1,
-                   "--sample_steps", 2, "--unet_lora_rank", 4)
+                   sd15_folder, "--resolution", 64, "--max_steps", 2, "--num_workers", 2, "--zero_stage", 3,
+                   "--mixed_precision", "bf16", "--gradient_accumulation_steps", 2, "--batch_size", 1,
+                   "--val_every", 2, "--sample_every", 2, "--num_sample_pairs", 1, "--sample_steps", 2,
+                   "--unet_lora_rank", 4, "--max_failures", 0)
     assert_ok(proc)
+    assert "ZeRO-3" in proc.stdout and "x 2 accumulation = 4 pairs/step" in proc.stdout
     record = json.loads((tmp_path / "f/best_checkpoint/model.json").read_text())
     assert record["base_model"] == str(sd15_folder) and record["preset"] is None
+    from safetensors.torch import load_file
+
+    lora = load_file(tmp_path / "f/best_checkpoint/unet_fa_lora/adapter_model.safetensors")
+    assert all(v.dtype == torch.float32 for v in lora.values())  # the fp32 masters, not bf16 copies
+    assert any(v.abs().sum() > 0 for k, v in lora.items() if "lora_B" in k)  # trained (B starts at 0)
     gen = run_cli("generate", "--checkpoint_dir", tmp_path / "f/best_checkpoint", "--num_samples", 2,
                   "--steps", 2, "--output_dir", tmp_path / "g")
     assert_ok(gen)

@@ -44,10 +44,16 @@ def check_checkpoint(checkpoint_dir: str, expected_model: str | None = None) -> 
         raise ConfigError(f"--checkpoint_dir {checkpoint_dir} holds a {record['model']} model "
                           f"({', '.join(f + '/' for f in folders)}), not --model {expected_model}; "
                           f"drop --model or give a {expected_model} checkpoint")
-    missing = [f for f in folders if not (path / f / "adapter_config.json").is_file()]
+    missing = [f for f in folders if not (path / f / "adapter_config.json").is_file()
+               or not (path / f / "adapter_model.safetensors").is_file()]
     if missing:
         raise ConfigError(f"--checkpoint_dir {checkpoint_dir} ({record.get('model')}) lacks {', '.join(missing)}; "
                           "it is incomplete or from another design")
+    if not record.get("preset"):
+        from cffa_ray.config import DEFAULT_BASE_MODEL
+        from cffa_ray.models.base import check_base_model
+
+        check_base_model(record.get("base_model") or DEFAULT_BASE_MODEL[record["model"]], record["model"])
     return record
 
 
@@ -93,9 +99,9 @@ def generate(cfg: GenerateConfig) -> dict:
     import ray.data
 
     from cffa_ray.generate.generator import PairGenerator
-    from cffa_ray.generate.outputs import (PairShardSink, check_identity, count_parquet_shards, done_pair_ids,
-                                           encode_pngs, write_identity, write_summary)
-    from cffa_ray.train.launch import init_ray
+    from cffa_ray.generate.outputs import (PairShardSink, check_identity, done_pair_ids, encode_pngs,
+                                           parquet_shards, write_identity, write_summary)
+    from cffa_ray.train.launch import check_resources, init_ray
 
     cfg.validate()
     cfg = dataclasses.replace(cfg, output_dir=absolute(cfg.output_dir))  # the sink may run elsewhere
@@ -110,6 +116,7 @@ def generate(cfg: GenerateConfig) -> dict:
     if todo:
         write_identity(cfg.output_dir, ident)
         init_ray(cfg.concurrency * cfg.cpus_per_actor)
+        check_resources(cfg.use_gpu, cfg.concurrency, "--concurrency", cfg.accelerator_type)
         ctx = ray.data.DataContext.get_current()
         ctx.print_on_execution_start = False
         ctx.enable_progress_bars = True  # the pairs' progress bar (training turns them off for its own log)
@@ -133,7 +140,7 @@ def generate(cfg: GenerateConfig) -> dict:
         "pairs_total": cfg.num_samples, "pairs_made": made, "pairs_skipped": skipped,
         "pairs_in_output": len(done_pair_ids(cfg.output_dir)),
         "seconds": round(seconds, 3), "pairs_per_s": round(made / seconds, 4) if made else None,
-        "parquet_shards": count_parquet_shards(cfg.output_dir), "checkpoint": ident["checkpoint"],
+        "parquet_shards": len(parquet_shards(cfg.output_dir)), "checkpoint": ident["checkpoint"],
         "arguments": to_dict(cfg),
     }
     write_summary(cfg.output_dir, summary)

@@ -2,7 +2,7 @@
 
 <output_dir>/
     generation.json                 the arguments that decide the pixels (checked on every rerun)
-    parquet/part-<first>-<last>-<uuid>.parquet   many rows each; a pair counts as made once its row is here
+    parquet/part-<first>-<last>-n<rows>.parquet   many rows each; a pair counts as made once its row is here
     png/shard_SSSS/pair_PPPPPP/     cf.png fa.png joint.png cf_fa_chessboard.png (at most 1000 pairs a shard)
     summary.json                    counts, arguments, checkpoint, pairs/s
 
@@ -13,7 +13,6 @@ pairs, which the rerun makes again, byte for byte, and replaces.
 from __future__ import annotations
 
 import json
-import uuid
 from typing import Iterable
 
 import numpy as np
@@ -24,7 +23,7 @@ from ray.data import Datasink
 
 from cffa_ray.config import ConfigError, join_path
 from cffa_ray.images import PAIR_FILES, pair_pngs
-from cffa_ray.io import atomic_write_bytes, atomic_write_text, filesystem, publish_dir, read_text, staging_dir
+from cffa_ray.io import atomic_write_bytes, atomic_write_text, changed_fields, filesystem, publish_dir, staging_dir
 
 PARQUET_DIR, PNG_DIR = "parquet", "png"
 IDENTITY_FILE, SUMMARY_FILE = "generation.json", "summary.json"
@@ -47,12 +46,7 @@ def pair_folder(output_dir: str, pair_id: int) -> str:
 
 def check_identity(output_dir: str, identity: dict) -> None:
     """Refuse to mix pairs made with other pixel-deciding arguments into one output folder."""
-    text = read_text(join_path(output_dir, IDENTITY_FILE))
-    if text is None:
-        return
-    old = json.loads(text)
-    diffs = [f"{k} {old.get(k)!r} -> {identity.get(k)!r}" for k in sorted(set(old) | set(identity))
-             if old.get(k) != identity.get(k)]
+    diffs = changed_fields(join_path(output_dir, IDENTITY_FILE), identity)
     if diffs:
         raise ConfigError(f"--output_dir {output_dir} holds pairs made with different arguments "
                           f"({'; '.join(diffs)}); use another --output_dir or the original arguments")
@@ -62,22 +56,21 @@ def write_identity(output_dir: str, identity: dict) -> None:
     atomic_write_text(join_path(output_dir, IDENTITY_FILE), json.dumps(identity, indent=2, sort_keys=True))
 
 
+def parquet_shards(output_dir: str) -> list[str]:
+    """Committed parquet shards (temporary files start with '.')."""
+    fs, p = filesystem(join_path(output_dir, PARQUET_DIR))
+    infos = fs.get_file_info(pafs.FileSelector(p, allow_not_found=True))
+    return sorted(i.path for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(".parquet")
+                  and not i.base_name.startswith("."))
+
+
 def done_pair_ids(output_dir: str) -> set[int]:
     """Pair ids already committed to parquet shards (only the pair_id column is read)."""
-    fs, p = filesystem(join_path(output_dir, PARQUET_DIR))
-    infos = fs.get_file_info(pafs.FileSelector(p, allow_not_found=True))
+    fs, _ = filesystem(output_dir)
     done: set[int] = set()
-    for info in infos:
-        if info.type == pafs.FileType.File and info.base_name.endswith(".parquet") \
-                and not info.base_name.startswith("."):
-            done.update(pq.read_table(info.path, columns=["pair_id"], filesystem=fs)["pair_id"].to_pylist())
+    for path in parquet_shards(output_dir):
+        done.update(pq.read_table(path, columns=["pair_id"], filesystem=fs)["pair_id"].to_pylist())
     return done
-
-
-def count_parquet_shards(output_dir: str) -> int:
-    fs, p = filesystem(join_path(output_dir, PARQUET_DIR))
-    infos = fs.get_file_info(pafs.FileSelector(p, allow_not_found=True))
-    return sum(i.base_name.endswith(".parquet") and not i.base_name.startswith(".") for i in infos)
 
 
 def write_summary(output_dir: str, summary: dict) -> None:
@@ -122,14 +115,15 @@ class PairShardSink(Datasink):
             final = pair_folder(self.output_dir, int(pair_id))
             stage = staging_dir(final)
             for fname, column in PNG_COLUMNS.items():
-                atomic_write_bytes(stage / fname, rows[column][i])
+                (stage / fname).write_bytes(rows[column][i])  # the staging folder is hidden already
             publish_dir(stage, final)
         n = table.num_rows
         columns = {name: rows[name] if name in rows else [self.constants.get(name)] * n
                    for name in PARQUET_SCHEMA.names}
         shard = pa.Table.from_pydict(columns, schema=PARQUET_SCHEMA).sort_by("pair_id")
         ids = shard["pair_id"].to_pylist()
-        name = f"part-{ids[0]:06d}-{ids[-1]:06d}-{uuid.uuid4().hex[:8]}.parquet"
+        # named by content, so a retried write task replaces its own shard instead of adding a copy
+        name = f"part-{ids[0]:06d}-{ids[-1]:06d}-n{len(ids)}.parquet"
         _write_parquet_atomic(shard, join_path(self.output_dir, PARQUET_DIR, name))
         return table.num_rows
 

@@ -39,8 +39,6 @@ def load_for_generation(checkpoint_dir: str | Path, merge: bool = False) -> tupl
     The UNets get separate base weights here, so `merge` can fold each LoRA into its own copy
     (no extra LoRA matmuls while sampling).
     """
-    from cffa_ray.models.lora import load_lora
-
     record = read_model_record(checkpoint_dir)
     cfg = ModelConfig(**{k: record[k] for k in ModelConfig.__dataclass_fields__})
     model = build_model(cfg, share_base=False)

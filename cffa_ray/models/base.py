@@ -71,13 +71,14 @@ def _from_preset(preset: str) -> BaseParts:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     spec = PRESETS[preset]
-    torch.manual_seed(PRESET_SEED)
-    unet = UNet2DConditionModel(**spec["unet"])
-    vae = AutoencoderKL(**spec["vae"])
-    encoders = []
-    for i, cfg in enumerate(spec["text_encoders"]):
-        cls = CLIPTextModelWithProjection if (spec["family"] == "sdxl" and i == 1) else CLIPTextModel
-        encoders.append(cls(CLIPTextConfig(**cfg)).eval())
+    with torch.random.fork_rng():  # the preset's own seed, leaving the caller's RNG (LoRA init) alone
+        torch.manual_seed(PRESET_SEED)
+        unet = UNet2DConditionModel(**spec["unet"])
+        vae = AutoencoderKL(**spec["vae"])
+        encoders = []
+        for i, cfg in enumerate(spec["text_encoders"]):
+            cls = CLIPTextModelWithProjection if (spec["family"] == "sdxl" and i == 1) else CLIPTextModel
+            encoders.append(cls(CLIPTextConfig(**cfg)).eval())
     ids = [_text_ids(cfg) for cfg in spec["text_encoders"]]
     embeds, pooled = _encode_prompt(encoders, ids, spec["family"])
     return BaseParts(unet, vae, dict(SD_SCHEDULER), embeds, pooled)

@@ -7,7 +7,7 @@ from cffa_ray import diffusion as D
 from cffa_ray.models.base import BaseParts
 from cffa_ray.models.interface import PairModel
 from cffa_ray.models.lora import twin, with_lora
-from cffa_ray.models.vae import decode_latents, encode_images, noise_schedule, vae_scale
+from cffa_ray.models.vae import decode_latents, encode_images
 
 
 class DualUNet(PairModel):
@@ -20,16 +20,13 @@ class DualUNet(PairModel):
         unet_fa = twin(parts.unet, share_base)
         self.unet_cf = with_lora(parts.unet, rank, alpha)
         self.unet_fa = with_lora(unet_fa, rank, alpha)
-        self.vae = parts.vae
-        self.register_buffer("prompt_embeds", parts.prompt_embeds, persistent=False)
-        self._scheduler_config = parts.scheduler_config
-        self._alphas_cumprod = noise_schedule(parts.scheduler_config)
-        self.hf_lambda, self.struct_lambda, self.offset_noise_strength = hf_lambda, struct_lambda, offset_noise_strength
+        self._hold_base(parts, hf_lambda, struct_lambda, offset_noise_strength)
 
     def _unet_eps(self, unet, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """eps_hat in float32; the UNet itself runs in its own dtype (bf16/fp16 under DeepSpeed)."""
-        context = self.prompt_embeds.expand(x_t.shape[0], -1, -1)
-        return unet(x_t.to(context.dtype), t, encoder_hidden_states=context).sample.float()
+        dtype = self.compute_dtype
+        context = self.prompt_embeds.to(dtype).expand(x_t.shape[0], -1, -1)
+        return unet(x_t.to(dtype), t, encoder_hidden_states=context).sample.float()
 
     def forward(self, batch, generator=None):
         b = batch["cf"].shape[0]
@@ -44,10 +41,6 @@ class DualUNet(PairModel):
             v["pred_x0"] = D.predict_x0(v["x_t"].float(), v["eps_hat"].float(), v["t"], ac)
             views[key] = v
         return D.dual_loss(views["cf"], views["fa"], self.hf_lambda, self.struct_lambda)
-
-    def noise_shape(self, resolution):
-        side = resolution // vae_scale(self.vae)
-        return (self.vae.config.latent_channels, side, side)
 
     def noise_to_state(self, noise):
         return torch.stack([noise, noise], dim=1)

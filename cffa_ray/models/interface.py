@@ -18,6 +18,30 @@ MODEL_RECORD = "model.json"
 class PairModel(nn.Module):
     name: str = ""
     ADAPTERS: tuple[str, ...] = ()  # checkpoint sub-folders, one per LoRA adapter
+    LATENT_WIDTH_FACTOR = 1  # latent width / height (the joint design's latent is twice as wide)
+
+    def _hold_base(self, parts, hf_lambda: float, struct_lambda: float, offset_noise_strength: float) -> None:
+        """What every design keeps of the frozen base, and its loss weights."""
+        from cffa_ray.models.vae import noise_schedule
+
+        self.vae = parts.vae
+        self.register_buffer("prompt_embeds", parts.prompt_embeds, persistent=False)
+        self._scheduler_config = parts.scheduler_config
+        # a plain attribute, not a buffer: DeepSpeed would cast a buffer to bf16/fp16
+        self._alphas_cumprod = noise_schedule(parts.scheduler_config)
+        self.hf_lambda, self.struct_lambda, self.offset_noise_strength = hf_lambda, struct_lambda, offset_noise_strength
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the frozen weights are in (DeepSpeed casts them for bf16/fp16): UNet inputs follow it."""
+        return self.vae.dtype
+
+    def noise_shape(self, resolution: int) -> tuple[int, ...]:
+        """Shape of one pair's initial noise z0 (shared by both modalities where there are two)."""
+        from cffa_ray.models.vae import vae_scale
+
+        side = resolution // vae_scale(self.vae)
+        return (self.vae.config.latent_channels, side, side * self.LATENT_WIDTH_FACTOR)
 
     # ---- training
     def forward(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
@@ -25,10 +49,6 @@ class PairModel(nn.Module):
         raise NotImplementedError
 
     # ---- sampling
-    def noise_shape(self, resolution: int) -> tuple[int, ...]:
-        """Shape of one pair's initial noise z0 (shared by both modalities where there are two)."""
-        raise NotImplementedError
-
     def noise_to_state(self, noise: torch.Tensor) -> torch.Tensor:
         """[B, *noise_shape] -> state: where both modalities start from the same z0."""
         raise NotImplementedError
@@ -56,8 +76,11 @@ class PairModel(nn.Module):
         for peft_model in self.adapters().values():
             peft_model.base_model.model.enable_gradient_checkpointing()
 
-    def save_extra(self, folder: Path) -> None:
-        """Extra export formats beside the peft folders (e.g. diffusers LoRA for SDXL)."""
+    def save_extra(self, folder: Path, states: dict | None = None) -> None:
+        """Extra export formats beside the peft folders (e.g. diffusers LoRA for SDXL).
+
+        `states`: as for RunFolder.export, the LoRA weights to write instead of the module's own.
+        """
 
     @property
     def scheduler_config(self) -> dict:

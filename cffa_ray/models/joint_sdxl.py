@@ -13,7 +13,7 @@ from cffa_ray import diffusion as D
 from cffa_ray.models.base import BaseParts
 from cffa_ray.models.interface import PairModel
 from cffa_ray.models.lora import with_lora
-from cffa_ray.models.vae import decode_latents, encode_images, noise_schedule, vae_scale
+from cffa_ray.models.vae import decode_latents, encode_images
 
 DIFFUSERS_LORA_FILE = "pytorch_lora_weights.safetensors"
 
@@ -37,6 +37,7 @@ def split(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class JointSDXL(PairModel):
     name = "joint_sdxl"
     ADAPTERS = ("unet_lora",)
+    LATENT_WIDTH_FACTOR = 2
 
     def __init__(self, parts: BaseParts, rank: int, alpha: float, *, resolution: int, hf_lambda: float = 0.5,
                  struct_lambda: float = 0.0, offset_noise_strength: float = 0.1, share_base: bool = True):
@@ -44,19 +45,16 @@ class JointSDXL(PairModel):
         if parts.pooled_prompt_embeds is None:
             raise ValueError("joint_sdxl needs an SDXL base (two text encoders)")
         self.unet = with_lora(parts.unet, rank, alpha)
-        self.vae = parts.vae
-        self.register_buffer("prompt_embeds", parts.prompt_embeds, persistent=False)
+        self._hold_base(parts, hf_lambda, struct_lambda, offset_noise_strength)
         self.register_buffer("pooled_prompt_embeds", parts.pooled_prompt_embeds, persistent=False)
         self.register_buffer("time_ids", sdxl_time_ids(resolution, 2 * resolution), persistent=False)
-        self._scheduler_config = parts.scheduler_config
-        self._alphas_cumprod = noise_schedule(parts.scheduler_config)
-        self.hf_lambda, self.struct_lambda, self.offset_noise_strength = hf_lambda, struct_lambda, offset_noise_strength
 
     def _eps(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         b = x_t.shape[0]
-        dtype = self.prompt_embeds.dtype
-        cond = {"text_embeds": self.pooled_prompt_embeds.expand(b, -1), "time_ids": self.time_ids.expand(b, -1)}
-        out = self.unet(x_t.to(dtype), t, encoder_hidden_states=self.prompt_embeds.expand(b, -1, -1),
+        dtype = self.compute_dtype
+        cond = {"text_embeds": self.pooled_prompt_embeds.to(dtype).expand(b, -1),
+                "time_ids": self.time_ids.to(dtype).expand(b, -1)}
+        out = self.unet(x_t.to(dtype), t, encoder_hidden_states=self.prompt_embeds.to(dtype).expand(b, -1, -1),
                         added_cond_kwargs=cond).sample
         return out.float()
 
@@ -71,10 +69,6 @@ class JointSDXL(PairModel):
         struct = D.structure_loss(*split(pred_x0), v["ab"]) if self.struct_lambda > 0 else out["loss"].new_zeros(())
         return {"loss": out["loss"] + self.struct_lambda * struct, "mse": out["mse"], "hf": out["hf"],
                 "struct": struct}
-
-    def noise_shape(self, resolution):
-        side = resolution // vae_scale(self.vae)
-        return (self.vae.config.latent_channels, side, 2 * side)
 
     def noise_to_state(self, noise):
         return noise
@@ -91,13 +85,13 @@ class JointSDXL(PairModel):
     def adapters(self):
         return {"unet_lora": self.unet}
 
-    def save_extra(self, folder: Path) -> None:
+    def save_extra(self, folder: Path, states: dict | None = None) -> None:
         """The LoRA in diffusers' format too: StableDiffusionXLPipeline.load_lora_weights(folder) takes it."""
         from diffusers import StableDiffusionXLPipeline
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
-        state = get_peft_model_state_dict(self.unet)
+        state = get_peft_model_state_dict(self.unet, state_dict=(states or {}).get("unet_lora"))
         state = {k.removeprefix("base_model.model."): v.detach().float().cpu().contiguous() for k, v in state.items()}
         config = self.unet.peft_config["default"].to_dict()
         config["target_modules"] = sorted(config["target_modules"])  # a set is not JSON

@@ -1,9 +1,7 @@
-"""peft LoRA on the UNet attention projections: attach, save (peft format), load."""
+"""peft LoRA on the UNet attention projections, and the second UNet that shares the frozen base."""
 from __future__ import annotations
 
 import copy
-from pathlib import Path
-
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
@@ -24,10 +22,6 @@ def with_lora(unet: torch.nn.Module, rank: int, alpha: float) -> PeftModel:
     return get_peft_model(unet, lora_config(rank, alpha))
 
 
-def load_lora(unet: torch.nn.Module, folder: str | Path) -> PeftModel:
-    return PeftModel.from_pretrained(unet, str(folder))
-
-
 def share_frozen_weights(src: torch.nn.Module, dst: torch.nn.Module) -> None:
     """Make `dst` (a copy of `src`) use the very same Parameter objects, so the frozen base is held once.
 
@@ -46,7 +40,3 @@ def twin(unet: torch.nn.Module, share_base: bool) -> torch.nn.Module:
     if share_base:
         share_frozen_weights(unet, other)
     return other
-
-
-def trainable_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
-    return [p for p in module.parameters() if p.requires_grad]

@@ -28,20 +28,30 @@ def check(cfg: TrainConfig) -> list[dict]:
 
 
 def check_resumable(cfg: TrainConfig) -> None:
-    """A rerun resumes the run folder; refuse one whose model settings would not fit its checkpoints."""
-    import json
-
-    from cffa_ray.io import read_text
+    """A rerun resumes the run folder; refuse settings its checkpoints cannot be resumed with."""
+    from cffa_ray.io import changed_fields
     from cffa_ray.train.run_folder import RUN_RECORD
 
-    text = read_text(join_path(cfg.run_dir, RUN_RECORD))
-    if text is None:
-        return
-    old, new = json.loads(text), cfg.model_record()
-    diffs = [f"{k} {old.get(k)!r} -> {new[k]!r}" for k in new if old.get(k) != new[k]]
+    diffs = changed_fields(join_path(cfg.run_dir, RUN_RECORD), cfg.resume_record())
     if diffs:
-        raise ConfigError(f"run {cfg.run_dir} was started with other model settings ({'; '.join(diffs)}); "
-                          "rerun with those, or pick a new --name")
+        raise ConfigError(f"run {cfg.run_dir} was started with other settings ({'; '.join(diffs)}); "
+                          "rerun with those to resume it, or pick a new --name")
+
+
+def check_resources(use_gpu: bool, count: int, what: str, accelerator_type: str | None) -> None:
+    """On a local cluster (no autoscaler to add nodes), ask for what exists instead of waiting forever."""
+    import ray
+
+    if os.environ.get("RAY_ADDRESS"):
+        return  # a cluster may scale up to meet the request
+    have = ray.cluster_resources()
+    if use_gpu and have.get("GPU", 0) < count:
+        raise ConfigError(f"{what} {count} with --use_gpu needs {count} GPU(s); this machine's Ray has "
+                          f"{int(have.get('GPU', 0))}: lower {what} or drop --use_gpu")
+    if accelerator_type and not any(k == f"accelerator_type:{accelerator_type}" for k in have):
+        kinds = sorted(k.split(":", 1)[1] for k in have if k.startswith("accelerator_type:"))
+        raise ConfigError(f"--accelerator_type {accelerator_type} is not on this machine "
+                          f"(it has: {', '.join(kinds) or 'none'})")
 
 
 def init_ray(num_cpus_needed: float) -> None:
@@ -84,6 +94,14 @@ def passes_of(ds, n_rows: int, min_rows: int = 2048):
     return ray.data.from_arrow_refs(ds.to_arrow_refs() * copies).randomize_block_order()
 
 
+def absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """Local paths made absolute: workers and later generation jobs may not share our cwd."""
+    base = cfg.base_model
+    if base and os.path.exists(os.path.expanduser(base)):
+        base = os.path.abspath(os.path.expanduser(base))
+    return dataclasses.replace(cfg, output_dir=absolute(cfg.output_dir), base_model=base)
+
+
 def train(cfg: TrainConfig):
     """Train; returns the Ray Train Result. Raises ConfigError / DataError before any work."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
@@ -92,11 +110,12 @@ def train(cfg: TrainConfig):
     from cffa_ray.train.loop import quiet_ray, train_loop_per_worker
     from cffa_ray.train.run_folder import RAY_DIR, RUN_RECORD, RunFolder
 
-    cfg = dataclasses.replace(cfg, output_dir=absolute(cfg.output_dir))  # workers may not share our cwd
+    cfg = absolute_paths(cfg)
     records = check(cfg)
     train_records = [r for r in records if r["split"] == TRAIN]
     val_records = [r for r in records if r["split"] == VAL] or train_records[: max(1, cfg.batch_size)]
     init_ray(cfg.num_workers * cfg.cpus_per_worker)
+    check_resources(cfg.use_gpu, cfg.num_workers, "--num_workers", cfg.accelerator_type)
     quiet_ray()
     t0 = time.time()
     train_ds = passes_of(decoded_pairs(train_records, cfg.resolution), len(train_records))
@@ -104,7 +123,7 @@ def train(cfg: TrainConfig):
     print(f"[cffa] {len(train_records)} training and {len(val_records)} validation pairs decoded "
           f"at {cfg.resolution}px in {time.time() - t0:.1f}s", flush=True)
 
-    RunFolder(cfg.run_dir).write_json(RUN_RECORD, cfg.model_record())
+    RunFolder(cfg.run_dir).write_json(RUN_RECORD, cfg.resume_record())
     storage = absolute(cfg.run_dir)
     trainer = TorchTrainer(
         train_loop_per_worker,

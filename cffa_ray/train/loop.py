@@ -49,7 +49,6 @@ def train_loop_per_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     is_rank0 = rank == 0
-    device = ray.train.torch.get_device()
 
     torch.manual_seed(cfg.seed)  # identical LoRA init on every rank
     model = build_model(cfg, hf_lambda=cfg.hf_lambda, struct_lambda=cfg.struct_lambda,
@@ -61,17 +60,19 @@ def train_loop_per_worker(config: dict) -> None:
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                    config=deepspeed_config(cfg, world))
+    device = torch.device(engine.device)  # where DeepSpeed put this rank's module
     record = {**cfg.model_record(), "trained_steps": 0}
+    run = RunFolder(cfg.run_dir)
 
     step, best_val = 0, math.inf
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as ckpt_dir:
             _, client = engine.load_checkpoint(ckpt_dir, tag=DS_TAG, load_module_strict=False)
-        step, best_val = client["step"], client["best_val"]
+        # best_checkpoint/ may be newer than the resumed state when --checkpoint_every > --val_every
+        step, best_val = client["step"], min(client["best_val"], run.best_val_loss())
     torch.manual_seed(cfg.seed * 100003 + rank * 7919 + step)  # fresh noise per rank, and after a resume
 
-    run = RunFolder(cfg.run_dir)
     if is_rank0:
         run.rewind(step)
         print(f"[cffa] {model.name}: {n_trainable:,} trainable LoRA parameters, "
@@ -119,9 +120,9 @@ def train_loop_per_worker(config: dict) -> None:
             if is_rank0:
                 from cffa_ray.train.run_folder import VALIDATION_LOG, log_line
                 run.append(VALIDATION_LOG, log_line(step, {f"val_{k}": v for k, v in val.items()}))
-            if val["loss"] < best_val:
+            if val["loss"] < best_val:  # the same number on every rank (validate all-reduces it)
                 best_val = val["loss"]
-                _export(engine, is_rank0, lambda m: run.export_best(m, {**record, "val_loss": best_val}))
+                _export(engine, is_rank0, lambda m, s: run.export_best(m, {**record, "val_loss": best_val}, s))
 
         if cfg.num_sample_pairs and step % cfg.sample_every == 0:
             cf, fa = sample_previews(engine.module, cfg)
@@ -129,7 +130,7 @@ def train_loop_per_worker(config: dict) -> None:
                 run.write_samples(step, cf, fa)
 
         if step % cfg.checkpoint_interval == 0 or step == cfg.max_steps:
-            _export(engine, is_rank0, lambda m: run.export_latest(m, record, step, cfg.keep_latest))
+            _export(engine, is_rank0, lambda m, s: run.export_latest(m, record, step, cfg.keep_latest, s))
             _report(engine, step, best_val, cfg)
 
 
@@ -158,19 +159,31 @@ def _endless_batches(shard, batch_size: int, device):
 
 @torch.no_grad()
 def validate(engine, val_batches: list[dict], cfg: TrainConfig, device) -> dict[str, float]:
-    """Mean losses over the whole validation set, with fixed noise so steps compare fairly."""
+    """Mean losses over the whole validation set, with fixed noise so steps compare fairly.
+
+    Every rank runs every batch (ZeRO-3 needs all ranks in each forward), then the results are
+    averaged across ranks, so all ranks hold the very same numbers and take the same decisions
+    (GPUs of different types would otherwise differ in the last bits and disagree on "best").
+    """
+    import torch.distributed as dist
+
     engine.eval()
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    totals: dict[str, float] = {}
+    totals: dict[str, torch.Tensor] = {}
     count = 0
     for batch in val_batches:
         out = engine.module({k: v.to(device) for k, v in batch.items()}, generator=gen)
         n = batch["cf"].shape[0]
         for k, v in out.items():
-            totals[k] = totals.get(k, 0.0) + float(v) * n
+            totals[k] = totals.get(k, 0.0) + v.detach().double() * n
         count += n
     engine.train()
-    return {k: v / max(count, 1) for k, v in totals.items()}
+    keys = sorted(totals)
+    stacked = torch.stack([totals[k] for k in keys]).cpu() / max(count, 1)
+    if dist.is_initialized():
+        dist.all_reduce(stacked)
+        stacked /= dist.get_world_size()
+    return dict(zip(keys, stacked.tolist()))
 
 
 @torch.no_grad()
@@ -193,15 +206,32 @@ def sample_previews(model, cfg: TrainConfig):
     return np.concatenate(cfs), np.concatenate(fas)
 
 
+def lora_states(engine) -> dict[str, dict[str, torch.Tensor]]:
+    """{adapter folder: {parameter name: fp32 CPU tensor}} from DeepSpeed's fp32 master weights.
+
+    The module itself holds bf16/fp16 copies under mixed precision (and only shards under ZeRO-3);
+    the optimizer's fp32 masters are the trained values. Collective: every rank calls it.
+    """
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    states = {}
+    for folder, peft_model in engine.module.adapters().items():
+        state = {}
+        for name, p in peft_model.named_parameters():
+            if p.requires_grad:
+                full = safe_get_full_fp32_param(p)
+                state[name] = (full if full is not None else p.detach()).float().cpu()
+        states[folder] = state
+    return states
+
+
 def _export(engine, is_rank0: bool, write) -> None:
-    """Run `write(model)` on rank 0 with the LoRA weights whole (gathered under ZeRO-3; all ranks call)."""
-    import deepspeed
+    """Run `write(model, lora_states)` on rank 0 with the fp32 LoRA weights (all ranks call)."""
     import torch.distributed as dist
 
-    params = [p for p in engine.module.parameters() if p.requires_grad]
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=hasattr(params[0], "ds_id")):
-        if is_rank0:
-            write(engine.module)
+    states = lora_states(engine)
+    if is_rank0:
+        write(engine.module, states)
     dist.barrier()
 
 

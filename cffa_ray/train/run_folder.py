@@ -15,11 +15,12 @@ the record generation needs to rebuild the model. Folders appear complete or not
 from __future__ import annotations
 
 import json
+import math
 import re
 
 from cffa_ray.config import join_path
 from cffa_ray.images import pair_pngs
-from cffa_ray.io import atomic_write_bytes, atomic_write_text, filesystem, is_uri, publish_dir, read_text, staging_dir
+from cffa_ray.io import atomic_write_text, filesystem, is_uri, publish_dir, read_text, staging_dir
 from cffa_ray.models.interface import MODEL_RECORD
 
 TRAINING_LOG, VALIDATION_LOG = "training_log.txt", "validation_log.txt"
@@ -71,28 +72,40 @@ class RunFolder:
         final = self.path(f"{step_name(step)}_random_pairs")
         stage = staging_dir(final)
         for i in range(len(cf)):
+            (stage / f"pair_{i:02d}").mkdir()
             for fname, data in pair_pngs(cf[i], fa[i]).items():
-                atomic_write_bytes(stage / f"pair_{i:02d}" / fname, data)
+                (stage / f"pair_{i:02d}" / fname).write_bytes(data)  # the staging folder is hidden already
         publish_dir(stage, final)
         return final
 
     # ---- LoRA checkpoints
-    def export(self, model, record: dict, final: str) -> str:
+    def export(self, model, record: dict, final: str, states: dict | None = None) -> str:
+        """A checkpoint folder: one peft folder per adapter, extra formats, model.json (written last).
+
+        `states`: {adapter folder: LoRA state dict} to save instead of the module's own weights
+        (the fp32 masters during mixed-precision training).
+        """
         stage = staging_dir(final)
+        states = states or {}
         for folder, peft_model in model.adapters().items():
-            peft_model.save_pretrained(str(stage / folder))
-        model.save_extra(stage)
-        atomic_write_text(stage / MODEL_RECORD, json.dumps(record, indent=2, sort_keys=True))
+            peft_model.save_pretrained(str(stage / folder), state_dict=states.get(folder))
+        model.save_extra(stage, states)
+        (stage / MODEL_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True))
         publish_dir(stage, final)
         return final
 
-    def export_best(self, model, record: dict) -> str:
-        return self.export(model, record, self.path(BEST))
+    def export_best(self, model, record: dict, states: dict | None = None) -> str:
+        return self.export(model, record, self.path(BEST), states)
 
-    def export_latest(self, model, record: dict, step: int, keep: int) -> str:
-        out = self.export(model, record, self.path(LATEST, step_name(step)))
+    def export_latest(self, model, record: dict, step: int, keep: int, states: dict | None = None) -> str:
+        out = self.export(model, record, self.path(LATEST, step_name(step)), states)
         self._prune_latest(keep)
         return out
+
+    def best_val_loss(self) -> float:
+        """The validation loss recorded in best_checkpoint/model.json (inf when there is none)."""
+        text = read_text(self.path(BEST, MODEL_RECORD))
+        return json.loads(text).get("val_loss", math.inf) if text else math.inf
 
     def latest_steps(self) -> list[str]:
         import pyarrow.fs as pafs
