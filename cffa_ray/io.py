@@ -73,10 +73,7 @@ def read_text(path: str) -> str | None:
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     if is_uri(path):
-        fs, p = filesystem(str(path))
-        fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
-        with fs.open_output_stream(p) as f:
-            f.write(data)
+        _put(*filesystem(str(path)), data)
         return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -94,19 +91,17 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
-def publish_dir(staging: str | os.PathLike, final: str | os.PathLike) -> None:
+def publish_dir(staging: str | os.PathLike, final: str | os.PathLike, marker: str | None = None) -> None:
     """Move a finished local folder to `final` (replacing it), or upload it under a URI.
 
-    Locally the old folder is swapped out by rename so readers see either the old or the new one.
+    Locally the old folder is swapped out by rename, so readers see either the old or the new one.
+    An object store has no folder rename: there the `marker` file (a checkpoint's model.json) is
+    removed first and uploaded last, so while `final` is being replaced it reads as incomplete
+    (refused), never as a mix of old and new files.
     """
     staging = Path(staging)
     if is_uri(final):
-        import pyarrow.fs as pafs
-
-        fs, p = filesystem(str(final))
-        fs.delete_dir_contents(p, missing_dir_ok=True)
-        fs.create_dir(p, recursive=True)  # a no-op on object stores, needed on file://
-        pafs.copy_files(str(staging), p, destination_filesystem=fs)
+        _upload_dir(staging, str(final), marker)
         shutil.rmtree(staging, ignore_errors=True)
         return
     final = Path(final)
@@ -116,6 +111,31 @@ def publish_dir(staging: str | os.PathLike, final: str | os.PathLike) -> None:
         os.replace(final, old)
     os.replace(staging, final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _upload_dir(staging: Path, final: str, marker: str | None) -> None:
+    import pyarrow.fs as pafs
+
+    fs, root = filesystem(final)
+    before = {i.path for i in fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+              if i.type == pafs.FileType.File}
+    if marker and f"{root}/{marker}" in before:
+        fs.delete_file(f"{root}/{marker}")
+        before.discard(f"{root}/{marker}")
+    rel = [f.relative_to(staging).as_posix() for f in sorted(staging.rglob("*")) if f.is_file()]
+    payload = [r for r in rel if r != marker]
+    for r in payload:
+        _put(fs, f"{root}/{r}", (staging / r).read_bytes())
+    for stale in sorted(before - {f"{root}/{r}" for r in rel}):
+        fs.delete_file(stale)
+    if marker in rel:
+        _put(fs, f"{root}/{marker}", (staging / marker).read_bytes())
+
+
+def _put(fs, dest: str, data: bytes) -> None:
+    fs.create_dir(dest.rsplit("/", 1)[0], recursive=True)  # a no-op on object stores, needed on file://
+    with fs.open_output_stream(dest) as out:  # one PUT per key on object stores
+        out.write(data)
 
 
 def staging_dir(final: str | os.PathLike) -> Path:

@@ -91,7 +91,7 @@ class RunFolder:
             peft_model.save_pretrained(str(stage / folder), state_dict=states.get(folder))
         model.save_extra(stage, states)
         (stage / MODEL_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True))
-        publish_dir(stage, final)
+        publish_dir(stage, final, marker=MODEL_RECORD)
         return final
 
     def export_best(self, model, record: dict, states: dict | None = None) -> str:
@@ -113,7 +113,7 @@ class RunFolder:
         fs, p = filesystem(self.path(LATEST))
         infos = fs.get_file_info(pafs.FileSelector(p, allow_not_found=True))
         names = [i.base_name for i in infos if i.type == pafs.FileType.Directory]
-        return sorted(n for n in names if re.fullmatch(r"step_\d{6,}", n))
+        return sorted((n for n in names if re.fullmatch(r"step_\d{6,}", n)), key=lambda n: int(n[5:]))
 
     def _prune_latest(self, keep: int) -> None:
         import shutil
