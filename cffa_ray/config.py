@@ -30,6 +30,14 @@ class ConfigError(ValueError):
     """A bad flag value; the message names the flag and how to fix it."""
 
 
+TRAIN_TIMESTEPS = 1000  # the SD1.5 / SDXL noise schedule: a sampler can take at most this many steps
+
+
+def check_sampling_steps(flag_name: str, steps: int) -> None:
+    if not 0 < steps <= TRAIN_TIMESTEPS:
+        raise ConfigError(f"--{flag_name} {steps} must be in 1..{TRAIN_TIMESTEPS} (the noise schedule's length)")
+
+
 def join_path(base: str, *parts: str) -> str:
     """Join local paths and URIs (s3://bucket/x) alike."""
     if "://" in base:
@@ -150,6 +158,7 @@ class TrainConfig(ModelConfig):
                           "sample_steps"):
             if getattr(self, flag_name) <= 0:
                 raise ConfigError(f"--{flag_name} {getattr(self, flag_name)} must be > 0")
+        check_sampling_steps("sample_steps", self.sample_steps)
         if self.checkpoint_every is not None and self.checkpoint_every <= 0:
             raise ConfigError(f"--checkpoint_every {self.checkpoint_every} must be > 0")
         if self.num_sample_pairs < 0 or self.max_failures < 0:
@@ -163,6 +172,9 @@ class TrainConfig(ModelConfig):
             raise ConfigError(f"--mixed_precision {self.mixed_precision!r}; choose no, fp16 or bf16")
         if self.mixed_precision == "fp16" and not self.use_gpu:
             raise ConfigError("--mixed_precision fp16 needs --use_gpu; on CPU use bf16 or no")
+        if self.mixed_precision == "fp16" and self.zero_stage == 0:
+            raise ConfigError("--mixed_precision fp16 with --zero_stage 0: DeepSpeed keeps those fp32 master "
+                              "weights out of reach of the LoRA export; use --zero_stage 1 or more, or bf16")
         if self.mixed_precision == "fp16" and self.model == "joint_sdxl":
             raise ConfigError("--mixed_precision fp16 with --model joint_sdxl: the SDXL VAE overflows in fp16; "
                               "use bf16")
@@ -222,6 +234,7 @@ class GenerateConfig:
         for flag_name in ("num_samples", "steps", "batch_size", "model_batch", "concurrency", "rows_per_shard"):
             if getattr(self, flag_name) <= 0:
                 raise ConfigError(f"--{flag_name} {getattr(self, flag_name)} must be > 0")
+        check_sampling_steps("steps", self.steps)
         if self.model is not None and self.model not in MODELS:
             raise ConfigError(f"--model {self.model!r} is unknown; choose one of {', '.join(MODELS)}")
         if self.scheduler not in SCHEDULERS:

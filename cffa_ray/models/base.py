@@ -5,6 +5,7 @@ what the model keeps is the embedding tensor.
 """
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,9 +44,19 @@ def check_base_model(base_model: str, model: str) -> None:
                 f"--base_model {base_model} is not a diffusers {family.upper()} folder "
                 f"(missing {', '.join(missing) or 'folder'}); give a folder saved with save_pretrained or a hub id"
             )
+        scheduler_config = path / "scheduler/scheduler_config.json"
+        if scheduler_config.is_file():
+            check_prediction_type(json.loads(scheduler_config.read_text()), base_model)
         return
     if not HUB_ID.match(base_model):
         raise ConfigError(f"--base_model {base_model} is neither an existing folder nor a hub id like org/name")
+
+
+def check_prediction_type(scheduler_config: dict, base_model: str) -> None:
+    """The losses and samplers assume a noise-predicting (epsilon) UNet."""
+    if scheduler_config.get("prediction_type", "epsilon") != "epsilon":
+        raise ConfigError(f"--base_model {base_model}: prediction_type "
+                          f"{scheduler_config['prediction_type']!r} is not supported; use an epsilon model")
 
 
 def _text_ids(config: dict) -> torch.Tensor:
@@ -107,9 +118,7 @@ def _from_pretrained(base_model: str, family: str) -> BaseParts:
 def load_base(model: str, base_model: str, preset: str | None) -> BaseParts:
     """Frozen base parts for `model` (dual_unet -> SD1.5 family, joint_sdxl -> SDXL family)."""
     parts = _from_preset(preset) if preset else _from_pretrained(base_model, FAMILY[model])
-    if parts.scheduler_config.get("prediction_type", "epsilon") != "epsilon":
-        raise ConfigError(f"--base_model {base_model}: prediction_type "
-                          f"{parts.scheduler_config['prediction_type']!r} is not supported; use an epsilon model")
+    check_prediction_type(parts.scheduler_config, base_model)
     for module in (parts.unet, parts.vae):
         module.requires_grad_(False)
     parts.vae.eval()

@@ -71,6 +71,7 @@ def train_loop_per_worker(config: dict) -> None:
             _, client = engine.load_checkpoint(ckpt_dir, tag=DS_TAG, load_module_strict=False)
         # best_checkpoint/ may be newer than the resumed state when --checkpoint_every > --val_every
         step, best_val = client["step"], min(client["best_val"], run.best_val_loss())
+        best_val = agreed_min(best_val, device)  # ranks that read another best_checkpoint would deadlock
     torch.manual_seed(cfg.seed * 100003 + rank * 7919 + step)  # fresh noise per rank, and after a resume
 
     if is_rank0:
@@ -179,11 +180,22 @@ def validate(engine, val_batches: list[dict], cfg: TrainConfig, device) -> dict[
         count += n
     engine.train()
     keys = sorted(totals)
-    stacked = torch.stack([totals[k] for k in keys]).cpu() / max(count, 1)
+    stacked = torch.stack([totals[k] for k in keys]).to(device) / max(count, 1)  # NCCL reduces on the GPU
     if dist.is_initialized():
         dist.all_reduce(stacked)
         stacked /= dist.get_world_size()
-    return dict(zip(keys, stacked.tolist()))
+    return dict(zip(keys, stacked.cpu().tolist()))
+
+
+def agreed_min(value: float, device) -> float:
+    """The smallest of every rank's `value`, on every rank (decisions that gate collectives must agree)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return float(t.item())
 
 
 @torch.no_grad()
