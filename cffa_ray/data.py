@@ -221,8 +221,17 @@ def decoded_pairs(records: list[dict], resolution: int):
     Raises DataError naming the files that would not decode, before any training starts.
     """
     ds = pairs_dataset(records, resolution).materialize()
+    _raise_decode_errors(ds)
+    return ds.select_columns([CF, FA])
+
+
+def check_decodable(records: list[dict], resolution: int) -> None:
+    """Raise DataError naming the files that will not decode (Ray Data CPU tasks; nothing is kept)."""
+    _raise_decode_errors(pairs_dataset(records, resolution))
+
+
+def _raise_decode_errors(ds) -> None:
     errors = [e for e in ds.select_columns([ERROR]).to_pandas()[ERROR] if e]
     if errors:
         more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
         raise DataError("; ".join(errors[:3]) + more)
-    return ds.select_columns([CF, FA])

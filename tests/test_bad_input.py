@@ -49,6 +49,8 @@ def train_argv(data, out, *extra):
     (("--resolution", 30), r"--resolution 30 must be a positive multiple of 8"),
     (("--preset", "tiny-sdxl"), r"--preset 'tiny-sdxl' does not fit --model dual_unet"),
     (("--batch_size", 4), r"5 training pair\(s\); --num_workers 2 x --batch_size 4 needs at least 8"),
+    (("--sample_steps", 1001), r"--sample_steps 1001 must be in 1..1000"),
+    (("--use_gpu", "--mixed_precision", "fp16", "--zero_stage", 0), r"fp16 with --zero_stage 0: .* use --zero_stage 1"),
 ])
 def test_train_flag_errors(capsys, tmp_path, data, extra, pattern):
     _fails(capsys, train_argv(data, tmp_path / "out", *extra), pattern, tmp_path / "out")
@@ -79,6 +81,18 @@ def test_train_base_model_not_a_diffusers_folder(capsys, tmp_path, data):
     argv = ["train", "--data", str(data), "--output_dir", str(tmp_path / "out"), "--base_model",
             str(tmp_path / "not_a_model")]
     _fails(capsys, argv, r"is not a diffusers SD15 folder \(missing unet/config.json", tmp_path / "out")
+
+
+def test_train_v_prediction_base_model_is_refused(capsys, tmp_path, data):
+    base = tmp_path / "vpred"
+    for part in ("unet", "vae", "text_encoder"):
+        (base / part).mkdir(parents=True)
+        (base / part / "config.json").write_text("{}")
+    for part in ("tokenizer", "scheduler"):
+        (base / part).mkdir()
+    (base / "scheduler/scheduler_config.json").write_text(json.dumps({"prediction_type": "v_prediction"}))
+    argv = ["train", "--data", str(data), "--output_dir", str(tmp_path / "out"), "--base_model", str(base)]
+    _fails(capsys, argv, r"prediction_type 'v_prediction' is not supported; use an epsilon model", tmp_path / "out")
 
 
 def test_train_refuses_to_resume_with_other_model_settings(capsys, tmp_path, data):
@@ -141,6 +155,7 @@ def gen_argv(ckpt, out, *extra):
     (("--strength", 0), r"--strength 0.0 must be in \(0, 1\]"),
     (("--strength", 1.5), r"--strength 1.5 must be in \(0, 1\]"),
     (("--mode", "from_data"), r"--mode from_data needs --data"),
+    (("--steps", 1001), r"--steps 1001 must be in 1..1000"),
 ])
 def test_generate_flag_errors(capsys, tmp_path, fake_checkpoint, extra, pattern):
     _fails(capsys, gen_argv(fake_checkpoint, tmp_path / "g", *extra), pattern, tmp_path / "g")
@@ -173,3 +188,14 @@ def test_generate_refuses_to_mix_arguments(capsys, tmp_path, fake_checkpoint):
     err = capsys.readouterr().err.strip()
     assert code == 2 and "holds pairs made with different arguments (steps 50 -> 20)" in err
     assert sorted(p.name for p in out.iterdir()) == before
+
+
+def test_generate_from_data_undecodable_source_is_named(tmp_path, data, fake_checkpoint):
+    (data / "cf/synth_00004.png").write_bytes(b"not an image")
+    out = tmp_path / "g"
+    proc = run_cli(*gen_argv(fake_checkpoint, out, "--mode", "from_data", "--data", data, "--num_samples", 6),
+                   timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("cffa generate: error: cannot decode image") and "cf/synth_00004.png" in last
+    assert not out.exists()

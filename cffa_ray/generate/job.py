@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from cffa_ray.config import ConfigError, GenerateConfig, to_dict
-from cffa_ray.data import CF_PATH, FA_PATH, PAIR_ID, discover_pairs, load_image, normalise
+from cffa_ray.data import CF_PATH, FA_PATH, PAIR_ID, check_decodable, discover_pairs, load_image, normalise
 from cffa_ray.io import absolute, local_copy
 from cffa_ray.sampling import pair_seed
 
@@ -62,7 +62,8 @@ def identity(cfg: GenerateConfig, record: dict) -> dict:
     out = {"checkpoint": absolute(cfg.checkpoint_dir), "trained_steps": record.get("trained_steps"),
            "model": record["model"], "resolution": record["resolution"], "mode": cfg.mode, "steps": cfg.steps,
            "seed": cfg.seed, "scheduler": cfg.scheduler, "model_batch": cfg.model_batch,
-           "mixed_precision": cfg.mixed_precision}
+           "mixed_precision": cfg.mixed_precision,
+           "use_gpu": cfg.use_gpu}  # CPU and GPU kernels differ in the last bits: not mixed in one folder
     if cfg.mode == "from_data":
         out.update(strength=cfg.strength, data=absolute(cfg.data))
     return out
@@ -100,7 +101,7 @@ def generate(cfg: GenerateConfig) -> dict:
 
     from cffa_ray.generate.generator import PairGenerator
     from cffa_ray.generate.outputs import (PairShardSink, check_identity, done_pair_ids, encode_pngs,
-                                           parquet_shards, write_identity, write_summary)
+                                           parquet_shards, remove_leftovers, write_identity, write_summary)
     from cffa_ray.train.launch import check_resources, init_ray
 
     cfg.validate()
@@ -114,9 +115,12 @@ def generate(cfg: GenerateConfig) -> dict:
     skipped = cfg.num_samples - len(todo)
     t0 = time.time()
     if todo:
-        write_identity(cfg.output_dir, ident)
         init_ray(cfg.concurrency * cfg.cpus_per_actor)
         check_resources(cfg.use_gpu, cfg.concurrency, "--concurrency", cfg.accelerator_type)
+        if sources:  # every real pair this run starts from must decode, before anything is written
+            check_decodable([sources[i] for i in sorted({k % len(sources) for k in todo})], record["resolution"])
+        write_identity(cfg.output_dir, ident)
+        remove_leftovers(cfg.output_dir)  # a killed run's half-staged folders (this job redoes them)
         ctx = ray.data.DataContext.get_current()
         ctx.print_on_execution_start = False
         ctx.enable_progress_bars = True  # the pairs' progress bar (training turns them off for its own log)
