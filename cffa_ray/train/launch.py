@@ -79,18 +79,22 @@ def worker_env(use_gpu: bool) -> dict:
     return {"env_vars": env}
 
 
-def passes_of(ds, n_rows: int, min_rows: int = 2048):
-    """The decoded pairs repeated to >= min_rows rows, in a fresh random block order on every pass.
+def repeats_for(n_rows: int, min_rows: int = 2048) -> int:
+    return max(1, -(-min_rows // max(n_rows, 1)))
+
+
+def passes_of(ds, copies: int):
+    """The decoded pairs repeated `copies` times, in a fresh random block order on every pass.
 
     Each pass over a worker's shard restarts a streaming split, which costs about as much as tens
     of small batches; with tens of pairs (the usual dataset), repeating the blocks amortises that.
     The repeats are references to the same blocks in the object store (no copies), in one input
     (a union of many datasets would plan one operator per copy). Blocks hold a few pairs each, so
-    shuffling their order shuffles the pairs.
+    shuffling their order shuffles the pairs. (Ray Data's block prefetcher refuses repeated
+    references: the workers read such a dataset without prefetching, see `train_loop_per_worker`.)
     """
     import ray.data
 
-    copies = max(1, -(-min_rows // max(n_rows, 1)))
     return ray.data.from_arrow_refs(ds.to_arrow_refs() * copies).randomize_block_order()
 
 
@@ -118,7 +122,8 @@ def train(cfg: TrainConfig):
     check_resources(cfg.use_gpu, cfg.num_workers, "--num_workers", cfg.accelerator_type)
     quiet_ray()
     t0 = time.time()
-    train_ds = passes_of(decoded_pairs(train_records, cfg.resolution), len(train_records))
+    copies = repeats_for(len(train_records))
+    train_ds = passes_of(decoded_pairs(train_records, cfg.resolution), copies)
     val_ds = decoded_pairs(val_records, cfg.resolution)
     print(f"[cffa] {len(train_records)} training and {len(val_records)} validation pairs decoded "
           f"at {cfg.resolution}px in {time.time() - t0:.1f}s", flush=True)
@@ -127,7 +132,7 @@ def train(cfg: TrainConfig):
     storage = absolute(cfg.run_dir)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": to_dict(cfg)},
+        train_loop_config={"cfg": to_dict(cfg), "prefetch_batches": 0 if copies > 1 else 1},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker},
                                      accelerator_type=cfg.accelerator_type),

@@ -11,6 +11,7 @@ import math
 import os
 import tempfile
 import time
+import warnings
 
 import torch
 
@@ -85,7 +86,7 @@ def train_loop_per_worker(config: dict) -> None:
     # The validation set is small by design: hold it in memory instead of re-running Ray Data each time.
     val_batches = [{"cf": b["cf"], "fa": b["fa"]} for b in
                    ray.train.get_dataset_shard("val").iter_torch_batches(batch_size=cfg.batch_size)]
-    batches = _endless_batches(train_shard, cfg.batch_size, device)
+    batches = _endless_batches(train_shard, cfg.batch_size, device, config.get("prefetch_batches", 1))
     window: dict[str, float] = {}
     t_window, step_window = time.time(), step  # rates are over the last log window (steady state)
 
@@ -149,12 +150,15 @@ def quiet_ray() -> None:
     # Train logs one INFO line per report under a logger named after its file.
     for name in ("ray.data", "ray.train", train_context.__file__):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # DeepSpeed's ZeRO gathers call a torch collective deprecated in favour of another, once per step
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
 
 
-def _endless_batches(shard, batch_size: int, device):
+def _endless_batches(shard, batch_size: int, device, prefetch_batches: int):
     """Epoch after epoch of {cf, fa} float32 [B, 3, R, R] on `device`; every rank sees equal counts."""
     while True:
-        for batch in shard.iter_torch_batches(batch_size=batch_size, drop_last=True, device=device):
+        for batch in shard.iter_torch_batches(batch_size=batch_size, drop_last=True, device=device,
+                                              prefetch_batches=prefetch_batches):
             yield {"cf": batch["cf"], "fa": batch["fa"]}
 
 
