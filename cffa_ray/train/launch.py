@@ -80,6 +80,7 @@ def worker_env(use_gpu: bool) -> dict:
 
 
 def repeats_for(n_rows: int, min_rows: int = 2048) -> int:
+    """How many copies of the training pairs make a pass of at least `min_rows` rows."""
     return max(1, -(-min_rows // max(n_rows, 1)))
 
 
