@@ -1,8 +1,8 @@
 """Atomic file writes and image encoding, for local paths and cloud URIs alike.
 
 Nothing is ever visible under its final name half-written: files go to a temporary name in the
-same folder and are renamed (local), or are uploaded in one PUT (object stores, where a key only
-appears once the upload completes).
+same folder and are renamed (local paths and file:// URIs), or are uploaded in one PUT (object
+stores, where a key only appears once the upload completes).
 """
 from __future__ import annotations
 
@@ -133,9 +133,17 @@ def _upload_dir(staging: Path, final: str, marker: str | None) -> None:
 
 
 def _put(fs, dest: str, data: bytes) -> None:
-    fs.create_dir(dest.rsplit("/", 1)[0], recursive=True)  # a no-op on object stores, needed on file://
-    with fs.open_output_stream(dest) as out:  # one PUT per key on object stores
+    """Write one file through a pyarrow filesystem, all or nothing: object stores PUT the key whole;
+    a file:// (shared file system) target is written beside itself and renamed."""
+    import pyarrow.fs as pafs
+
+    folder, name = dest.rsplit("/", 1)
+    fs.create_dir(folder, recursive=True)  # a no-op on object stores, needed on file://
+    target = f"{folder}/.{name}.{uuid.uuid4().hex[:8]}.tmp" if isinstance(fs, pafs.LocalFileSystem) else dest
+    with fs.open_output_stream(target) as out:
         out.write(data)
+    if target != dest:
+        fs.move(target, dest)
 
 
 def staging_dir(final: str | os.PathLike) -> Path:

@@ -67,3 +67,17 @@ def test_latest_checkpoints_are_pruned_by_step_number(tmp_path):
         (tmp_path / f"run/latest_checkpoints/step_{step:06d}").mkdir(parents=True)
     run._prune_latest(2)
     assert run.latest_steps() == ["step_999999", "step_1000000"]  # not by name, where 1000000 < 999998
+
+
+@pytest.mark.parametrize("as_uri", [False, True])
+def test_a_killed_runs_staging_files_are_removed(tmp_path, as_uri):
+    from cffa_ray.generate.outputs import remove_leftovers
+
+    (tmp_path / "png/shard_0000/.pair_000001.tmp-ab12").mkdir(parents=True)
+    (tmp_path / "png/shard_0000/pair_000000").mkdir()
+    (tmp_path / "parquet").mkdir()
+    (tmp_path / "parquet/.part-000000-000003-n4.parquet.ab12cd34.tmp").write_bytes(b"half")
+    (tmp_path / "parquet/part-000004-000007-n4.parquet").write_bytes(b"done")
+    assert remove_leftovers(f"file://{tmp_path}" if as_uri else str(tmp_path)) == 2
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == [
+        "parquet", "parquet/part-000004-000007-n4.parquet", "png", "png/shard_0000", "png/shard_0000/pair_000000"]

@@ -23,8 +23,7 @@ from ray.data import Datasink
 
 from cffa_ray.config import ConfigError, join_path
 from cffa_ray.images import PAIR_FILES, pair_pngs
-from cffa_ray.io import (atomic_write_bytes, atomic_write_text, changed_fields, filesystem, is_uri, publish_dir,
-                         staging_dir)
+from cffa_ray.io import atomic_write_bytes, atomic_write_text, changed_fields, filesystem, publish_dir, staging_dir
 
 PARQUET_DIR, PNG_DIR = "parquet", "png"
 IDENTITY_FILE, SUMMARY_FILE = "generation.json", "summary.json"
@@ -77,14 +76,15 @@ def done_pair_ids(output_dir: str) -> set[int]:
 def remove_leftovers(output_dir: str) -> int:
     """Delete the hidden staging files a killed job left beside its outputs; returns how many.
 
-    Local folders only: uploads to a URI stage in the machine's temp dir, never under the output.
+    Local folders and file:// only: object stores never show a key before its upload completes.
     """
     import shutil
     from pathlib import Path
 
-    if is_uri(output_dir):
+    fs, root = filesystem(output_dir)
+    if not isinstance(fs, pafs.LocalFileSystem):
         return 0
-    root = Path(output_dir)
+    root = Path(root)
     junk = [*root.glob(f"{PNG_DIR}/shard_*/.pair_*"), *root.glob(f"{PARQUET_DIR}/.part-*")]
     for path in junk:
         shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
