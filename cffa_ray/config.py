@@ -38,6 +38,29 @@ def check_sampling_steps(flag_name: str, steps: int) -> None:
         raise ConfigError(f"--{flag_name} {steps} must be in 1..{TRAIN_TIMESTEPS} (the noise schedule's length)")
 
 
+AUTO = "auto"
+
+
+def auto_or_int(text: str) -> str | int:
+    """argparse type of --model_batch: a positive integer or `auto`."""
+    return AUTO if str(text).strip().lower() == AUTO else int(text)
+
+
+def parse_concurrency(value: str | int) -> tuple[int, int | None] | str:
+    """--concurrency: `auto`, `N` (a fixed pool) or `MIN-MAX` (an autoscaling pool) -> "auto" | (min, max)."""
+    text = str(value).strip().lower()
+    if text == AUTO:
+        return AUTO
+    try:
+        low, _, high = text.partition("-")
+        bounds = (int(low), int(high) if high else int(low))
+    except ValueError:
+        raise ConfigError(f"--concurrency {value!r}: give a number of model actors (4), a range (1-8) or auto")
+    if bounds[0] <= 0 or bounds[1] < bounds[0]:
+        raise ConfigError(f"--concurrency {value!r}: need 1 <= MIN <= MAX, e.g. 1-8")
+    return bounds
+
+
 def join_path(base: str, *parts: str) -> str:
     """Join local paths and URIs (s3://bucket/x) alike."""
     if "://" in base:
@@ -125,6 +148,8 @@ class TrainConfig(ModelConfig):
     num_workers: int = flag(1, "Ray Train workers (one per GPU with --use_gpu)")
     use_gpu: bool = flag(False, "one GPU per worker, NCCL; otherwise CPU workers, gloo")
     cpus_per_worker: float = flag(1.0, "CPUs reserved per training worker")
+    cache_latents: bool = flag(True, "encode every pair with the frozen VAE once (GPU actors with --use_gpu) and "
+                                     "train from the cached posterior moments; --no-cache_latents encodes every step")
     accelerator_type: str | None = flag(None, "only GPUs of this Ray accelerator type, e.g. A10G or L40S")
     zero_stage: int = flag(2, "DeepSpeed ZeRO stage: 0 | 1 | 2 | 3")
     mixed_precision: str = flag("no", "no | fp16 | bf16 (DeepSpeed mixed precision)", choices=MIXED_PRECISION)
@@ -218,20 +243,32 @@ class GenerateConfig:
     data: str | None = flag(None, "real pairs for --mode from_data (folder or manifest, as for training)")
     strength: float = flag(0.6, "from_data: how far the real pair is noised, in (0, 1]")
     batch_size: int = flag(32, "pairs per actor call (one Ray Data batch); split into --model_batch calls")
-    model_batch: int = flag(
-        8, "pairs per UNet/VAE call, a fixed shape: the last call is padded, so pair k is byte-identical "
-           "whatever --batch_size and --concurrency (changing --model_batch may move pixels by one grey level)")
+    model_batch: str | int = flag(
+        AUTO, "pairs per UNet/VAE call, a fixed shape (the last call is padded), so pair k is byte-identical whatever "
+              "--batch_size and --concurrency; auto: on GPU the largest that fits the GPU's memory, measured once "
+              "and kept for the output folder, on CPU 8", parse=auto_or_int)
     rows_per_shard: int = flag(256, "pairs per parquet shard (and per commit: a killed job redoes at most this many per writer)")
-    concurrency: int = flag(1, "model actors (one GPU each with --use_gpu)")
+    concurrency: str = flag(
+        AUTO, "model actors (one GPU each with --use_gpu): N, a range MIN-MAX that Ray Data scales within as "
+              "work queues up (and the cluster adds GPUs), or auto: with --use_gpu 1 up to every GPU the cluster "
+              "has or can add, on CPU 1")
+    compile: bool | None = flag(None, "torch.compile the UNets (compiled once per actor, its time printed); "
+                                      "default: on with --use_gpu, off on CPU")
     use_gpu: bool = flag(False, "one GPU per model actor")
-    mixed_precision: str = flag("no", "no | fp16 | bf16 autocast during sampling", choices=MIXED_PRECISION)
+    mixed_precision: str = flag(
+        AUTO, "the dtype the UNet weights are held and run in: no (fp32) | fp16 | bf16 | auto (bf16 with "
+              "--use_gpu, no on CPU); the VAE follows, except that the SDXL VAE stays fp32 for fp16",
+        choices=(AUTO, *MIXED_PRECISION))
     cpus_per_actor: float = flag(1.0, "CPUs reserved per model actor")
     accelerator_type: str | None = flag(None, "only GPUs of this Ray accelerator type, e.g. A10G or L40S")
 
     def validate(self) -> None:
         if not self.checkpoint_dir:
             raise ConfigError("--checkpoint_dir is missing; give a checkpoint folder written by `cffa train`")
-        for flag_name in ("num_samples", "steps", "batch_size", "model_batch", "concurrency", "rows_per_shard"):
+        parse_concurrency(self.concurrency)
+        if self.model_batch != AUTO and (not isinstance(self.model_batch, int) or self.model_batch <= 0):
+            raise ConfigError(f"--model_batch {self.model_batch!r} must be a positive number or auto")
+        for flag_name in ("num_samples", "steps", "batch_size", "rows_per_shard"):
             if getattr(self, flag_name) <= 0:
                 raise ConfigError(f"--{flag_name} {getattr(self, flag_name)} must be > 0")
         check_sampling_steps("steps", self.steps)
@@ -245,8 +282,10 @@ class GenerateConfig:
             raise ConfigError("--mode from_data needs --data (a pairs folder or manifest)")
         if not 0.0 < self.strength <= 1.0:
             raise ConfigError(f"--strength {self.strength} must be in (0, 1]")
-        if self.mixed_precision not in MIXED_PRECISION:
-            raise ConfigError(f"--mixed_precision {self.mixed_precision!r}; choose no, fp16 or bf16")
+        if self.mixed_precision not in (AUTO, *MIXED_PRECISION):
+            raise ConfigError(f"--mixed_precision {self.mixed_precision!r}; choose auto, no, fp16 or bf16")
+        if self.mixed_precision == "fp16" and not self.use_gpu:
+            raise ConfigError("--mixed_precision fp16 needs --use_gpu; on CPU use bf16 or no")
         if self.cpus_per_actor <= 0:
             raise ConfigError(f"--cpus_per_actor {self.cpus_per_actor} must be > 0")
 
@@ -259,16 +298,15 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] 
     for f in fields(cls):
         if f.name in skip:
             continue
-        kind = hints[f.name]
+        kind = _base_type(hints[f.name])
         names = [f"--{f.name}", *f.metadata.get("aliases", ())]
         help_text = f.metadata.get("help", "")
         if kind is bool:
             parser.add_argument(*names, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
             continue
-        base = _base_type(kind)
         parser.add_argument(
             *names,
-            type=base,
+            type=f.metadata.get("parse", kind),
             default=f.default,
             choices=f.metadata.get("choices"),
             help=f"{help_text} (default: {f.default})",
@@ -276,7 +314,7 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] 
 
 
 def _base_type(kind: Any) -> type:
-    if kind in (int, float, str):
+    if kind in (int, float, str, bool):
         return kind
     args = [a for a in getattr(kind, "__args__", ()) if a is not type(None)]
     return args[0] if args else str

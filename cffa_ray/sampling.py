@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 
+import numpy as np
 import torch
 
 from cffa_ray.models.interface import PairModel
@@ -31,11 +32,15 @@ def pair_seed(seed: int, pair_id: int) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def pair_noise(model: PairModel, resolution: int, seed: int, pair_ids: list[int]) -> torch.Tensor:
-    """[B, *noise_shape] float32 on CPU: row i is pair_ids[i]'s z0."""
-    shape = model.noise_shape(resolution)
+def noise_for(shape: tuple[int, ...], seed: int, pair_ids) -> torch.Tensor:
+    """[B, *shape] float32 on CPU: row i is pair_ids[i]'s z0, a pure function of (seed, pair id)."""
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(pair_seed(seed, int(k))))
                         for k in pair_ids])
+
+
+def pair_noise(model: PairModel, resolution: int, seed: int, pair_ids: list[int]) -> torch.Tensor:
+    """noise_for the model's noise shape at `resolution`."""
+    return noise_for(model.noise_shape(resolution), seed, pair_ids)
 
 
 def autocast(device: torch.device, mixed_precision: str):
@@ -52,7 +57,7 @@ def sample_pairs(model: PairModel, noise: torch.Tensor, *, steps: int, scheduler
     """Denoise a batch of pairs -> (cf, fa) images [B, 3, R, R] in [-1, 1], float32 on the model's device.
 
     noise:      [B, *model.noise_shape] initial z0, one per pair (both modalities share it).
-    init_images: (cf, fa) real pairs [B, 3, R, R] in [-1, 1] (from_data mode): encoded (latent mode,
+    init_images: (cf, fa) real pairs [B, 3, R, R], uint8 or in [-1, 1] (from_data mode): encoded (latent mode,
                 no sampling), noised with that same z0 to `strength` (1.0 = pure noise) and
                 denoised from there, as diffusers' img2img does.
     """
@@ -79,15 +84,20 @@ def sample_pairs(model: PairModel, noise: torch.Tensor, *, steps: int, scheduler
 
 
 def sample_in_fixed_batches(model: PairModel, noise: torch.Tensor, model_batch: int,
-                            init_images: tuple[torch.Tensor, torch.Tensor] | None = None,
-                            **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+                            init_images: tuple[torch.Tensor, torch.Tensor] | None = None, as_uint8: bool = False,
+                            **kwargs):
     """sample_pairs over chunks of exactly `model_batch` pairs (the last one padded with copies).
 
     Batched GEMM and convolution kernels pick their summation order by tensor shape, so the same
     pair denoised in batches of different sizes can differ in the last bits. With one fixed shape
     every row is computed the same way whatever its neighbours, so pair k's pixels depend only on
     (seed, k): not on --batch_size, --concurrency, or which pairs a resumed run still had to make.
+
+    Returns (cf, fa) float32 [B, 3, R, R] in [-1, 1] on the model's device, or with `as_uint8`
+    numpy uint8 [B, R, R, 3] (converted on the device, chunk by chunk: only uint8 crosses to the host).
     """
+    from cffa_ray.images import to_uint8
+
     def padded(x: torch.Tensor, start: int) -> torch.Tensor:
         chunk = x[start:start + model_batch]
         pad = model_batch - chunk.shape[0]
@@ -98,6 +108,8 @@ def sample_in_fixed_batches(model: PairModel, noise: torch.Tensor, model_batch: 
         n = min(model_batch, noise.shape[0] - start)
         images = None if init_images is None else tuple(padded(x, start) for x in init_images)
         cf, fa = sample_pairs(model, padded(noise, start), init_images=images, **kwargs)
-        cfs.append(cf[:n])
-        fas.append(fa[:n])
+        cfs.append(to_uint8(cf[:n]) if as_uint8 else cf[:n])
+        fas.append(to_uint8(fa[:n]) if as_uint8 else fa[:n])
+    if as_uint8:
+        return np.concatenate(cfs), np.concatenate(fas)
     return torch.cat(cfs), torch.cat(fas)

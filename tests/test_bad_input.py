@@ -178,10 +178,10 @@ def test_generate_refuses_to_mix_arguments(capsys, tmp_path, fake_checkpoint):
     out = tmp_path / "g"
     out.mkdir()
     from cffa_ray.config import GenerateConfig
-    from cffa_ray.generate.job import identity
+    from cffa_ray.generate.settings import identity, resolve
 
-    ident = identity(GenerateConfig(checkpoint_dir=str(fake_checkpoint), steps=50), {"model": "dual_unet",
-                                                                                     "resolution": 32})
+    cfg = resolve(GenerateConfig(checkpoint_dir=str(fake_checkpoint), steps=50), None)
+    ident = identity(cfg, {"model": "dual_unet", "resolution": 32})
     (out / "generation.json").write_text(json.dumps(ident))
     before = sorted(p.name for p in out.iterdir())
     code = main(gen_argv(fake_checkpoint, out, "--steps", 20))

@@ -77,7 +77,12 @@ def test_forty_pairs_in_parquet_and_png_shards(generated, trained_run):
     assert row.fa_png == (out / "png/shard_0000/pair_000007/fa.png").read_bytes()
     summary = json.loads((out / "summary.json").read_text())
     assert summary["pairs_made"] == 40 and summary["pairs_skipped"] == 0 and summary["pairs_per_s"] > 0
-    assert summary["arguments"]["concurrency"] == 2
+    assert summary["arguments"]["concurrency"] == "2"
+    # the auto flags, made concrete for a CPU run and recorded
+    assert (summary["model_batch"], summary["compile"], summary["mixed_precision"]) == (8, False, "no")
+    ident = json.loads((out / "generation.json").read_text())
+    assert (ident["model_batch"], ident["compile"], ident["mixed_precision"]) == (8, False, "no")
+    assert summary["startup_s"] > 0 and summary["steady_pairs_per_s"] > 0 and summary["gpu_peak_gib"] == 0
     assert not [p for p in out.rglob("*") if p.name.startswith(".")], "temporary files left behind"
 
 
@@ -102,8 +107,9 @@ def test_rerun_adds_nothing(generated, trained_run):
 def test_pairs_do_not_depend_on_batch_size_or_concurrency(generated, trained_run, tmp_path):
     out, _ = generated
     run, _ = trained_run
+    # a different batch size and an autoscaling pool of 1 to 2 actors
     proc = run_cli("generate", "--checkpoint_dir", run / "best_checkpoint", "--output_dir", tmp_path / "g2",
-                   "--num_samples", 12, "--steps", 4, "--batch_size", 3, "--concurrency", 1)
+                   "--num_samples", 12, "--steps", 4, "--batch_size", 3, "--concurrency", "1-2")
     assert_ok(proc)
     mine, reference = png_digest(tmp_path / "g2"), png_digest(out)
     assert len(mine) == 48
@@ -159,3 +165,28 @@ def test_from_data_mode(trained_run, pairs_dir, tmp_path):
     assert (df["mode"] == "from_data").all() and (df.strength == 0.5).all()
     assert list(df.source_pair_id) == [f"synth_{k:05d}" for k in range(6)]
     assert len(png_digest(out)) == 24
+
+
+def test_auto_model_batch_keeps_the_folders_choice(trained_run, tmp_path):
+    run, _ = trained_run
+    out = tmp_path / "mb"
+    base = ("generate", "--checkpoint_dir", run / "best_checkpoint", "--output_dir", out, "--steps", 2,
+            "--concurrency", 1)
+    assert_ok(run_cli(*base, "--num_samples", 3, "--model_batch", 2))
+    proc = run_cli(*base, "--num_samples", 5)  # --model_batch auto: the folder's 2, not the CPU default 8
+    assert_ok(proc)
+    assert "generated 2 pairs, skipped 3 already done" in proc.stdout
+    assert json.loads((out / "summary.json").read_text())["model_batch"] == 2
+
+
+def test_out_of_memory_names_model_batch(trained_run, tmp_path):
+    run, _ = trained_run
+    out = tmp_path / "oom"
+    # 2**40 pairs per call cannot be allocated: the CPU allocator fails at once, as CUDA's would
+    proc = run_cli("generate", "--checkpoint_dir", run / "best_checkpoint", "--output_dir", out, "--steps", 2,
+                   "--num_samples", 2, "--concurrency", 1, "--model_batch", 2**40)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "out of memory sampling 1099511627776 pairs at once" in last and "--model_batch 549755813888" in last
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert not list(out.glob("parquet/*.parquet"))

@@ -1,39 +1,75 @@
-"""The Ray Data model actor: loads a checkpoint once, turns batches of pair ids into images.
+"""The Ray Data model actor: loads a checkpoint once, turns batches of noise into images.
 
-Input batch (numpy):   pair_id int64 [B], seed int64 [B]
-                       (from_data) src_cf, src_fa float32 [B, 3, R, R] in [-1, 1]
-Output batch adds:     cf, fa uint8 [B, R, R, 3]
+Input batch (numpy):   pair_id int64 [B], seed int64 [B], noise float32 [B, *noise_shape]
+                       (from_data) src_cf, src_fa uint8 [B, 3, R, R]
+Output batch:          the input's other columns, plus
+                       cf, fa      uint8 [B, R, R, 3]
+                       done_at     float64 [B]  wall clock when this call's pairs were finished
+                       gpu_peak    int64 [B]    peak GPU bytes this actor has used so far (0 on CPU)
+
+Everything on the CPU side (noise, decoding real pairs, PNG encoding, parquet) happens in other
+Ray Data stages; the call itself is GPU work plus one device-to-host copy of uint8 images, and
+Ray batches the next call's inputs while this one runs (max_concurrent_calls_per_actor=2).
 """
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
+
+OOM_HINT = "--model_batch"
+
+
+class ModelBatchTooLarge(RuntimeError):
+    """Sampling ran out of memory: the message names --model_batch and a value to try."""
 
 
 class PairGenerator:
     def __init__(self, checkpoint_dir: str, cfg: dict):
         from cffa_ray.io import local_copy
         from cffa_ray.models import load_for_generation
+        from cffa_ray.models.inference import prepare_for_sampling, warm_up
 
         torch.set_grad_enabled(False)
         self.cfg = cfg
         self.device = torch.device("cuda" if cfg["use_gpu"] else "cpu")
-        self.model, record = load_for_generation(local_copy(checkpoint_dir), merge=True)
-        self.model.to(self.device).eval()
+        model, record = load_for_generation(local_copy(checkpoint_dir))
+        self.model = prepare_for_sampling(model, self.device, cfg["mixed_precision"], cfg["compile"])
         self.resolution = record["resolution"]
+        if cfg["compile"]:
+            seconds = warm_up(self.model, self.resolution, cfg["model_batch"], cfg["mixed_precision"])
+            print(f"[cffa] UNets compiled in {seconds:.0f}s (once per actor)", flush=True)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from cffa_ray.images import to_uint8
-        from cffa_ray.sampling import pair_noise, sample_in_fixed_batches
+        from cffa_ray.sampling import sample_in_fixed_batches
 
         cfg = self.cfg
-        noise = pair_noise(self.model, self.resolution, cfg["seed"], batch["pair_id"].tolist())
         sources = None
         if cfg["mode"] == "from_data":
             sources = (torch.from_numpy(batch["src_cf"]), torch.from_numpy(batch["src_fa"]))
-        cf, fa = sample_in_fixed_batches(
-            self.model, noise, cfg["model_batch"], init_images=sources, steps=cfg["steps"],
-            scheduler=cfg["scheduler"], strength=cfg["strength"], mixed_precision=cfg["mixed_precision"])
-        out = {k: v for k, v in batch.items() if not k.startswith("src_")}
-        out["cf"], out["fa"] = to_uint8(cf), to_uint8(fa)
+        try:
+            cf, fa = sample_in_fixed_batches(
+                self.model, torch.from_numpy(batch["noise"]), cfg["model_batch"], init_images=sources,
+                steps=cfg["steps"], scheduler=cfg["scheduler"], strength=cfg["strength"],
+                mixed_precision=cfg["mixed_precision"], as_uint8=True)
+        except RuntimeError as e:  # torch.OutOfMemoryError on CUDA; a plain RuntimeError from the CPU allocator
+            if isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e):
+                raise ModelBatchTooLarge(self._oom_message()) from None
+            raise
+        n = len(batch["pair_id"])
+        out = {k: v for k, v in batch.items() if k not in ("noise", "src_cf", "src_fa")}
+        out["cf"], out["fa"] = cf, fa
+        out["done_at"] = np.full(n, time.time())
+        peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else 0
+        out["gpu_peak"] = np.full(n, peak, dtype=np.int64)
         return out
+
+    def _oom_message(self) -> str:
+        mb = self.cfg["model_batch"]
+        where = "the CPU"
+        if self.device.type == "cuda":
+            total = torch.cuda.get_device_properties(self.device).total_memory / 2**30
+            where = f"a {torch.cuda.get_device_name(self.device)} ({total:.0f} GiB)"
+        return (f"out of memory sampling {mb} pairs at once on {where}: "
+                f"rerun with {OOM_HINT} {max(1, mb // 2)} (or auto) into a new --output_dir")

@@ -1,23 +1,22 @@
 """`cffa generate`: pair ids -> Ray Data -> model actors -> PNG encoding -> parquet + PNG shards.
 
     ray.data.from_items(missing pair ids, seeds)
-      -> [from_data] map_batches(load_sources)                  CPU tasks: decode the real pairs
-      -> map_batches(PairGenerator, concurrency=K, num_gpus)     actors: model loaded once each
-      -> map_batches(encode_pngs)                                CPU tasks: PNG bytes
-      -> write_datasink(PairShardSink)                           PNG folders, then a parquet shard
+      -> map_batches(add_noise) [+ load_sources for from_data]   CPU tasks: z0 per pair, real pairs
+      -> map_batches(PairGenerator, ActorPoolStrategy(min, max))  actors, one GPU each: model loaded once
+      -> map_batches(encode_pngs)                                 CPU tasks: PNG bytes
+      -> map_batches(write_pair_shard)                            CPU tasks: PNG folders, then a parquet shard
+      -> the driver iterates one small row per model call: progress line, rates, peak GPU memory
 """
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 from cffa_ray.config import ConfigError, GenerateConfig, to_dict
-from cffa_ray.data import CF_PATH, FA_PATH, PAIR_ID, check_decodable, discover_pairs, load_image, normalise
+from cffa_ray.data import PAIR_ID, check_decodable, discover_pairs
 from cffa_ray.io import absolute, local_copy
-from cffa_ray.sampling import pair_seed
 
 
 def check_checkpoint(checkpoint_dir: str, expected_model: str | None = None) -> dict:
@@ -57,28 +56,14 @@ def check_checkpoint(checkpoint_dir: str, expected_model: str | None = None) -> 
     return record
 
 
-def identity(cfg: GenerateConfig, record: dict) -> dict:
-    """Everything that decides a pair's pixels; --num_samples, --batch_size, --concurrency do not."""
-    out = {"checkpoint": absolute(cfg.checkpoint_dir), "trained_steps": record.get("trained_steps"),
-           "model": record["model"], "resolution": record["resolution"], "mode": cfg.mode, "steps": cfg.steps,
-           "seed": cfg.seed, "scheduler": cfg.scheduler, "model_batch": cfg.model_batch,
-           "mixed_precision": cfg.mixed_precision,
-           "use_gpu": cfg.use_gpu}  # CPU and GPU kernels differ in the last bits: not mixed in one folder
-    if cfg.mode == "from_data":
-        out.update(strength=cfg.strength, data=absolute(cfg.data))
-    return out
+def noise_shape(record: dict) -> tuple[int, ...]:
+    """The z0 shape of the checkpoint's model, from its base VAE's config (no weights loaded)."""
+    from cffa_ray.config import DEFAULT_BASE_MODEL
+    from cffa_ray.models import design_class
+    from cffa_ray.models.base import vae_config
 
-
-def pair_rows(cfg: GenerateConfig, todo: list[int], sources: list[dict] | None) -> list[dict]:
-    """The rows that flow through Ray Data: pair id, seed, and (from_data) the real pair it starts from."""
-    rows = []
-    for k in todo:
-        row = {"pair_id": k, "seed": pair_seed(cfg.seed, k)}
-        if sources:
-            src = sources[k % len(sources)]
-            row.update(source_pair_id=src[PAIR_ID], src_cf_path=src[CF_PATH], src_fa_path=src[FA_PATH])
-        rows.append(row)
-    return rows
+    base = record.get("base_model") or DEFAULT_BASE_MODEL[record["model"]]
+    return design_class(record["model"]).noise_shape_for(vae_config(base, record.get("preset")), record["resolution"])
 
 
 def row_constants(cfg: GenerateConfig, record: dict, ident: dict) -> dict:
@@ -87,70 +72,138 @@ def row_constants(cfg: GenerateConfig, record: dict, ident: dict) -> dict:
             "checkpoint": ident["checkpoint"], "model": record["model"], "resolution": record["resolution"]}
 
 
-def load_sources(batch: dict[str, np.ndarray], resolution: int) -> dict[str, np.ndarray]:
-    """Ray Data CPU stage for from_data: decode each row's real pair -> src_cf, src_fa [B, 3, R, R]."""
-    out = {k: v for k, v in batch.items() if k not in ("src_cf_path", "src_fa_path")}
-    out["src_cf"] = normalise(np.stack([load_image(p, resolution, "RGB") for p in batch["src_cf_path"]]))
-    out["src_fa"] = normalise(np.stack([load_image(p, resolution, "L") for p in batch["src_fa_path"]]))
-    return out
+def pipeline(cfg: GenerateConfig, record: dict, ident: dict, todo: list[int], sources: list[dict] | None):
+    """The lazy Ray Data job (see the module docstring); iterating it does the work."""
+    import ray.data
+
+    from cffa_ray.generate.generator import PairGenerator
+    from cffa_ray.generate.outputs import encode_pngs, write_pair_shard
+    from cffa_ray.generate.settings import actor_pool
+    from cffa_ray.generate.stages import add_noise, load_sources, pair_rows
+
+    low, high = actor_pool(cfg.concurrency, cfg.use_gpu)
+    ds = ray.data.from_items(pair_rows(cfg.seed, todo, sources),
+                             override_num_blocks=max(1, -(-len(todo) // cfg.batch_size)))
+    ds = ds.map_batches(add_noise, fn_kwargs={"seed": cfg.seed, "noise_shape": noise_shape(record)},
+                        batch_size=cfg.batch_size, batch_format="numpy")
+    if sources:
+        ds = ds.map_batches(load_sources, fn_kwargs={"resolution": record["resolution"]},
+                            batch_size=cfg.batch_size, batch_format="numpy")
+    ds = ds.map_batches(
+        PairGenerator, fn_constructor_kwargs={"checkpoint_dir": absolute(cfg.checkpoint_dir), "cfg": to_dict(cfg)},
+        batch_size=cfg.batch_size, batch_format="numpy",
+        # two calls in flight: Ray batches the next inputs and ships the last outputs while the GPU works
+        compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high, max_concurrent_calls_per_actor=2),
+        num_gpus=1 if cfg.use_gpu else 0, num_cpus=cfg.cpus_per_actor,
+        **({"accelerator_type": cfg.accelerator_type} if cfg.accelerator_type else {}))
+    ds = ds.map_batches(encode_pngs, batch_format="numpy", batch_size=cfg.batch_size)
+    return ds.map_batches(write_pair_shard, batch_size=cfg.rows_per_shard, batch_format="pyarrow",
+                          fn_kwargs={"output_dir": cfg.output_dir, "constants": row_constants(cfg, record, ident)})
+
+
+def run_with_progress(ds, total: int) -> list[dict]:
+    """Iterate the job, one progress line (pairs, rate, ETA); returns the per-model-call rows."""
+    from tqdm import tqdm
+
+    done_calls = []
+    with tqdm(total=total, desc="[cffa] pairs", unit="pair", file=sys.stdout, dynamic_ncols=True,
+              mininterval=1.0) as bar:
+        for row in ds.iter_rows():
+            done_calls.append(row)
+            bar.update(int(row["pairs"]))
+    return done_calls
+
+
+def rates(calls: list[dict], t_start: float) -> dict:
+    """Start-up (job start to the first finished model call) and the steady-state rate after it."""
+    if not calls:
+        return {}
+    calls = sorted(calls, key=lambda c: c["done_at"])
+    first, last = calls[0]["done_at"], calls[-1]["done_at"]
+    after_first = sum(int(c["pairs"]) for c in calls[1:])
+    steady = after_first / (last - first) if last > first else None
+    return {"startup_s": round(first - t_start, 3), "steady_pairs_per_s": round(steady, 4) if steady else None,
+            "gpu_peak_gib": round(max(int(c["gpu_peak"]) for c in calls) / 2**30, 3)}
+
+
+def model_batch_error(error: BaseException) -> str | None:
+    """The message of a ModelBatchTooLarge an actor raised, from Ray's wrapping of it (None: not one).
+
+    Ray Data re-raises a UDF's error as RayTaskError(UserCodeException), whose traceback text is
+    all that is left of the original exception, so the message is read from that text.
+    """
+    import re
+
+    from cffa_ray.generate.generator import ModelBatchTooLarge
+
+    found = re.search(rf"{ModelBatchTooLarge.__name__}: (.+)", str(error))
+    return found.group(1).strip() if found else None
+
+
+def start_ray(cfg: GenerateConfig) -> None:
+    """Join or start Ray, and refuse (on a local machine) more GPUs than it has."""
+    from cffa_ray.generate.settings import min_actors
+    from cffa_ray.train.launch import check_resources, init_ray
+
+    low = min_actors(cfg.concurrency)
+    init_ray(low * cfg.cpus_per_actor)
+    check_resources(cfg.use_gpu, low, "--concurrency", cfg.accelerator_type)
 
 
 def generate(cfg: GenerateConfig) -> dict:
     """Make the missing pairs of 0..N-1 under cfg.output_dir; returns the summary dict."""
     import ray.data
 
-    from cffa_ray.generate.generator import PairGenerator
-    from cffa_ray.generate.outputs import (PairShardSink, check_identity, done_pair_ids, encode_pngs,
-                                           parquet_shards, remove_leftovers, write_identity, write_summary)
-    from cffa_ray.train.launch import check_resources, init_ray
+    from cffa_ray.generate.outputs import (check_identity, done_pair_ids, parquet_shards, remove_leftovers,
+                                           write_identity, write_summary)
+    from cffa_ray.generate.settings import identity, needs_calibration, recorded_identity, resolve
 
     cfg.validate()
-    cfg = dataclasses.replace(cfg, output_dir=absolute(cfg.output_dir))  # the sink may run elsewhere
+    cfg = dataclasses.replace(cfg, output_dir=absolute(cfg.output_dir))  # the writers may run elsewhere
     record = check_checkpoint(cfg.checkpoint_dir, cfg.model)
     sources = sorted(discover_pairs(cfg.data), key=lambda r: r[PAIR_ID]) if cfg.mode == "from_data" else None
-    ident = identity(cfg, record)
-    check_identity(cfg.output_dir, ident)
     done = done_pair_ids(cfg.output_dir)
     todo = [k for k in range(cfg.num_samples) if k not in done]
-    skipped = cfg.num_samples - len(todo)
-    t0 = time.time()
+    recorded = recorded_identity(cfg.output_dir) if done else None  # a folder with pairs keeps auto's choices
+    if todo and needs_calibration(cfg, recorded):
+        start_ray(cfg)  # the measurement runs as a one-GPU Ray task
+    cfg = resolve(cfg, recorded)
+    ident = identity(cfg, record)
+    check_identity(cfg.output_dir, ident)
+    calls, t0 = [], time.time()
     if todo:
-        init_ray(cfg.concurrency * cfg.cpus_per_actor)
-        check_resources(cfg.use_gpu, cfg.concurrency, "--concurrency", cfg.accelerator_type)
+        start_ray(cfg)
         if sources:  # every real pair this run starts from must decode, before anything is written
             check_decodable([sources[i] for i in sorted({k % len(sources) for k in todo})], record["resolution"])
         write_identity(cfg.output_dir, ident)
         remove_leftovers(cfg.output_dir)  # a killed run's half-staged folders (this job redoes them)
         ctx = ray.data.DataContext.get_current()
         ctx.print_on_execution_start = False
-        ctx.enable_progress_bars = True  # the pairs' progress bar (training turns them off for its own log)
-        ds = ray.data.from_items(pair_rows(cfg, todo, sources),
-                                 override_num_blocks=max(1, -(-len(todo) // cfg.batch_size)))
-        if sources:
-            ds = ds.map_batches(load_sources, fn_kwargs={"resolution": record["resolution"]},
-                                batch_size=cfg.batch_size, batch_format="numpy")
-        ds = ds.map_batches(
-            PairGenerator, fn_constructor_kwargs={"checkpoint_dir": absolute(cfg.checkpoint_dir),
-                                                  "cfg": to_dict(cfg)},
-            batch_size=cfg.batch_size, batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
-            num_gpus=1 if cfg.use_gpu else 0, num_cpus=cfg.cpus_per_actor,
-            **({"accelerator_type": cfg.accelerator_type} if cfg.accelerator_type else {}))
-        ds = ds.map_batches(encode_pngs, batch_format="numpy", batch_size=cfg.batch_size)
-        ds.write_datasink(PairShardSink(cfg.output_dir, cfg.rows_per_shard, row_constants(cfg, record, ident)))
+        ctx.enable_progress_bars = False  # one progress line of our own instead
+        try:
+            calls = run_with_progress(pipeline(cfg, record, ident, todo, sources), len(todo))
+        except Exception as e:  # Ray wraps an actor's error in its own exception types
+            too_large = model_batch_error(e)
+            if too_large is None:
+                raise
+            raise ConfigError(too_large) from None
     seconds = time.time() - t0
     made = len(todo)
     summary = {
-        "pairs_total": cfg.num_samples, "pairs_made": made, "pairs_skipped": skipped,
+        "pairs_total": cfg.num_samples, "pairs_made": made, "pairs_skipped": cfg.num_samples - made,
         "pairs_in_output": len(done_pair_ids(cfg.output_dir)),
         "seconds": round(seconds, 3), "pairs_per_s": round(made / seconds, 4) if made else None,
+        **rates(calls, t0), "model_batch": cfg.model_batch, "compile": cfg.compile,
+        "mixed_precision": cfg.mixed_precision,
         "parquet_shards": len(parquet_shards(cfg.output_dir)), "checkpoint": ident["checkpoint"],
         "arguments": to_dict(cfg),
     }
     write_summary(cfg.output_dir, summary)
     rate = f"{made / seconds:.2f} pairs/s" if made else "nothing to do"
-    print(f"[cffa] generated {made} pairs, skipped {skipped} already done, {seconds:.1f}s, {rate} "
-          f"-> {cfg.output_dir}/parquet and {cfg.output_dir}/png", flush=True)
+    steady = (f", {summary['steady_pairs_per_s']} pairs/s after {summary['startup_s']:.0f}s start-up"
+              if summary.get("steady_pairs_per_s") else "")
+    print(f"[cffa] generated {made} pairs, skipped {cfg.num_samples - made} already done, {seconds:.1f}s, "
+          f"{rate}{steady} -> {cfg.output_dir}/parquet and {cfg.output_dir}/png", flush=True)
     return summary
 
 

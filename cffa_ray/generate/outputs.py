@@ -13,13 +13,11 @@ pairs, which the rerun makes again, byte for byte, and replaces.
 from __future__ import annotations
 
 import json
-from typing import Iterable
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-from ray.data import Datasink
 
 from cffa_ray.config import ConfigError, join_path
 from cffa_ray.images import PAIR_FILES, pair_pngs
@@ -106,44 +104,36 @@ def encode_pngs(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
-# ------------------------------------------------------------------ the sink
+# ------------------------------------------------------------------ CPU stage: the writer
 
-class PairShardSink(Datasink):
-    """Ray Data Datasink: PNG folders for every row, then one parquet shard per write task."""
+def write_pair_shard(batch: pa.Table, output_dir: str, constants: dict) -> dict[str, np.ndarray]:
+    """Ray Data map_batches fn (one call per --rows_per_shard rows): PNG folders for every row, then
+    one parquet shard, the commit. Returns one row per model-actor call it holds, for the driver's
+    progress and rates: {pairs int64, done_at float64, gpu_peak int64}.
 
-    def __init__(self, output_dir: str, rows_per_shard: int, constants: dict):
-        """`constants`: the PARQUET_SCHEMA columns that are the same for every row of this run."""
-        self.output_dir = output_dir
-        self.rows_per_shard = rows_per_shard
-        self.constants = constants
-
-    @property
-    def min_rows_per_write(self) -> int:
-        return self.rows_per_shard
-
-    def get_name(self) -> str:
-        return "WritePairShards"
-
-    def write(self, blocks: Iterable, ctx) -> int:
-        table = pa.concat_tables([pa.Table.from_pandas(b) if not isinstance(b, pa.Table) else b for b in blocks])
-        if table.num_rows == 0:
-            return 0
-        rows = table.to_pydict()
-        for i, pair_id in enumerate(rows["pair_id"]):
-            final = pair_folder(self.output_dir, int(pair_id))
-            stage = staging_dir(final)
-            for fname, column in PNG_COLUMNS.items():
-                (stage / fname).write_bytes(rows[column][i])  # the staging folder is hidden already
-            publish_dir(stage, final)
-        n = table.num_rows
-        columns = {name: rows[name] if name in rows else [self.constants.get(name)] * n
-                   for name in PARQUET_SCHEMA.names}
-        shard = pa.Table.from_pydict(columns, schema=PARQUET_SCHEMA).sort_by("pair_id")
-        ids = shard["pair_id"].to_pylist()
-        # named by content, so a retried write task replaces its own shard instead of adding a copy
-        name = f"part-{ids[0]:06d}-{ids[-1]:06d}-n{len(ids)}.parquet"
-        _write_parquet_atomic(shard, join_path(self.output_dir, PARQUET_DIR, name))
-        return table.num_rows
+    `constants`: the PARQUET_SCHEMA columns that are the same for every row of this run.
+    """
+    rows = batch.to_pydict()
+    n = batch.num_rows
+    for i, pair_id in enumerate(rows["pair_id"]):
+        final = pair_folder(output_dir, int(pair_id))
+        stage = staging_dir(final)
+        for fname, column in PNG_COLUMNS.items():
+            (stage / fname).write_bytes(rows[column][i])  # the staging folder is hidden already
+        publish_dir(stage, final)
+    columns = {name: rows[name] if name in rows else [constants.get(name)] * n for name in PARQUET_SCHEMA.names}
+    shard = pa.Table.from_pydict(columns, schema=PARQUET_SCHEMA).sort_by("pair_id")
+    ids = shard["pair_id"].to_pylist()
+    # named by content, so a retried write task replaces its own shard instead of adding a copy
+    name = f"part-{ids[0]:06d}-{ids[-1]:06d}-n{len(ids)}.parquet"
+    _write_parquet_atomic(shard, join_path(output_dir, PARQUET_DIR, name))
+    calls: dict[float, list] = {}
+    for done_at, peak in zip(rows["done_at"], rows["gpu_peak"]):
+        count, top = calls.get(done_at, (0, 0))
+        calls[done_at] = (count + 1, max(top, peak))
+    return {"pairs": np.array([c for c, _ in calls.values()], np.int64),
+            "done_at": np.array(list(calls), np.float64),
+            "gpu_peak": np.array([p for _, p in calls.values()], np.int64)}
 
 
 def _write_parquet_atomic(table: pa.Table, path: str) -> None:
@@ -152,4 +142,3 @@ def _write_parquet_atomic(table: pa.Table, path: str) -> None:
     buf = io.BytesIO()
     pq.write_table(table, buf)
     atomic_write_bytes(path, buf.getvalue())
-

@@ -8,7 +8,8 @@ from cffa_ray.models.base import load_base
 from cffa_ray.models.interface import MODEL_RECORD, PairModel, read_model_record
 
 
-def _design(name: str):
+def design_class(name: str) -> type[PairModel]:
+    """The PairModel subclass of design `name` (also for class-level hooks such as `cache_moments`)."""
     if name == "dual_unet":
         from cffa_ray.models.dual_unet import DualUNet
         return DualUNet
@@ -21,7 +22,7 @@ def _design(name: str):
 def adapter_folders(name: str) -> tuple[str, ...] | None:
     """The LoRA sub-folders a checkpoint of design `name` holds (None: not a design we know)."""
     try:
-        return _design(name).ADAPTERS
+        return design_class(name).ADAPTERS
     except ConfigError:
         return None
 
@@ -29,22 +30,19 @@ def adapter_folders(name: str) -> tuple[str, ...] | None:
 def build_model(cfg: ModelConfig, *, share_base: bool = True, **loss_weights) -> PairModel:
     """Base parts (folder, hub id or preset) + fresh LoRA adapters, for training."""
     parts = load_base(cfg.model, cfg.base_model_or_default, cfg.preset)
-    return _design(cfg.model)(parts, cfg.unet_lora_rank, cfg.unet_lora_alpha, resolution=cfg.resolution,
+    return design_class(cfg.model)(parts, cfg.unet_lora_rank, cfg.unet_lora_alpha, resolution=cfg.resolution,
                               share_base=share_base, **loss_weights)
 
 
-def load_for_generation(checkpoint_dir: str | Path, merge: bool = False) -> tuple[PairModel, dict]:
+def load_for_generation(checkpoint_dir: str | Path) -> tuple[PairModel, dict]:
     """Rebuild the base a checkpoint was trained on and load its LoRA adapters.
 
-    The UNets get separate base weights here, so `merge` can fold each LoRA into its own copy
-    (no extra LoRA matmuls while sampling).
+    The UNets get separate base weights here, so each LoRA can be merged into its own copy
+    (`models.inference.prepare_for_sampling`).
     """
     record = read_model_record(checkpoint_dir)
     cfg = ModelConfig(**{k: record[k] for k in ModelConfig.__dataclass_fields__})
     model = build_model(cfg, share_base=False)
     for folder, peft_model in model.adapters().items():
-        adapter_dir = Path(checkpoint_dir) / folder
-        peft_model.load_adapter(str(adapter_dir), adapter_name="default", is_trainable=False)
-        if merge:
-            peft_model.merge_adapter()
+        peft_model.load_adapter(str(Path(checkpoint_dir) / folder), adapter_name="default", is_trainable=False)
     return model, record

@@ -77,22 +77,36 @@ def _encode_prompt(encoders: list, ids: list[torch.Tensor], family: str) -> tupl
         return torch.cat(hidden, dim=-1), pooled
 
 
+def _seeded(build, component: int):
+    """Build one preset component from its own seed, leaving the caller's RNG (LoRA init) alone.
+
+    Each component has a seed of its own, so one can be built without the others (the latent
+    cache builds only the VAE) and still get the same weights.
+    """
+    with torch.random.fork_rng():
+        torch.manual_seed(PRESET_SEED + component)
+        return build()
+
+
+def _preset_vae(preset: str):
+    from diffusers import AutoencoderKL
+
+    return _seeded(lambda: AutoencoderKL(**PRESETS[preset]["vae"]), 1)
+
+
 def _from_preset(preset: str) -> BaseParts:
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     spec = PRESETS[preset]
-    with torch.random.fork_rng():  # the preset's own seed, leaving the caller's RNG (LoRA init) alone
-        torch.manual_seed(PRESET_SEED)
-        unet = UNet2DConditionModel(**spec["unet"])
-        vae = AutoencoderKL(**spec["vae"])
-        encoders = []
-        for i, cfg in enumerate(spec["text_encoders"]):
-            cls = CLIPTextModelWithProjection if (spec["family"] == "sdxl" and i == 1) else CLIPTextModel
-            encoders.append(cls(CLIPTextConfig(**cfg)).eval())
+    unet = _seeded(lambda: UNet2DConditionModel(**spec["unet"]), 0)
+    encoders = []
+    for i, cfg in enumerate(spec["text_encoders"]):
+        cls = CLIPTextModelWithProjection if (spec["family"] == "sdxl" and i == 1) else CLIPTextModel
+        encoders.append(_seeded(lambda: cls(CLIPTextConfig(**cfg)).eval(), 2 + i))
     ids = [_text_ids(cfg) for cfg in spec["text_encoders"]]
     embeds, pooled = _encode_prompt(encoders, ids, spec["family"])
-    return BaseParts(unet, vae, dict(SD_SCHEDULER), embeds, pooled)
+    return BaseParts(unet, _preset_vae(preset), dict(SD_SCHEDULER), embeds, pooled)
 
 
 def _from_pretrained(base_model: str, family: str) -> BaseParts:
@@ -113,6 +127,21 @@ def _from_pretrained(base_model: str, family: str) -> BaseParts:
                              truncation=True, return_tensors="pt").input_ids)
     embeds, pooled = _encode_prompt(encoders, ids, family)
     return BaseParts(unet, vae, scheduler_config, embeds, pooled)
+
+
+def vae_config(base_model: str, preset: str | None) -> dict:
+    """The VAE's config (latent channels, blocks) without its weights."""
+    from diffusers import AutoencoderKL
+
+    return dict(PRESETS[preset]["vae"] if preset else AutoencoderKL.load_config(base_model, subfolder="vae"))
+
+
+def load_vae(base_model: str, preset: str | None):
+    """Only the frozen VAE of a base (the latent cache needs nothing else)."""
+    from diffusers import AutoencoderKL
+
+    vae = _preset_vae(preset) if preset else AutoencoderKL.from_pretrained(base_model, subfolder="vae")
+    return vae.requires_grad_(False).eval()
 
 
 def load_base(model: str, base_model: str, preset: str | None) -> BaseParts:

@@ -7,12 +7,14 @@ from cffa_ray import diffusion as D
 from cffa_ray.models.base import BaseParts
 from cffa_ray.models.interface import PairModel
 from cffa_ray.models.lora import twin, with_lora
-from cffa_ray.models.vae import decode_latents, encode_images
+from cffa_ray.models.vae import decode_latents, encode_images, latent_moments, sample_latents
 
 
 class DualUNet(PairModel):
     name = "dual_unet"
     ADAPTERS = ("unet_cf_lora", "unet_fa_lora")
+    UNETS = ("unet_cf", "unet_fa")
+    CACHE_COLUMNS = ("cf_moments", "fa_moments")
 
     def __init__(self, parts: BaseParts, rank: int, alpha: float, *, resolution: int, hf_lambda: float = 0.5,
                  struct_lambda: float = 0.3, offset_noise_strength: float = 0.1, share_base: bool = True):
@@ -28,10 +30,16 @@ class DualUNet(PairModel):
         context = self.prompt_embeds.to(dtype).expand(x_t.shape[0], -1, -1)
         return unet(x_t.to(dtype), t, encoder_hidden_states=context).sample.float()
 
+    @classmethod
+    def cache_moments(cls, vae, cf, fa):
+        moments = latent_moments(vae, torch.cat([cf, fa]))
+        return dict(zip(cls.CACHE_COLUMNS, moments.chunk(2)))
+
     def forward(self, batch, generator=None):
-        b = batch["cf"].shape[0]
-        with torch.no_grad():
-            x0 = encode_images(self.vae, torch.cat([batch["cf"], batch["fa"]]), generator)
+        moments = self.batch_moments(batch)
+        b = moments["cf_moments"].shape[0]
+        # one draw for both modalities, in the order the pixel path has always used (cf rows, then fa)
+        x0 = sample_latents(self.vae, torch.cat([moments["cf_moments"], moments["fa_moments"]]), generator)
         ac = self._alphas_cumprod
         # Decoupled: each modality draws its own noise and its own timesteps.
         views = {}
@@ -57,6 +65,3 @@ class DualUNet(PairModel):
     def decode(self, state):
         images = decode_latents(self.vae, torch.cat([state[:, 0], state[:, 1]]))
         return tuple(images.chunk(2))
-
-    def adapters(self):
-        return dict(zip(self.ADAPTERS, (self.unet_cf, self.unet_fa)))

@@ -3,6 +3,11 @@
 A model works on a *state*: the latent form of a batch of pairs whose layout only the model knows
 (dual_unet: [B, 2, C, h, w], one latent per modality; joint_sdxl: [B, C, h, 2w], one joint latent).
 Schedulers only ever do elementwise math on the state, so one scheduler walk serves both designs.
+
+A training batch comes in one of two forms, and `forward` takes either:
+    pixels:  cf, fa  uint8 [B, 3, R, R] (or float in [-1, 1]); the frozen VAE encodes them each step;
+    cached:  the design's CACHE_COLUMNS, float16 [B, 2C, h, w'] each: the VAE posterior's mean and
+             log-variance, computed once by the latent cache (`cache_moments`), sampled each step.
 """
 from __future__ import annotations
 
@@ -18,6 +23,8 @@ MODEL_RECORD = "model.json"
 class PairModel(nn.Module):
     name: str = ""
     ADAPTERS: tuple[str, ...] = ()  # checkpoint sub-folders, one per LoRA adapter
+    UNETS: tuple[str, ...] = ()  # the attributes holding those adapters' UNets, in the same order
+    CACHE_COLUMNS: tuple[str, ...] = ()  # the latent cache's columns for this design
     LATENT_WIDTH_FACTOR = 1  # latent width / height (the joint design's latent is twice as wide)
 
     def _hold_base(self, parts, hf_lambda: float, struct_lambda: float, offset_noise_strength: float) -> None:
@@ -33,20 +40,41 @@ class PairModel(nn.Module):
 
     @property
     def compute_dtype(self) -> torch.dtype:
-        """The dtype the frozen weights are in (DeepSpeed casts them for bf16/fp16): UNet inputs follow it."""
-        return self.vae.dtype
+        """The dtype the UNet weights are in (bf16/fp16 under DeepSpeed or for sampling): UNet inputs follow it."""
+        return next(self.unets()[0].parameters()).dtype
+
+    def unets(self) -> list[nn.Module]:
+        return [getattr(self, name) for name in self.UNETS]
 
     def noise_shape(self, resolution: int) -> tuple[int, ...]:
         """Shape of one pair's initial noise z0 (shared by both modalities where there are two)."""
+        return self.noise_shape_for(self.vae.config, resolution)
+
+    @classmethod
+    def noise_shape_for(cls, vae_config, resolution: int) -> tuple[int, ...]:
+        """noise_shape from the VAE's config alone (the generation driver has no model)."""
         from cffa_ray.models.vae import vae_scale
 
-        side = resolution // vae_scale(self.vae)
-        return (self.vae.config.latent_channels, side, side * self.LATENT_WIDTH_FACTOR)
+        side = resolution // vae_scale(vae_config)
+        return (vae_config["latent_channels"], side, side * cls.LATENT_WIDTH_FACTOR)
 
     # ---- training
     def forward(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        """Training losses for a batch {cf, fa: [B, 3, R, R] in [-1, 1]}; 'loss' is the one to minimise."""
+        """Training losses for a batch (pixels or cached moments, see the module docstring);
+        'loss' is the one to minimise."""
         raise NotImplementedError
+
+    @classmethod
+    def cache_moments(cls, vae, cf: torch.Tensor, fa: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Images [B, 3, R, R] -> {CACHE_COLUMNS: float32 posterior moments}: what the latent cache keeps."""
+        raise NotImplementedError
+
+    def batch_moments(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The posterior moments of a training batch: the cached columns, or the pixels encoded now."""
+        if all(column in batch for column in self.CACHE_COLUMNS):
+            return {column: batch[column] for column in self.CACHE_COLUMNS}
+        with torch.no_grad():
+            return self.cache_moments(self.vae, batch["cf"], batch["fa"])
 
     # ---- sampling
     def noise_to_state(self, noise: torch.Tensor) -> torch.Tensor:
@@ -69,7 +97,16 @@ class PairModel(nn.Module):
     # ---- LoRA checkpoints
     def adapters(self) -> dict[str, nn.Module]:
         """Checkpoint sub-folder name -> peft model whose adapter is saved there."""
-        raise NotImplementedError
+        return dict(zip(self.ADAPTERS, self.unets()))
+
+    def merge_lora(self) -> None:
+        """Fold each LoRA into its UNet's weights and drop peft's wrappers: plain, faster UNets to sample
+        with (no adapters to save afterwards). The UNets must not share base weights."""
+        unets = self.unets()
+        if len({u.base_model.model.conv_in.weight.data_ptr() for u in unets}) < len(unets):
+            raise ValueError("merge_lora needs UNets with their own base weights (build with share_base=False)")
+        for name, unet in zip(self.UNETS, unets):
+            setattr(self, name, unet.merge_and_unload())
 
     def enable_gradient_checkpointing(self) -> None:
         """Recompute UNet activations in backward (diffusers' non-reentrant checkpointing)."""

@@ -13,7 +13,7 @@ from cffa_ray import diffusion as D
 from cffa_ray.models.base import BaseParts
 from cffa_ray.models.interface import PairModel
 from cffa_ray.models.lora import with_lora
-from cffa_ray.models.vae import decode_latents, encode_images
+from cffa_ray.models.vae import decode_latents, encode_images, latent_moments, sample_latents
 
 DIFFUSERS_LORA_FILE = "pytorch_lora_weights.safetensors"
 
@@ -37,6 +37,8 @@ def split(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class JointSDXL(PairModel):
     name = "joint_sdxl"
     ADAPTERS = ("unet_lora",)
+    UNETS = ("unet",)
+    CACHE_COLUMNS = ("joint_moments",)
     LATENT_WIDTH_FACTOR = 2
 
     def __init__(self, parts: BaseParts, rank: int, alpha: float, *, resolution: int, hf_lambda: float = 0.5,
@@ -58,9 +60,13 @@ class JointSDXL(PairModel):
                         added_cond_kwargs=cond).sample
         return out.float()
 
+    @classmethod
+    def cache_moments(cls, vae, cf, fa):
+        # the joint image is encoded whole: the VAE sees across the seam, as it does when sampling
+        return {"joint_moments": latent_moments(vae, joint(cf, fa))}
+
     def forward(self, batch, generator=None):
-        with torch.no_grad():
-            x0 = encode_images(self.vae, joint(batch["cf"], batch["fa"]), generator)
+        x0 = sample_latents(self.vae, self.batch_moments(batch)["joint_moments"], generator)
         ac = self._alphas_cumprod
         v = D.noised_view(x0, ac, self.offset_noise_strength, generator)
         eps_hat = self._eps(v["x_t"], v["t"])
@@ -81,9 +87,6 @@ class JointSDXL(PairModel):
 
     def decode(self, state):
         return split(decode_latents(self.vae, state))
-
-    def adapters(self):
-        return {"unet_lora": self.unet}
 
     def save_extra(self, folder: Path, states: dict | None = None) -> None:
         """The LoRA in diffusers' format too: StableDiffusionXLPipeline.load_lora_weights(folder) takes it."""

@@ -72,7 +72,7 @@ TINY_CLIP_G = {**TINY_CLIP, "hidden_act": "gelu"}
 PRESETS = {
     "tiny": {"family": "sd15", "unet": TINY_UNET, "vae": TINY_VAE, "text_encoders": [TINY_CLIP]},
     "sd15-random": {"family": "sd15", "unet": SD15_UNET, "vae": SD_VAE, "text_encoders": [CLIP_L]},
-    "tiny-sdxl": {"family": "sdxl", "unet": TINY_SDXL_UNET, "vae": {**TINY_VAE, "scaling_factor": 0.13025},
+    "tiny-sdxl": {"family": "sdxl", "unet": TINY_SDXL_UNET, "vae": {**TINY_VAE, "scaling_factor": 0.13025, "force_upcast": True},
                   "text_encoders": [TINY_CLIP, TINY_CLIP_G]},
     "sdxl-random": {"family": "sdxl", "unet": SDXL_UNET, "vae": SDXL_VAE, "text_encoders": [CLIP_L, CLIP_G]},
 }

@@ -1,29 +1,53 @@
-"""The frozen VAE: images <-> scaled latents, and the base's noise schedule."""
+"""The frozen VAE: images <-> scaled latents, the posterior's moments (what the latent cache holds),
+and the base's noise schedule."""
 from __future__ import annotations
 
 import torch
 
 
-def vae_scale(vae) -> int:
-    """Pixels per latent cell (8 for SD/SDXL and the tiny presets)."""
-    return 2 ** (len(vae.config.block_out_channels) - 1)
+def vae_scale(vae_config) -> int:
+    """Pixels per latent cell (8 for SD/SDXL and the tiny presets), from the VAE's config."""
+    return 2 ** (len(vae_config["block_out_channels"]) - 1)
 
 
-def encode_images(vae, images: torch.Tensor, generator: torch.Generator | None = None,
-                  sample: bool = True) -> torch.Tensor:
-    """[B, 3, R, R] in [-1, 1] -> float32 latents [B, C, R/8, R/8], scaled as the UNet expects.
+def to_unit_range(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [B, 3, R, R] (the compact form on the wire) or float in [-1, 1] -> float32 in [-1, 1]."""
+    if images.dtype == torch.uint8:
+        return images.float() / 127.5 - 1.0
+    return images.float()
 
-    sample=False takes the posterior mode (deterministic; used when generating from real pairs).
-    """
+
+def latent_moments(vae, images: torch.Tensor) -> torch.Tensor:
+    """Images [B, 3, R, R] (uint8, or float in [-1, 1]) -> the VAE posterior's parameters, float32
+    [B, 2C, R/8, R/8]: mean and log-variance stacked on the channel axis, as diffusers keeps them."""
     dtype = next(vae.parameters()).dtype
-    dist = vae.encode(images.to(dtype)).latent_dist
-    latents = (dist.sample(generator) if sample else dist.mode()).float()
+    return vae.encode(to_unit_range(images).to(dtype)).latent_dist.parameters.float()
+
+
+def sample_latents(vae, moments: torch.Tensor, generator: torch.Generator | None = None,
+                   sample: bool = True) -> torch.Tensor:
+    """Posterior moments [B, 2C, h, w] -> float32 latents [B, C, h, w], scaled as the UNet expects.
+
+    sample=True draws latent_dist.sample() (training); False takes the mode (deterministic). The
+    draw is float32 whatever the moments' dtype, so cached fp16 moments and freshly encoded ones
+    consume the same random numbers from `generator`.
+    """
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    dist = DiagonalGaussianDistribution(moments.float())
+    latents = dist.sample(generator) if sample else dist.mode()
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     return (latents - shift) * vae.config.scaling_factor
 
 
+def encode_images(vae, images: torch.Tensor, generator: torch.Generator | None = None,
+                  sample: bool = True) -> torch.Tensor:
+    """[B, 3, R, R] (uint8, or float in [-1, 1]) -> float32 latents [B, C, R/8, R/8], scaled."""
+    return sample_latents(vae, latent_moments(vae, images), generator, sample)
+
+
 def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
-    """Scaled latents -> images [B, 3, R, R] in [-1, 1]."""
+    """Scaled latents -> images [B, 3, R, R] in [-1, 1], float32 (the VAE runs in its own dtype)."""
     dtype = next(vae.parameters()).dtype
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     images = vae.decode((latents / vae.config.scaling_factor + shift).to(dtype)).sample
