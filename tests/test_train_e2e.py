@@ -22,6 +22,7 @@ def log_steps(path):
 def test_run_folder_is_complete(trained_run):
     run, proc = trained_run
     assert "ZeRO-2" in proc.stdout and "2 worker(s)" in proc.stdout
+    assert "VAE-encoded once (latent cache)" in proc.stdout  # --cache_latents is the default
     assert "Traceback" not in proc.stdout + proc.stderr  # e.g. a Ray Data prefetcher failing on every window
     assert log_steps(run / "training_log.txt") == [10, 12]
     assert log_steps(run / "validation_log.txt") == [4, 8, 12]
@@ -91,13 +92,15 @@ def test_rerun_resumes_instead_of_starting_over(trained_run, pairs_dir, tmp_path
 
 
 def test_diffusers_folder_base_with_zero3_bf16_and_accumulation(sd15_folder, pairs_dir, tmp_path):
-    """The GPU-style settings on CPU: ZeRO-3 (sharded weights, shared frozen base), bf16, accumulation."""
+    """The GPU-style settings on CPU: ZeRO-3 (sharded weights, shared frozen base), bf16, accumulation,
+    and the pixel path (uint8 pixels encoded by the VAE each step) instead of the latent cache."""
     proc = run_cli("train", "--data", pairs_dir, "--output_dir", tmp_path, "--name", "f", "--base_model",
                    sd15_folder, "--resolution", 64, "--max_steps", 2, "--num_workers", 2, "--zero_stage", 3,
                    "--mixed_precision", "bf16", "--gradient_accumulation_steps", 2, "--batch_size", 1,
                    "--val_every", 2, "--sample_every", 2, "--num_sample_pairs", 1, "--sample_steps", 2,
-                   "--unet_lora_rank", 4, "--max_failures", 0)
+                   "--unet_lora_rank", 4, "--max_failures", 0, "--no-cache_latents")
     assert_ok(proc)
+    assert "pairs decoded at 64px" in proc.stdout and "latent cache" not in proc.stdout
     assert "ZeRO-3" in proc.stdout and "x 2 accumulation = 4 pairs/step" in proc.stdout
     record = json.loads((tmp_path / "f/best_checkpoint/model.json").read_text())
     assert record["base_model"] == str(sd15_folder) and record["preset"] is None

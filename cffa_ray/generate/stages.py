@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from cffa_ray.data import CF_PATH, FA_PATH, PAIR_ID, load_image
+from cffa_ray.data import CF_PATH, FA_PATH, PAIR_ID, channels_first, load_image
 from cffa_ray.sampling import noise_for, pair_seed
 
 
@@ -33,5 +33,5 @@ def load_sources(batch: dict[str, np.ndarray], resolution: int) -> dict[str, np.
     """from_data: decode each row's real pair -> src_cf, src_fa uint8 [B, 3, R, R]."""
     out = {k: v for k, v in batch.items() if k not in ("src_cf_path", "src_fa_path")}
     for column, paths, mode in (("src_cf", batch["src_cf_path"], "RGB"), ("src_fa", batch["src_fa_path"], "L")):
-        out[column] = np.stack([load_image(p, resolution, mode) for p in paths]).transpose(0, 3, 1, 2).copy()
+        out[column] = channels_first(np.stack([load_image(p, resolution, mode) for p in paths]))
     return out

@@ -6,7 +6,7 @@ import os
 import time
 
 from cffa_ray.config import ConfigError, TrainConfig, join_path, to_dict
-from cffa_ray.data import TRAIN, VAL, DataError, assign_split, decoded_pairs, discover_pairs
+from cffa_ray.data import TRAIN, VAL, DataError, assign_split, discover_pairs
 from cffa_ray.io import absolute
 
 
@@ -79,26 +79,6 @@ def worker_env(use_gpu: bool) -> dict:
     return {"env_vars": env}
 
 
-def repeats_for(n_rows: int, min_rows: int = 2048) -> int:
-    """How many copies of the training pairs make a pass of at least `min_rows` rows."""
-    return max(1, -(-min_rows // max(n_rows, 1)))
-
-
-def passes_of(ds, copies: int):
-    """The decoded pairs repeated `copies` times, in a fresh random block order on every pass.
-
-    Each pass over a worker's shard restarts a streaming split, which costs about as much as tens
-    of small batches; with tens of pairs (the usual dataset), repeating the blocks amortises that.
-    The repeats are references to the same blocks in the object store (no copies), in one input
-    (a union of many datasets would plan one operator per copy). Blocks hold a few pairs each, so
-    shuffling their order shuffles the pairs. (Ray Data's block prefetcher refuses repeated
-    references: the workers read such a dataset without prefetching, see `train_loop_per_worker`.)
-    """
-    import ray.data
-
-    return ray.data.from_arrow_refs(ds.to_arrow_refs() * copies).randomize_block_order()
-
-
 def absolute_paths(cfg: TrainConfig) -> TrainConfig:
     """Local paths made absolute: workers and later generation jobs may not share our cwd."""
     base = cfg.base_model
@@ -112,6 +92,7 @@ def train(cfg: TrainConfig):
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from cffa_ray.train.datasets import training_datasets
     from cffa_ray.train.loop import quiet_ray, train_loop_per_worker
     from cffa_ray.train.run_folder import RAY_DIR, RUN_RECORD, RunFolder
 
@@ -123,17 +104,16 @@ def train(cfg: TrainConfig):
     check_resources(cfg.use_gpu, cfg.num_workers, "--num_workers", cfg.accelerator_type)
     quiet_ray()
     t0 = time.time()
-    copies = repeats_for(len(train_records))
-    train_ds = passes_of(decoded_pairs(train_records, cfg.resolution), copies)
-    val_ds = decoded_pairs(val_records, cfg.resolution)
-    print(f"[cffa] {len(train_records)} training and {len(val_records)} validation pairs decoded "
+    train_ds, val_ds, shuffle_buffer = training_datasets(cfg, train_records, val_records)
+    what = "decoded and VAE-encoded once (latent cache)" if cfg.cache_latents else "decoded"
+    print(f"[cffa] {len(train_records)} training and {len(val_records)} validation pairs {what} "
           f"at {cfg.resolution}px in {time.time() - t0:.1f}s", flush=True)
 
     RunFolder(cfg.run_dir).write_json(RUN_RECORD, cfg.resume_record())
     storage = absolute(cfg.run_dir)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": to_dict(cfg), "prefetch_batches": 0 if copies > 1 else 1},
+        train_loop_config={"cfg": to_dict(cfg), "shuffle_buffer": shuffle_buffer},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker},
                                      accelerator_type=cfg.accelerator_type),

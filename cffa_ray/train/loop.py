@@ -58,7 +58,8 @@ def train_loop_per_worker(config: dict) -> None:
         model.enable_gradient_checkpointing()
     params = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in params)  # before ZeRO-3 partitions them away
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
+    # one fused kernel for all LoRA tensors on GPU instead of a loop of small ones
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2, fused=cfg.use_gpu or None)
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                    config=deepspeed_config(cfg, world))
     device = torch.device(engine.device)  # where DeepSpeed put this rank's module
@@ -84,9 +85,8 @@ def train_loop_per_worker(config: dict) -> None:
 
     train_shard = ray.train.get_dataset_shard("train")
     # The validation set is small by design: hold it in memory instead of re-running Ray Data each time.
-    val_batches = [{"cf": b["cf"], "fa": b["fa"]} for b in
-                   ray.train.get_dataset_shard("val").iter_torch_batches(batch_size=cfg.batch_size)]
-    batches = _endless_batches(train_shard, cfg.batch_size, device, config.get("prefetch_batches", 1))
+    val_batches = list(ray.train.get_dataset_shard("val").iter_torch_batches(batch_size=cfg.batch_size, device="cpu"))
+    batches = _endless_batches(train_shard, cfg.batch_size, device, config.get("shuffle_buffer", 0))
     window: dict[str, float] = {}
     t_window, step_window = time.time(), step  # rates are over the last log window (steady state)
 
@@ -107,6 +107,8 @@ def train_loop_per_worker(config: dict) -> None:
             values = {k: v / n for k, v in window.items()}
             values.update(lr=optimizer.param_groups[0]["lr"], steps_per_s=rate,
                           pairs_per_s=rate * cfg.batch_size * world * cfg.gradient_accumulation_steps)
+            if device.type == "cuda":
+                values["gpu_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             window = {}
             if is_rank0:
                 from cffa_ray.train.run_folder import TRAINING_LOG, log_line
@@ -154,12 +156,14 @@ def quiet_ray() -> None:
     warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
 
 
-def _endless_batches(shard, batch_size: int, device, prefetch_batches: int):
-    """Epoch after epoch of {cf, fa} float32 [B, 3, R, R] on `device`; every rank sees equal counts."""
+def _endless_batches(shard, batch_size: int, device, shuffle_buffer: int):
+    """Pass after pass of training batches on `device` (the dataset's columns: cached moments or uint8
+    pixels, see train/datasets.py); every rank sees equal counts. Ray Data prefetches, collates and
+    copies to the device (pinned, non-blocking) in a background thread while the step runs."""
     while True:
-        for batch in shard.iter_torch_batches(batch_size=batch_size, drop_last=True, device=device,
-                                              prefetch_batches=prefetch_batches):
-            yield {"cf": batch["cf"], "fa": batch["fa"]}
+        yield from shard.iter_torch_batches(batch_size=batch_size, drop_last=True, device=device, prefetch_batches=2,
+                                            pin_memory=device.type == "cuda",
+                                            local_shuffle_buffer_size=shuffle_buffer or None)
 
 
 @torch.no_grad()
@@ -178,7 +182,7 @@ def validate(engine, val_batches: list[dict], cfg: TrainConfig, device) -> dict[
     count = 0
     for batch in val_batches:
         out = engine.module({k: v.to(device) for k, v in batch.items()}, generator=gen)
-        n = batch["cf"].shape[0]
+        n = next(iter(batch.values())).shape[0]
         for k, v in out.items():
             totals[k] = totals.get(k, 0.0) + v.detach().double() * n
         count += n
