@@ -1,12 +1,15 @@
 """Training throughput: the Ray Train + DeepSpeed path against a plain single-process PyTorch loop.
 
-Same model (preset), resolution, batch and number of steps in both; the plain loop is the
-baseline (ratio 1.0). Rates are steady-state: the first `--warmup` steps are not timed in the
-baseline, and the Ray path's rate is read from its last training_log window. With a GPU and
-`--preset sd15-random` (or sdxl-random) it also prints achieved TFLOP/s from torch's FLOP counter.
+Same model (preset), resolution, batch, input (cached VAE moments, or uint8 pixels with
+--no-cache_latents) and number of steps in both; the plain loop is the baseline (ratio 1.0), written
+as diffusers' LoRA scripts do it: frozen weights in the compute dtype, LoRA weights in fp32, autocast.
+Rates are steady-state: the first `--warmup` steps are not timed in the baseline, and the Ray path's
+rate is read from its last training_log window. Peak GPU memory is printed for both; with
+--peak_tflops the fraction of the card's peak (FLOP per step from torch's counter).
 
     python bench/train_step.py --preset tiny --resolution 64 --batch_size 2 --steps 40
-    python bench/train_step.py --preset sd15-random --resolution 512 --use_gpu --mixed_precision bf16
+    python bench/train_step.py --preset sd15-random --resolution 512 --batch_size 4 --use_gpu \
+        --mixed_precision bf16 --peak_tflops 989
 """
 from __future__ import annotations
 
@@ -23,26 +26,44 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cffa_ray.config import PRESETS, TrainConfig  # noqa: E402
 from cffa_ray.models import build_model  # noqa: E402
+from cffa_ray.models.inference import DTYPES  # noqa: E402
 from cffa_ray.sampling import autocast  # noqa: E402
 
 MODEL_OF_PRESET = {preset: model for model, presets in PRESETS.items() for preset in presets}
 
 
-def batch(n: int, resolution: int, device) -> dict:
+def batch(model, cfg: TrainConfig, device) -> dict:
+    """What a worker gets from Ray Data: cached fp16 moments, or uint8 pixels."""
     g = torch.Generator().manual_seed(0)
-    return {k: (torch.rand(n, 3, resolution, resolution, generator=g) * 2 - 1).to(device) for k in ("cf", "fa")}
+    pixels = {k: torch.randint(0, 256, (cfg.batch_size, 3, cfg.resolution, cfg.resolution), generator=g,
+                               dtype=torch.uint8).to(device) for k in ("cf", "fa")}
+    if not cfg.cache_latents:
+        return pixels
+    with torch.no_grad():
+        return {k: v.half() for k, v in type(model).cache_moments(model.vae, pixels["cf"], pixels["fa"]).items()}
 
 
-def plain_loop(cfg: TrainConfig, steps: int, warmup: int) -> tuple[float, float]:
-    """(steps/s, FLOP per step) of model + AdamW in this process: the baseline."""
-    device = torch.device("cuda" if cfg.use_gpu else "cpu")
+def plain_model(cfg: TrainConfig, device):
+    """Frozen weights in the compute dtype, LoRA weights in fp32 (diffusers' cast_training_params)."""
     torch.manual_seed(0)
-    model = build_model(cfg, hf_lambda=cfg.hf_lambda, struct_lambda=cfg.struct_lambda,
-                        offset_noise_strength=cfg.offset_noise_strength).to(device)
+    model = build_model(cfg, **cfg.loss_settings()).to(device)
+    if cfg.mixed_precision != "no":
+        model.to(DTYPES[cfg.mixed_precision])
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
     if cfg.gradient_checkpointing:
         model.enable_gradient_checkpointing()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
-    data = batch(cfg.batch_size, cfg.resolution, device)
+    return model
+
+
+def plain_loop(cfg: TrainConfig, steps: int, warmup: int, profile: int = 0) -> tuple[float, float, float]:
+    """(steps/s, FLOP per step, peak GiB) of model + AdamW in this process: the baseline."""
+    device = torch.device("cuda" if cfg.use_gpu else "cpu")
+    model = plain_model(cfg, device)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                            fused=cfg.use_gpu or None)
+    data = batch(model, cfg, device)
 
     def step():
         with autocast(device, cfg.mixed_precision):
@@ -58,23 +79,47 @@ def plain_loop(cfg: TrainConfig, steps: int, warmup: int) -> tuple[float, float]
     flops = counter.get_total_flops()
     for _ in range(warmup):
         step()
+    if profile:
+        print_profile(step, profile, device)
     if device.type == "cuda":
         torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     for _ in range(steps):
         step()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return steps / (time.perf_counter() - t0), flops
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
+    return steps / (time.perf_counter() - t0), flops, peak
 
 
-def ray_path(cfg: TrainConfig, data_dir: str) -> float:
-    """steps/s of `cffa train` (Ray Train + DeepSpeed + Ray Data), last log window."""
+def print_profile(step, steps: int, device) -> None:
+    """torch.profiler over `steps` steps: the top kernels by device time, and kernel launches a step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort, row_limit=25))
+    events = prof.key_averages()
+    launches = sum(e.count for e in events if e.key.startswith(("cudaLaunchKernel", "cuLaunchKernel")))
+    print(f"per step: {launches / steps:.0f} kernel launches, "
+          f"{sum(e.count for e in events if e.key == 'aten::mm') / steps:.0f} aten::mm, "
+          f"{sum(e.count for e in events if e.key == 'aten::_to_copy') / steps:.0f} dtype copies")
+
+
+def ray_path(cfg: TrainConfig) -> tuple[float, float]:
+    """(steps/s, peak GiB) of `cffa train` (Ray Train + DeepSpeed + Ray Data), last log window."""
     from cffa_ray.train.launch import train
 
     train(cfg)
-    lines = Path(cfg.run_dir, "training_log.txt").read_text().splitlines()
-    return float(re.search(r"steps_per_s=([\d.e+-]+)", lines[-1]).group(1))
+    last = Path(cfg.run_dir, "training_log.txt").read_text().splitlines()[-1]
+    peak = re.search(r"gpu_peak_gib=([\d.e+-]+)", last)
+    return float(re.search(r"steps_per_s=([\d.e+-]+)", last).group(1)), float(peak.group(1)) if peak else 0.0
 
 
 def main() -> None:
@@ -89,8 +134,14 @@ def main() -> None:
     p.add_argument("--use_gpu", action="store_true")
     p.add_argument("--mixed_precision", default="no")
     p.add_argument("--gradient_checkpointing", action="store_true")
+    p.add_argument("--cache_latents", action=argparse.BooleanOptionalAction, default=True,
+                   help="train from cached VAE moments (default) or from uint8 pixels encoded every step")
     p.add_argument("--cpus_per_worker", type=float, default=1.0,
                    help="CPUs per Ray worker; on CPU the baseline gets as many torch threads, for a fair ratio")
+    p.add_argument("--peak_tflops", type=float, default=None, help="the device's dense bf16 peak, e.g. 989 (H100)")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="also profile N steps of the plain loop (torch.profiler: top kernels, launches a step)")
+    p.add_argument("--skip_ray", action="store_true", help="only the plain loop (with --profile)")
     args = p.parse_args()
     if not args.use_gpu:
         torch.set_num_threads(max(1, int(args.cpus_per_worker)))
@@ -105,23 +156,35 @@ def main() -> None:
                       data=f"{work}/pairs", output_dir=f"{work}/runs", name="bench", batch_size=args.batch_size,
                       max_steps=total, num_workers=args.num_workers, zero_stage=args.zero_stage,
                       use_gpu=args.use_gpu, mixed_precision=args.mixed_precision, cpus_per_worker=args.cpus_per_worker,
-                      gradient_checkpointing=args.gradient_checkpointing, val_every=total, sample_every=total,
-                      num_sample_pairs=0, log_every=args.steps, checkpoint_every=total, val_fraction=0.1)
+                      gradient_checkpointing=args.gradient_checkpointing, cache_latents=args.cache_latents,
+                      val_every=total, sample_every=total, num_sample_pairs=0, log_every=args.steps,
+                      checkpoint_every=total, val_fraction=0.1)
     cfg.validate()
 
-    base_rate, flops = plain_loop(cfg, args.steps, args.warmup)
-    ray_rate = ray_path(cfg, f"{work}/pairs")
+    base_rate, flops, base_peak = plain_loop(cfg, args.steps, args.warmup, args.profile)
+    if args.use_gpu:
+        torch.cuda.empty_cache()  # the Ray worker is another process on the same GPU
+    ray_rate, ray_peak = (None, None) if args.skip_ray else ray_path(cfg)
     pairs = args.batch_size
     print(f"\npreset {args.preset}, {args.resolution}px, batch {args.batch_size}/worker, "
           f"{'GPU' if args.use_gpu else f'CPU ({torch.get_num_threads()} thread(s) per process)'}, "
-          f"{args.mixed_precision}, {args.steps} timed steps")
-    print(f"{'path':44s} {'steps/s':>9s} {'pairs/s':>9s} {'ratio':>7s}")
-    print(f"{'plain PyTorch loop, 1 process (baseline)':44s} {base_rate:9.3f} {base_rate * pairs:9.3f} {1.0:7.2f}")
-    label = f"Ray Train + DeepSpeed ZeRO-{args.zero_stage}, {args.num_workers} worker(s)"
-    print(f"{label:44s} {ray_rate:9.3f} {ray_rate * pairs * args.num_workers:9.3f} "
-          f"{ray_rate * args.num_workers / base_rate:7.2f}   (ratio of pairs/s)")
+          f"{args.mixed_precision}, {'cached latents' if args.cache_latents else 'pixels'}, {args.steps} timed steps")
+    print(f"{'path':44s} {'steps/s':>9s} {'pairs/s':>9s} {'ratio':>7s} {'peak GiB':>9s}"
+          + ("  % of peak" if args.peak_tflops else ""))
+
+    def row(label, rate, workers, peak):
+        line = f"{label:44s} {rate:9.3f} {rate * pairs * workers:9.3f} {rate * workers / base_rate:7.2f} {peak:9.2f}"
+        if args.peak_tflops:
+            line += f"  {flops * rate / 1e12 / args.peak_tflops:9.1%}"
+        print(line)
+
+    row("plain PyTorch loop, 1 process (baseline)", base_rate, 1, base_peak)
+    if ray_rate is not None:
+        row(f"Ray Train + DeepSpeed ZeRO-{args.zero_stage}, {args.num_workers} worker(s)", ray_rate, args.num_workers,
+            ray_peak)
     print(f"FLOP per training step (torch counter): {flops / 1e9:.2f} GFLOP; plain loop achieves "
-          f"{flops * base_rate / 1e12:.4f} TFLOP/s, Ray path {flops * ray_rate / 1e12:.4f} TFLOP/s per worker")
+          f"{flops * base_rate / 1e12:.4f} TFLOP/s" + (f", Ray path {flops * ray_rate / 1e12:.4f} TFLOP/s per worker"
+                                                       if ray_rate else ""))
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 ZERO_STAGES = (0, 1, 2, 3)
 SCHEDULERS = ("ddim", "dpm++")
 GENERATION_MODES = ("noise", "from_data")
+LOSS_WEIGHTINGS = ("alpha_bar", "none")
+LORA_TARGET_CHOICES = ("to_q", "to_k", "to_v", "to_out.0")
 
 
 class ConfigError(ValueError):
@@ -96,6 +98,9 @@ class ModelConfig:
     resolution: int = flag(512, "side of the square CF and FA images, in pixels")
     unet_lora_rank: int = flag(16, "LoRA rank on the UNet attention projections")
     unet_lora_alpha: float = flag(16.0, "LoRA alpha (scale = alpha / rank)")
+    lora_targets: str = flag("to_q,to_k,to_v", "attention projections that get LoRA, comma-separated, from "
+                                                "to_q, to_k, to_v, to_out.0 (q,k,v: 2,390,016 parameters per "
+                                                "SD1.5 UNet at rank 16; with to_out.0: 3,188,736)")
 
     def validate_model(self) -> None:
         if self.model not in MODELS:
@@ -111,6 +116,14 @@ class ModelConfig:
             raise ConfigError(f"--unet_lora_rank {self.unet_lora_rank} must be > 0")
         if self.unet_lora_alpha <= 0:
             raise ConfigError(f"--unet_lora_alpha {self.unet_lora_alpha} must be > 0")
+        unknown = [t for t in self.lora_target_list if t not in LORA_TARGET_CHOICES]
+        if unknown or not self.lora_target_list:
+            raise ConfigError(f"--lora_targets {self.lora_targets!r}: choose some of {', '.join(LORA_TARGET_CHOICES)}, "
+                              "comma-separated")
+
+    @property
+    def lora_target_list(self) -> tuple[str, ...]:
+        return tuple(t.strip() for t in self.lora_targets.split(",") if t.strip())
 
     @property
     def base_model_or_default(self) -> str:
@@ -145,6 +158,10 @@ class TrainConfig(ModelConfig):
         None, "weight of the Sobel structure loss between CF and FA (default: 0.3 for dual_unet, "
               "0 for joint_sdxl, whose seed had none; > 0 compares the two halves of the joint latent)")
     offset_noise_strength: float = flag(0.1, "offset noise strength (per-channel constant added to the noise)")
+    loss_weighting: str = flag(
+        "alpha_bar", "per-sample weight of the HF and structure terms on the predicted clean latent: alpha_bar "
+                     "(fade out at large t, where it is mostly amplified noise) | none (weight 1, as in the seeds)",
+        choices=LOSS_WEIGHTINGS)
     num_workers: int = flag(1, "Ray Train workers (one per GPU with --use_gpu)")
     use_gpu: bool = flag(False, "one GPU per worker, NCCL; otherwise CPU workers, gloo")
     cpus_per_worker: float = flag(1.0, "CPUs reserved per training worker")
@@ -209,6 +226,11 @@ class TrainConfig(ModelConfig):
             raise ConfigError(f"--lr {self.lr} must be > 0")
         if self.cpus_per_worker <= 0:
             raise ConfigError(f"--cpus_per_worker {self.cpus_per_worker} must be > 0")
+
+    def loss_settings(self) -> dict:
+        """The keyword arguments a design takes for its losses (PairModel.LOSS_DEFAULTS' keys)."""
+        return {"hf_lambda": self.hf_lambda, "struct_lambda": self.struct_lambda,
+                "offset_noise_strength": self.offset_noise_strength, "loss_weighting": self.loss_weighting}
 
     def resume_record(self) -> dict:
         """What a rerun must keep to resume this run: the model, and how DeepSpeed sharded its state."""

@@ -10,10 +10,11 @@ Decisions on the points SPEC.md leaves open (also in README "Design decisions"):
   the same vessel wall. We take the Sobel magnitude summed over latent channels (the VAE spreads an
   edge over different channels for a colour and a grey image), and normalise each map by its mean
   so the loss compares *where* edges are, not how strong each modality's contrast is.
-* **pred_x0 guard**: pred_x0 = (x_t - sqrt(1 - a) eps_hat) / sqrt(a) amplifies the noise error by
-  sqrt((1 - a) / a), which is ~14x at t = T. The HF and structure terms are therefore weighted per
-  sample by alpha_bar_t (for the structure term: the smaller alpha_bar of the two modalities), so
-  they fade out where pred_x0 is mostly noise and count fully near t = 0. No clamping: clamping
+* **pred_x0 guard** (`--loss_weighting alpha_bar`): pred_x0 = (x_t - sqrt(1 - a) eps_hat) / sqrt(a)
+  amplifies the noise error by sqrt((1 - a) / a), which is ~14x at t = T. The HF and structure terms
+  can therefore be weighted per sample by alpha_bar_t (for the structure term: the smaller alpha_bar
+  of the two modalities), so they fade out where pred_x0 is mostly noise and count fully near t = 0.
+  `--loss_weighting none` is the seeds' literal form: every sample weighs 1. No clamping: clamping
   zeroes gradients exactly where the prediction is worst.
 * **HF filter**: x minus its Gaussian blur (5x5, sigma 1) in latent space, compared with L1. The
   latent grid is 1/8 of the image, so a 5x5 kernel keeps the vessel-scale band; pixel space would
@@ -23,6 +24,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from cffa_ray.config import LOSS_WEIGHTINGS
 
 SOBEL_X = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
 SOBEL_Y = SOBEL_X.t().contiguous()
@@ -107,10 +110,10 @@ def structure_loss(pred_x0_cf: torch.Tensor, pred_x0_fa: torch.Tensor, weight: t
 
 
 def modality_loss(eps_hat: torch.Tensor, eps: torch.Tensor, pred_x0: torch.Tensor, x0: torch.Tensor,
-                  ab: torch.Tensor, hf_lambda: float) -> dict[str, torch.Tensor]:
-    """L_m = MSE(eps_hat, eps) + hf_lambda * HF(pred_x0, x0); `ab` is alpha_bar_t [B]."""
+                  weight: torch.Tensor, hf_lambda: float) -> dict[str, torch.Tensor]:
+    """L_m = MSE(eps_hat, eps) + hf_lambda * HF(pred_x0, x0); `weight` [B] weighs HF per sample."""
     mse = F.mse_loss(eps_hat.float(), eps.float())
-    hf = hf_loss(pred_x0.float(), x0.float(), ab.float())
+    hf = hf_loss(pred_x0.float(), x0.float(), weight.float())
     return {"loss": mse + hf_lambda * hf, "mse": mse, "hf": hf}
 
 
@@ -118,11 +121,11 @@ def dual_loss(cf: dict[str, torch.Tensor], fa: dict[str, torch.Tensor], hf_lambd
               struct_lambda: float) -> dict[str, torch.Tensor]:
     """L_total = L_cf + L_fa + struct_lambda * L_struct.
 
-    `cf` and `fa` each hold eps_hat, eps, x_t (unused), x0, pred_x0 and t-derived `ab` [B].
+    `cf` and `fa` each hold eps_hat, eps, x_t (unused), x0, pred_x0 and the pred_x0 terms' weight `w` [B].
     """
-    l_cf = modality_loss(cf["eps_hat"], cf["eps"], cf["pred_x0"], cf["x0"], cf["ab"], hf_lambda)
-    l_fa = modality_loss(fa["eps_hat"], fa["eps"], fa["pred_x0"], fa["x0"], fa["ab"], hf_lambda)
-    w = torch.minimum(cf["ab"], fa["ab"]).float()
+    l_cf = modality_loss(cf["eps_hat"], cf["eps"], cf["pred_x0"], cf["x0"], cf["w"], hf_lambda)
+    l_fa = modality_loss(fa["eps_hat"], fa["eps"], fa["pred_x0"], fa["x0"], fa["w"], hf_lambda)
+    w = torch.minimum(cf["w"], fa["w"]).float()
     l_struct = structure_loss(cf["pred_x0"].float(), fa["pred_x0"].float(), w)
     total = l_cf["loss"] + l_fa["loss"] + struct_lambda * l_struct
     return {
@@ -136,12 +139,18 @@ def sample_timesteps(batch: int, num_train_timesteps: int, generator: torch.Gene
     return torch.randint(0, num_train_timesteps, (batch,), generator=generator, device=device)
 
 
+def x0_term_weight(ab: torch.Tensor, weighting: str) -> torch.Tensor:
+    """Per-sample weight [B] of the terms on pred_x0 (HF, structure): alpha_bar_t, or 1 (the seeds')."""
+    if weighting not in LOSS_WEIGHTINGS:
+        raise ValueError(f"loss weighting {weighting!r}; choose one of {LOSS_WEIGHTINGS}")
+    return ab if weighting == "alpha_bar" else torch.ones_like(ab)
+
+
 def noised_view(x0: torch.Tensor, alphas_cumprod: torch.Tensor, offset_strength: float,
-                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-    """Fresh noise and timesteps for one modality: {x0, eps, t, x_t, ab}."""
+                generator: torch.Generator | None = None, weighting: str = "alpha_bar") -> dict[str, torch.Tensor]:
+    """Fresh noise and timesteps for one modality: {x0, eps, t, x_t, ab, w} (w: x0_term_weight)."""
     eps = offset_noise(tuple(x0.shape), offset_strength, generator, x0.device, x0.dtype)
     t = sample_timesteps(x0.shape[0], alphas_cumprod.shape[0], generator, x0.device)
-    return {
-        "x0": x0, "eps": eps, "t": t, "x_t": add_noise(x0, eps, t, alphas_cumprod),
-        "ab": alphas_cumprod.to(x0.device)[t].float(),
-    }
+    ab = alphas_cumprod.to(x0.device)[t].float()
+    return {"x0": x0, "eps": eps, "t": t, "x_t": add_noise(x0, eps, t, alphas_cumprod), "ab": ab,
+            "w": x0_term_weight(ab, weighting)}

@@ -123,3 +123,22 @@ def test_noised_view_draws_fresh_noise_and_timesteps(schedule):
     assert not torch.equal(a["eps"], b["eps"])
     assert a["t"].min() >= 0 and a["t"].max() < len(schedule)
     torch.testing.assert_close(a["ab"], schedule[a["t"]])
+
+
+def test_loss_weighting_none_is_the_seeds_unweighted_form(schedule):
+    g = torch.Generator().manual_seed(8)
+    x0 = torch.randn(16, 4, 8, 8, generator=g)
+    weighted = D.noised_view(x0, schedule, 0.1, torch.Generator().manual_seed(1))
+    plain = D.noised_view(x0, schedule, 0.1, torch.Generator().manual_seed(1), weighting="none")
+    torch.testing.assert_close(weighted["w"], weighted["ab"])
+    assert torch.equal(plain["w"], torch.ones(16)) and torch.equal(plain["t"], weighted["t"])  # same draws
+    cf, fa = _view(4, schedule), _view(5, schedule)
+    for v in (cf, fa):
+        v["w"] = torch.ones(2)
+    out = D.dual_loss(cf, fa, hf_lambda=0.5, struct_lambda=0.3)
+    struct = D.structure_loss(cf["pred_x0"], fa["pred_x0"], torch.ones(2))
+    hf = D.hf_loss(cf["pred_x0"], cf["x0"], torch.ones(2))
+    torch.testing.assert_close(out["struct"], struct)
+    torch.testing.assert_close(out["hf_cf"], hf)
+    with pytest.raises(ValueError, match="loss weighting"):
+        D.x0_term_weight(torch.ones(2), "sometimes")

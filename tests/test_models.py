@@ -137,3 +137,26 @@ def test_gradient_checkpointing_keeps_loss_and_gradients():
     assert sum(g.abs().sum() for g in grads_ckpt) > 0
     for a, b in zip(grads, grads_ckpt):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("targets, expected", [("to_q,to_k,to_v", 2_390_016), ("to_q,to_k,to_v,to_out.0", 3_188_736)])
+def test_lora_parameters_per_sd15_unet_match_the_seed(targets, expected):
+    """The seed's count: LoRA r16 on q, k, v of the real SD1.5 UNet (built on the meta device: no memory)."""
+    from diffusers import UNet2DConditionModel
+
+    from cffa_ray.models.lora import with_lora
+    from cffa_ray.models.presets import SD15_UNET
+
+    with torch.device("meta"):
+        unet = with_lora(UNet2DConditionModel(**SD15_UNET), 16, 16, tuple(targets.split(",")))
+    assert sum(p.numel() for p in unet.parameters() if p.requires_grad) == expected
+
+
+def test_lora_targets_default_and_validation():
+    cfg = ModelConfig(preset="tiny")
+    assert cfg.lora_target_list == ("to_q", "to_k", "to_v")
+    model = build_model(cfg)
+    names = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in model.named_parameters() if "lora_A" in n}
+    assert names == {"to_q", "to_k", "to_v"}
+    with pytest.raises(ConfigError, match="--lora_targets 'to_x'"):
+        ModelConfig(preset="tiny", lora_targets="to_x").validate_model()

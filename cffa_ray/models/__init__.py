@@ -1,6 +1,7 @@
 """Model designs behind one interface (`PairModel`); `build_model` is the only place that picks one."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from cffa_ray.config import ConfigError, ModelConfig
@@ -27,11 +28,11 @@ def adapter_folders(name: str) -> tuple[str, ...] | None:
         return None
 
 
-def build_model(cfg: ModelConfig, *, share_base: bool = True, **loss_weights) -> PairModel:
-    """Base parts (folder, hub id or preset) + fresh LoRA adapters, for training."""
+def build_model(cfg: ModelConfig, *, share_base: bool = True, **loss) -> PairModel:
+    """Base parts (folder, hub id or preset) + fresh LoRA adapters; `loss`: TrainConfig.loss_settings()."""
     parts = load_base(cfg.model, cfg.base_model_or_default, cfg.preset)
     return design_class(cfg.model)(parts, cfg.unet_lora_rank, cfg.unet_lora_alpha, resolution=cfg.resolution,
-                              share_base=share_base, **loss_weights)
+                                   lora_targets=cfg.lora_target_list, share_base=share_base, **loss)
 
 
 def load_for_generation(checkpoint_dir: str | Path) -> tuple[PairModel, dict]:
@@ -41,6 +42,10 @@ def load_for_generation(checkpoint_dir: str | Path) -> tuple[PairModel, dict]:
     (`models.inference.prepare_for_sampling`).
     """
     record = read_model_record(checkpoint_dir)
+    if "lora_targets" not in record:  # checkpoints from before --lora_targets: peft's own record says
+        adapter = json.loads((Path(checkpoint_dir) / design_class(record["model"]).ADAPTERS[0]
+                              / "adapter_config.json").read_text())
+        record["lora_targets"] = ",".join(sorted(adapter["target_modules"]))
     cfg = ModelConfig(**{k: record[k] for k in ModelConfig.__dataclass_fields__})
     model = build_model(cfg, share_base=False)
     for folder, peft_model in model.adapters().items():

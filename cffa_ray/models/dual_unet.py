@@ -6,7 +6,7 @@ import torch
 from cffa_ray import diffusion as D
 from cffa_ray.models.base import BaseParts
 from cffa_ray.models.interface import PairModel
-from cffa_ray.models.lora import twin, with_lora
+from cffa_ray.models.lora import LORA_TARGETS, twin, with_lora
 from cffa_ray.models.vae import decode_latents, encode_images, latent_moments, sample_latents
 
 
@@ -16,13 +16,13 @@ class DualUNet(PairModel):
     UNETS = ("unet_cf", "unet_fa")
     CACHE_COLUMNS = ("cf_moments", "fa_moments")
 
-    def __init__(self, parts: BaseParts, rank: int, alpha: float, *, resolution: int, hf_lambda: float = 0.5,
-                 struct_lambda: float = 0.3, offset_noise_strength: float = 0.1, share_base: bool = True):
+    def __init__(self, parts: BaseParts, rank: int, alpha: float, *, resolution: int,
+                 lora_targets: tuple[str, ...] = LORA_TARGETS, share_base: bool = True, **loss):
         super().__init__()
         unet_fa = twin(parts.unet, share_base)
-        self.unet_cf = with_lora(parts.unet, rank, alpha)
-        self.unet_fa = with_lora(unet_fa, rank, alpha)
-        self._hold_base(parts, hf_lambda, struct_lambda, offset_noise_strength)
+        self.unet_cf = with_lora(parts.unet, rank, alpha, lora_targets)
+        self.unet_fa = with_lora(unet_fa, rank, alpha, lora_targets)
+        self._hold_base(parts, **loss)
 
     def _unet_eps(self, unet, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """eps_hat in float32; the UNet itself runs in its own dtype (bf16/fp16 under DeepSpeed)."""
@@ -44,7 +44,7 @@ class DualUNet(PairModel):
         # Decoupled: each modality draws its own noise and its own timesteps.
         views = {}
         for key, x0_m, unet in (("cf", x0[:b], self.unet_cf), ("fa", x0[b:], self.unet_fa)):
-            v = D.noised_view(x0_m, ac, self.offset_noise_strength, generator)
+            v = D.noised_view(x0_m, ac, self.offset_noise_strength, generator, self.loss_weighting)
             v["eps_hat"] = self._unet_eps(unet, v["x_t"], v["t"])
             v["pred_x0"] = D.predict_x0(v["x_t"].float(), v["eps_hat"].float(), v["t"], ac)
             views[key] = v

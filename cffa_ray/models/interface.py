@@ -26,9 +26,12 @@ class PairModel(nn.Module):
     UNETS: tuple[str, ...] = ()  # the attributes holding those adapters' UNets, in the same order
     CACHE_COLUMNS: tuple[str, ...] = ()  # the latent cache's columns for this design
     LATENT_WIDTH_FACTOR = 1  # latent width / height (the joint design's latent is twice as wide)
+    # the loss settings (TrainConfig's flags of the same names) and the design's defaults for them
+    LOSS_DEFAULTS = {"hf_lambda": 0.5, "struct_lambda": 0.3, "offset_noise_strength": 0.1,
+                     "loss_weighting": "alpha_bar"}
 
-    def _hold_base(self, parts, hf_lambda: float, struct_lambda: float, offset_noise_strength: float) -> None:
-        """What every design keeps of the frozen base, and its loss weights."""
+    def _hold_base(self, parts, **loss) -> None:
+        """What every design keeps of the frozen base, and its loss settings (LOSS_DEFAULTS' keys)."""
         from cffa_ray.models.vae import noise_schedule
 
         self.vae = parts.vae
@@ -36,7 +39,11 @@ class PairModel(nn.Module):
         self._scheduler_config = parts.scheduler_config
         # a plain attribute, not a buffer: DeepSpeed would cast a buffer to bf16/fp16
         self._alphas_cumprod = noise_schedule(parts.scheduler_config)
-        self.hf_lambda, self.struct_lambda, self.offset_noise_strength = hf_lambda, struct_lambda, offset_noise_strength
+        unknown = set(loss) - set(self.LOSS_DEFAULTS)
+        if unknown:
+            raise TypeError(f"unknown loss settings: {sorted(unknown)}")
+        for key, value in {**self.LOSS_DEFAULTS, **loss}.items():
+            setattr(self, key, value)
 
     @property
     def compute_dtype(self) -> torch.dtype:

@@ -12,7 +12,7 @@ import torch
 from cffa_ray import diffusion as D
 from cffa_ray.models.base import BaseParts
 from cffa_ray.models.interface import PairModel
-from cffa_ray.models.lora import with_lora
+from cffa_ray.models.lora import LORA_TARGETS, with_lora
 from cffa_ray.models.vae import decode_latents, encode_images, latent_moments, sample_latents
 
 DIFFUSERS_LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -41,13 +41,15 @@ class JointSDXL(PairModel):
     CACHE_COLUMNS = ("joint_moments",)
     LATENT_WIDTH_FACTOR = 2
 
-    def __init__(self, parts: BaseParts, rank: int, alpha: float, *, resolution: int, hf_lambda: float = 0.5,
-                 struct_lambda: float = 0.0, offset_noise_strength: float = 0.1, share_base: bool = True):
+    LOSS_DEFAULTS = {**PairModel.LOSS_DEFAULTS, "struct_lambda": 0.0}  # seed B had no structure term
+
+    def __init__(self, parts: BaseParts, rank: int, alpha: float, *, resolution: int,
+                 lora_targets: tuple[str, ...] = LORA_TARGETS, share_base: bool = True, **loss):
         super().__init__()
         if parts.pooled_prompt_embeds is None:
             raise ValueError("joint_sdxl needs an SDXL base (two text encoders)")
-        self.unet = with_lora(parts.unet, rank, alpha)
-        self._hold_base(parts, hf_lambda, struct_lambda, offset_noise_strength)
+        self.unet = with_lora(parts.unet, rank, alpha, lora_targets)
+        self._hold_base(parts, **loss)
         self.register_buffer("pooled_prompt_embeds", parts.pooled_prompt_embeds, persistent=False)
         self.register_buffer("time_ids", sdxl_time_ids(resolution, 2 * resolution), persistent=False)
 
@@ -68,11 +70,11 @@ class JointSDXL(PairModel):
     def forward(self, batch, generator=None):
         x0 = sample_latents(self.vae, self.batch_moments(batch)["joint_moments"], generator)
         ac = self._alphas_cumprod
-        v = D.noised_view(x0, ac, self.offset_noise_strength, generator)
+        v = D.noised_view(x0, ac, self.offset_noise_strength, generator, self.loss_weighting)
         eps_hat = self._eps(v["x_t"], v["t"])
         pred_x0 = D.predict_x0(v["x_t"], eps_hat, v["t"], ac)
-        out = D.modality_loss(eps_hat, v["eps"], pred_x0, x0, v["ab"], self.hf_lambda)
-        struct = D.structure_loss(*split(pred_x0), v["ab"]) if self.struct_lambda > 0 else out["loss"].new_zeros(())
+        out = D.modality_loss(eps_hat, v["eps"], pred_x0, x0, v["w"], self.hf_lambda)
+        struct = D.structure_loss(*split(pred_x0), v["w"]) if self.struct_lambda > 0 else out["loss"].new_zeros(())
         return {"loss": out["loss"] + self.struct_lambda * struct, "mse": out["mse"], "hf": out["hf"],
                 "struct": struct}
 

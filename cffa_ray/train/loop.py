@@ -52,8 +52,7 @@ def train_loop_per_worker(config: dict) -> None:
     is_rank0 = rank == 0
 
     torch.manual_seed(cfg.seed)  # identical LoRA init on every rank
-    model = build_model(cfg, hf_lambda=cfg.hf_lambda, struct_lambda=cfg.struct_lambda,
-                        offset_noise_strength=cfg.offset_noise_strength)
+    model = build_model(cfg, **cfg.loss_settings())
     if cfg.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     params = [p for p in model.parameters() if p.requires_grad]
