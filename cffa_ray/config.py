@@ -171,7 +171,8 @@ class TrainConfig(ModelConfig):
     zero_stage: int = flag(2, "DeepSpeed ZeRO stage: 0 | 1 | 2 | 3")
     mixed_precision: str = flag("no", "no | fp16 | bf16 (DeepSpeed mixed precision)", choices=MIXED_PRECISION)
     gradient_checkpointing: bool = flag(False, "recompute UNet activations in backward (less memory)")
-    val_fraction: float = flag(0.1, "fraction of pairs held out for validation when the manifest has no split")
+    val_fraction: float = flag(0.1, "fraction of pairs held out for validation when the manifest has no split "
+                                    "(rounded; at least 1 of 2 or more pairs: 0.1 of 16 pairs is 2, of 100 is 10)")
     val_every: int = flag(500, "steps between validation losses (and best_checkpoint updates)")
     sample_every: int = flag(500, "steps between step_XXXXXX_random_pairs/ folders")
     num_sample_pairs: int = flag(10, "pairs generated in each step_XXXXXX_random_pairs/")

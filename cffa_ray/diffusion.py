@@ -134,6 +134,11 @@ def dual_loss(cf: dict[str, torch.Tensor], fa: dict[str, torch.Tensor], hf_lambd
     }
 
 
+def timestep_grid(count: int, num_train_timesteps: int) -> list[int]:
+    """`count` timesteps spread evenly over the schedule, centred in their bins (validation)."""
+    return [int((i + 0.5) * num_train_timesteps / count) for i in range(count)]
+
+
 def sample_timesteps(batch: int, num_train_timesteps: int, generator: torch.Generator | None = None,
                      device: torch.device | str = "cpu") -> torch.Tensor:
     return torch.randint(0, num_train_timesteps, (batch,), generator=generator, device=device)
@@ -147,10 +152,13 @@ def x0_term_weight(ab: torch.Tensor, weighting: str) -> torch.Tensor:
 
 
 def noised_view(x0: torch.Tensor, alphas_cumprod: torch.Tensor, offset_strength: float,
-                generator: torch.Generator | None = None, weighting: str = "alpha_bar") -> dict[str, torch.Tensor]:
-    """Fresh noise and timesteps for one modality: {x0, eps, t, x_t, ab, w} (w: x0_term_weight)."""
+                generator: torch.Generator | None = None, weighting: str = "alpha_bar",
+                t: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Fresh noise and timesteps (or the given ones, [B] int64) for one modality: {x0, eps, t, x_t, ab, w}
+    (w: x0_term_weight)."""
     eps = offset_noise(tuple(x0.shape), offset_strength, generator, x0.device, x0.dtype)
-    t = sample_timesteps(x0.shape[0], alphas_cumprod.shape[0], generator, x0.device)
+    if t is None:
+        t = sample_timesteps(x0.shape[0], alphas_cumprod.shape[0], generator, x0.device)
     ab = alphas_cumprod.to(x0.device)[t].float()
     return {"x0": x0, "eps": eps, "t": t, "x_t": add_noise(x0, eps, t, alphas_cumprod), "ab": ab,
             "w": x0_term_weight(ab, weighting)}

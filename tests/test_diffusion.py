@@ -142,3 +142,12 @@ def test_loss_weighting_none_is_the_seeds_unweighted_form(schedule):
     torch.testing.assert_close(out["hf_cf"], hf)
     with pytest.raises(ValueError, match="loss weighting"):
         D.x0_term_weight(torch.ones(2), "sometimes")
+
+
+def test_timestep_grid_spans_the_schedule_and_fixes_t(schedule):
+    grid = D.timestep_grid(8, 1000)
+    assert grid == [62, 187, 312, 437, 562, 687, 812, 937]
+    x0 = torch.zeros(3, 4, 8, 8)
+    v = D.noised_view(x0, schedule, 0.1, torch.Generator().manual_seed(0), t=torch.full((3,), 437))
+    assert v["t"].tolist() == [437] * 3
+    torch.testing.assert_close(v["ab"], schedule[[437] * 3])

@@ -28,8 +28,8 @@ def test_run_folder_is_complete(trained_run):
     assert log_steps(run / "validation_log.txt") == [4, 8, 12]
     assert "val_loss=" in (run / "validation_log.txt").read_text()
     assert sorted(p.name for p in run.glob("step_*_random_pairs")) == [
-        "step_000006_random_pairs", "step_000012_random_pairs"]
-    for step in ("000006", "000012"):
+        "step_000000_random_pairs", "step_000006_random_pairs", "step_000012_random_pairs"]
+    for step in ("000000", "000006", "000012"):
         pairs = sorted(p.name for p in (run / f"step_{step}_random_pairs").iterdir())
         assert pairs == ["pair_00", "pair_01"]
         for pair in pairs:

@@ -35,7 +35,7 @@ class DualUNet(PairModel):
         moments = latent_moments(vae, torch.cat([cf, fa]))
         return dict(zip(cls.CACHE_COLUMNS, moments.chunk(2)))
 
-    def forward(self, batch, generator=None):
+    def forward(self, batch, generator=None, t=None):
         moments = self.batch_moments(batch)
         b = moments["cf_moments"].shape[0]
         # one draw for both modalities, in the order the pixel path has always used (cf rows, then fa)
@@ -44,7 +44,7 @@ class DualUNet(PairModel):
         # Decoupled: each modality draws its own noise and its own timesteps.
         views = {}
         for key, x0_m, unet in (("cf", x0[:b], self.unet_cf), ("fa", x0[b:], self.unet_fa)):
-            v = D.noised_view(x0_m, ac, self.offset_noise_strength, generator, self.loss_weighting)
+            v = D.noised_view(x0_m, ac, self.offset_noise_strength, generator, self.loss_weighting, t)
             v["eps_hat"] = self._unet_eps(unet, v["x_t"], v["t"])
             v["pred_x0"] = D.predict_x0(v["x_t"].float(), v["eps_hat"].float(), v["t"], ac)
             views[key] = v

@@ -66,9 +66,10 @@ class PairModel(nn.Module):
         return (vae_config["latent_channels"], side, side * cls.LATENT_WIDTH_FACTOR)
 
     # ---- training
-    def forward(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    def forward(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None,
+                t: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Training losses for a batch (pixels or cached moments, see the module docstring);
-        'loss' is the one to minimise."""
+        'loss' is the one to minimise. `t` [B] fixes the timesteps (validation), else they are drawn."""
         raise NotImplementedError
 
     @classmethod

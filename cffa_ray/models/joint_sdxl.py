@@ -67,10 +67,10 @@ class JointSDXL(PairModel):
         # the joint image is encoded whole: the VAE sees across the seam, as it does when sampling
         return {"joint_moments": latent_moments(vae, joint(cf, fa))}
 
-    def forward(self, batch, generator=None):
+    def forward(self, batch, generator=None, t=None):
         x0 = sample_latents(self.vae, self.batch_moments(batch)["joint_moments"], generator)
         ac = self._alphas_cumprod
-        v = D.noised_view(x0, ac, self.offset_noise_strength, generator, self.loss_weighting)
+        v = D.noised_view(x0, ac, self.offset_noise_strength, generator, self.loss_weighting, t)
         eps_hat = self._eps(v["x_t"], v["t"])
         pred_x0 = D.predict_x0(v["x_t"], eps_hat, v["t"], ac)
         out = D.modality_loss(eps_hat, v["eps"], pred_x0, x0, v["w"], self.hf_lambda)

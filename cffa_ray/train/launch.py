@@ -99,7 +99,12 @@ def train(cfg: TrainConfig):
     cfg = absolute_paths(cfg)
     records = check(cfg)
     train_records = [r for r in records if r["split"] == TRAIN]
-    val_records = [r for r in records if r["split"] == VAL] or train_records[: max(1, cfg.batch_size)]
+    val_records = [r for r in records if r["split"] == VAL]
+    if not val_records:
+        val_records = train_records[: max(1, cfg.batch_size)]
+        print(f"[cffa] warning: no validation pairs (--val_fraction {cfg.val_fraction} of {len(records)} pair(s), "
+              f"or a manifest without split=val rows): best_checkpoint is chosen on {len(val_records)} "
+              "training pair(s); give more pairs or a higher --val_fraction", flush=True)
     init_ray(cfg.num_workers * cfg.cpus_per_worker)
     check_resources(cfg.use_gpu, cfg.num_workers, "--num_workers", cfg.accelerator_type)
     quiet_ray()

@@ -86,6 +86,10 @@ def train_loop_per_worker(config: dict) -> None:
     # The validation set is small by design: hold it in memory instead of re-running Ray Data each time.
     val_batches = list(ray.train.get_dataset_shard("val").iter_torch_batches(batch_size=cfg.batch_size, device="cpu"))
     batches = _endless_batches(train_shard, cfg.batch_size, device, config.get("shuffle_buffer", 0))
+    if step == 0 and cfg.num_sample_pairs:  # the untrained base's pairs: the reference later ones improve on
+        cf, fa = sample_previews(engine.module, cfg)
+        if is_rank0:
+            run.write_samples(0, cf, fa)
     window: dict[str, float] = {}
     t_window, step_window = time.time(), step  # rates are over the last log window (steady state)
 
@@ -165,9 +169,13 @@ def _endless_batches(shard, batch_size: int, device, shuffle_buffer: int):
                                             local_shuffle_buffer_size=shuffle_buffer or None)
 
 
+VAL_TIMESTEPS = 8  # every validation pair is scored at this many timesteps spread over the schedule
+
+
 @torch.no_grad()
 def validate(engine, val_batches: list[dict], cfg: TrainConfig, device) -> dict[str, float]:
-    """Mean losses over the whole validation set, with fixed noise so steps compare fairly.
+    """Mean losses over the whole validation set, each pair at a fixed grid of timesteps and with
+    fixed noise, so steps compare fairly and one unlucky draw of t cannot pick best_checkpoint.
 
     Every rank runs every batch (ZeRO-3 needs all ranks in each forward), then the results are
     averaged across ranks, so all ranks hold the very same numbers and take the same decisions
@@ -175,16 +183,21 @@ def validate(engine, val_batches: list[dict], cfg: TrainConfig, device) -> dict[
     """
     import torch.distributed as dist
 
+    from cffa_ray.diffusion import timestep_grid
+
     engine.eval()
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     totals: dict[str, torch.Tensor] = {}
     count = 0
+    grid = timestep_grid(VAL_TIMESTEPS, len(engine.module.alphas_cumprod))
     for batch in val_batches:
-        out = engine.module({k: v.to(device) for k, v in batch.items()}, generator=gen)
+        batch = {k: v.to(device) for k, v in batch.items()}
         n = next(iter(batch.values())).shape[0]
-        for k, v in out.items():
-            totals[k] = totals.get(k, 0.0) + v.detach().double() * n
-        count += n
+        for t in grid:
+            out = engine.module(batch, generator=gen, t=torch.full((n,), t, dtype=torch.long, device=device))
+            for k, v in out.items():
+                totals[k] = totals.get(k, 0.0) + v.detach().double() * n
+            count += n
     engine.train()
     keys = sorted(totals)
     stacked = torch.stack([totals[k] for k in keys]).to(device) / max(count, 1)  # NCCL reduces on the GPU
