@@ -24,6 +24,7 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 ZERO_STAGES = (0, 1, 2, 3)
 SCHEDULERS = ("ddim", "dpm++")
 GENERATION_MODES = ("noise", "from_data")
+PNG_LAYOUTS = ("sharded", "numbered")
 LOSS_WEIGHTINGS = ("alpha_bar", "none")
 LORA_TARGET_CHOICES = ("to_q", "to_k", "to_v", "to_out.0")
 
@@ -252,13 +253,18 @@ class GenerateConfig:
     """`cffa generate` / `jobs/generate.py`."""
 
     checkpoint_dir: str | None = flag(None, "a checkpoint folder written by training, e.g. <run>/best_checkpoint")
+    name: str | None = flag(None, "instead of --checkpoint_dir: the training run <runs_root>/<name>, whose "
+                                  "best_checkpoint is used; outputs go to <runs_root>_preds/<name>/<savedir>/",
+                            aliases=("-n",))
+    runs_root: str = flag(storage_default("runs"), "with -n: the folder holding run folders (cffa train's --output_dir)")
+    savedir: str = flag("samples", "with -n: the output folder's name under <runs_root>_preds/<name>/")
     model: str | None = flag(None, "expect this design (dual_unet | joint_sdxl); default: the checkpoint's own")
-    num_samples: int = flag(10, "pairs to make in total (pair ids 0 .. N-1); --amount as in seed B",
-                            aliases=("--amount",))
+    num_samples: int = flag(10, "pairs to make in total (pair ids 0 .. N-1)", aliases=("--amount",))
     output_dir: str = flag(storage_default("generated"),
-                           "where parquet/, png/ and summary.json go: local, or s3:// / gs:// "
-                           "(default: $CFFA_STORAGE/generated if set); --savedir as in seed B",
-                           aliases=("--savedir",))
+                           "where parquet/, the PNG folders and summary.json go: local, or s3:// / gs:// "
+                           "(default: $CFFA_STORAGE/generated if set; with -n: <runs_root>_preds/<name>/<savedir>)")
+    png_layout: str = flag(AUTO, "sharded: png/shard_SSSS/pair_PPPPPP/ (for many pairs) | numbered: 1/, 2/, ... "
+                                 "in the output folder | auto: numbered with -n, else sharded", choices=(AUTO, *PNG_LAYOUTS))
     steps: int = flag(50, "denoising steps")
     seed: int = flag(42, "base seed; pair k's noise depends only on (seed, k)")
     scheduler: str = flag("ddim", "ddim (the seed's) | dpm++ (DPM-Solver++, good at 20-25 steps)", choices=SCHEDULERS)
@@ -285,9 +291,25 @@ class GenerateConfig:
     cpus_per_actor: float = flag(1.0, "CPUs reserved per model actor")
     accelerator_type: str | None = flag(None, "only GPUs of this Ray accelerator type, e.g. A10G or L40S")
 
+    def __post_init__(self) -> None:
+        """-n resolves to the run's best_checkpoint and the runs' _preds folder (the layout of seed B)."""
+        if self.name and not self.checkpoint_dir:
+            self.checkpoint_dir = join_path(self.runs_root, self.name, "best_checkpoint")
+            if self.output_dir == GenerateConfig.__dataclass_fields__["output_dir"].default:
+                self.output_dir = join_path(self.runs_root.rstrip("/") + "_preds", self.name, self.savedir)
+        if self.png_layout == AUTO:
+            self.png_layout = "numbered" if self.name else "sharded"
+
     def validate(self) -> None:
         if not self.checkpoint_dir:
-            raise ConfigError("--checkpoint_dir is missing; give a checkpoint folder written by `cffa train`")
+            raise ConfigError("--checkpoint_dir is missing; give a checkpoint folder written by `cffa train` "
+                              "(or -n RUN_NAME for <runs_root>/RUN_NAME/best_checkpoint)")
+        for flag_name in ("name", "savedir"):
+            value = getattr(self, flag_name)
+            if value is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", value):
+                raise ConfigError(f"--{flag_name} {value!r} must be a plain folder name (letters, digits, . _ -)")
+        if self.png_layout not in PNG_LAYOUTS:
+            raise ConfigError(f"--png_layout {self.png_layout!r}; choose sharded or numbered")
         parse_concurrency(self.concurrency)
         if self.model_batch != AUTO and (not isinstance(self.model_batch, int) or self.model_batch <= 0):
             raise ConfigError(f"--model_batch {self.model_batch!r} must be a positive number or auto")

@@ -190,3 +190,19 @@ def test_out_of_memory_names_model_batch(trained_run, tmp_path):
     assert "out of memory sampling 1099511627776 pairs at once" in last and "--model_batch 549755813888" in last
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert not list(out.glob("parquet/*.parquet"))
+
+
+def test_seed_b_interface_writes_numbered_folders_beside_the_runs(trained_run):
+    """`-n EXP --savedir NAME --amount N`: the run's best_checkpoint, outputs in <runs>_preds/EXP/NAME/1, 2, ..."""
+    run, _ = trained_run
+    proc = run_cli("generate", "-n", run.name, "--runs_root", run.parent, "--savedir", "exp1_noise", "--amount", 3,
+                   "--steps", 2, "--mode", "noise", "--concurrency", 1)
+    assert_ok(proc)
+    out = run.parent.parent / f"{run.parent.name}_preds" / run.name / "exp1_noise"
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["1", "2", "3", "parquet"]
+    for k in ("1", "2", "3"):
+        assert sorted(p.name for p in (out / k).iterdir()) == ["cf.png", "cf_fa_chessboard.png", "fa.png", "joint.png"]
+    df = pd.read_parquet(out / "parquet")
+    assert sorted(df.pair_id) == [0, 1, 2]
+    assert df.set_index("pair_id").loc[0].cf_png == (out / "1/cf.png").read_bytes()  # folder k+1 is pair k
+    assert json.loads((out / "generation.json").read_text())["checkpoint"] == str(run / "best_checkpoint")

@@ -98,7 +98,8 @@ def pipeline(cfg: GenerateConfig, record: dict, ident: dict, todo: list[int], so
         **({"accelerator_type": cfg.accelerator_type} if cfg.accelerator_type else {}))
     ds = ds.map_batches(encode_pngs, batch_format="numpy", batch_size=cfg.batch_size)
     return ds.map_batches(write_pair_shard, batch_size=cfg.rows_per_shard, batch_format="pyarrow",
-                          fn_kwargs={"output_dir": cfg.output_dir, "constants": row_constants(cfg, record, ident)})
+                          fn_kwargs={"output_dir": cfg.output_dir, "constants": row_constants(cfg, record, ident),
+                                     "layout": cfg.png_layout})
 
 
 def run_with_progress(ds, total: int) -> list[dict]:
@@ -203,7 +204,7 @@ def generate(cfg: GenerateConfig) -> dict:
     steady = (f", {summary['steady_pairs_per_s']} pairs/s after {summary['startup_s']:.0f}s start-up"
               if summary.get("steady_pairs_per_s") else "")
     print(f"[cffa] generated {made} pairs, skipped {cfg.num_samples - made} already done, {seconds:.1f}s, "
-          f"{rate}{steady} -> {cfg.output_dir}/parquet and {cfg.output_dir}/png", flush=True)
+          f"{rate}{steady} -> {cfg.output_dir}", flush=True)
     return summary
 
 

@@ -4,6 +4,7 @@
     generation.json                 the arguments that decide the pixels (checked on every rerun)
     parquet/part-<first>-<last>-n<rows>.parquet   many rows each; a pair counts as made once its row is here
     png/shard_SSSS/pair_PPPPPP/     cf.png fa.png joint.png cf_fa_chessboard.png (at most 1000 pairs a shard)
+      or 1/, 2/, ...                with --png_layout numbered (seed B's layout)
     summary.json                    counts, arguments, checkpoint, pairs/s
 
 A write task first publishes the PNG folders of its rows, then the parquet shard (temporary name,
@@ -36,7 +37,10 @@ PARQUET_SCHEMA = pa.schema([
 ])
 
 
-def pair_folder(output_dir: str, pair_id: int) -> str:
+def pair_folder(output_dir: str, pair_id: int, layout: str = "sharded") -> str:
+    """sharded: png/shard_SSSS/pair_PPPPPP; numbered: <pair_id + 1>/ in the output folder (seed B's 1/, 2/, ...)."""
+    if layout == "numbered":
+        return join_path(output_dir, str(pair_id + 1))
     return join_path(output_dir, PNG_DIR, f"shard_{pair_id // PAIRS_PER_PNG_SHARD:04d}", f"pair_{pair_id:06d}")
 
 
@@ -83,7 +87,8 @@ def remove_leftovers(output_dir: str) -> int:
     if not isinstance(fs, pafs.LocalFileSystem):
         return 0
     root = Path(root)
-    junk = [*root.glob(f"{PNG_DIR}/shard_*/.pair_*"), *root.glob(f"{PARQUET_DIR}/.part-*")]
+    junk = [*root.glob(f"{PNG_DIR}/shard_*/.pair_*"), *root.glob(f"{PARQUET_DIR}/.part-*"), *root.glob(".[0-9]*.tmp-*"),
+            *root.glob(".[0-9]*.old-*")]
     for path in junk:
         shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
     return len(junk)
@@ -106,17 +111,18 @@ def encode_pngs(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 # ------------------------------------------------------------------ CPU stage: the writer
 
-def write_pair_shard(batch: pa.Table, output_dir: str, constants: dict) -> dict[str, np.ndarray]:
+def write_pair_shard(batch: pa.Table, output_dir: str, constants: dict, layout: str) -> dict[str, np.ndarray]:
     """Ray Data map_batches fn (one call per --rows_per_shard rows): PNG folders for every row, then
     one parquet shard, the commit. Returns one row per model-actor call it holds, for the driver's
     progress and rates: {pairs int64, done_at float64, gpu_peak int64}.
 
-    `constants`: the PARQUET_SCHEMA columns that are the same for every row of this run.
+    `constants`: the PARQUET_SCHEMA columns that are the same for every row of this run; `layout`:
+    how the PNG folders are laid out (`pair_folder`).
     """
     rows = batch.to_pydict()
     n = batch.num_rows
     for i, pair_id in enumerate(rows["pair_id"]):
-        final = pair_folder(output_dir, int(pair_id))
+        final = pair_folder(output_dir, int(pair_id), layout)
         stage = staging_dir(final)
         for fname, column in PNG_COLUMNS.items():
             (stage / fname).write_bytes(rows[column][i])  # the staging folder is hidden already
