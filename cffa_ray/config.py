@@ -55,8 +55,8 @@ def parse_concurrency(value: str | int) -> tuple[int, int | None] | str:
     if text == AUTO:
         return AUTO
     try:
-        low, _, high = text.partition("-")
-        bounds = (int(low), int(high) if high else int(low))
+        low, dash, high = text.partition("-")
+        bounds = (int(low), int(high) if dash else int(low))
     except ValueError:
         raise ConfigError(f"--concurrency {value!r}: give a number of model actors (4), a range (1-8) or auto")
     if bounds[0] <= 0 or bounds[1] < bounds[0]:

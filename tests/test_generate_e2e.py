@@ -206,3 +206,4 @@ def test_seed_b_interface_writes_numbered_folders_beside_the_runs(trained_run):
     assert sorted(df.pair_id) == [0, 1, 2]
     assert df.set_index("pair_id").loc[0].cf_png == (out / "1/cf.png").read_bytes()  # folder k+1 is pair k
     assert json.loads((out / "generation.json").read_text())["checkpoint"] == str(run / "best_checkpoint")
+

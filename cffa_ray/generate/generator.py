@@ -5,6 +5,7 @@ Input batch (numpy):   pair_id int64 [B], seed int64 [B], noise float32 [B, *noi
 Output batch:          the input's other columns, plus
                        cf, fa      uint8 [B, R, R, 3]
                        done_at     float64 [B]  wall clock when this call's pairs were finished
+                       actor       object [B]   which actor made them (for per-actor steady-state rates)
                        gpu_peak    int64 [B]    peak GPU bytes this actor has used so far (0 on CPU)
 
 Everything on the CPU side (noise, decoding real pairs, PNG encoding, parquet) happens in other
@@ -13,6 +14,8 @@ Ray batches the next call's inputs while this one runs (max_concurrent_calls_per
 """
 from __future__ import annotations
 
+import os
+import socket
 import time
 
 import numpy as np
@@ -37,6 +40,7 @@ class PairGenerator:
         model, record = load_for_generation(local_copy(checkpoint_dir))
         self.model = prepare_for_sampling(model, self.device, cfg["mixed_precision"], cfg["compile"])
         self.resolution = record["resolution"]
+        self.actor = f"{os.getpid()}@{socket.gethostname()}"
         if cfg["compile"]:
             seconds = warm_up(self.model, self.resolution, cfg["model_batch"], cfg["mixed_precision"])
             print(f"[cffa] UNets compiled in {seconds:.0f}s (once per actor)", flush=True)
@@ -61,6 +65,7 @@ class PairGenerator:
         out = {k: v for k, v in batch.items() if k not in ("noise", "src_cf", "src_fa")}
         out["cf"], out["fa"] = cf, fa
         out["done_at"] = np.full(n, time.time())
+        out["actor"] = np.full(n, self.actor, dtype=object)
         peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else 0
         out["gpu_peak"] = np.full(n, peak, dtype=np.int64)
         return out

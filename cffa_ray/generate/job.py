@@ -116,14 +116,20 @@ def run_with_progress(ds, total: int) -> list[dict]:
 
 
 def rates(calls: list[dict], t_start: float) -> dict:
-    """Start-up (job start to the first finished model call) and the steady-state rate after it."""
+    """Start-up (job start to the first finished model call) and the steady-state rate: per actor, the
+    pairs after its first call over the time since that call, summed over the actors."""
     if not calls:
         return {}
-    calls = sorted(calls, key=lambda c: c["done_at"])
-    first, last = calls[0]["done_at"], calls[-1]["done_at"]
-    after_first = sum(int(c["pairs"]) for c in calls[1:])
-    steady = after_first / (last - first) if last > first else None
-    return {"startup_s": round(first - t_start, 3), "steady_pairs_per_s": round(steady, 4) if steady else None,
+    per_call: dict[tuple, int] = {}  # a call's rows may have reached two writers
+    for c in calls:
+        per_call[(c["actor"], c["done_at"])] = per_call.get((c["actor"], c["done_at"]), 0) + int(c["pairs"])
+    by_actor: dict[str, list] = {}
+    for (actor, done_at), pairs in sorted(per_call.items(), key=lambda kv: kv[0][1]):
+        by_actor.setdefault(actor, []).append((done_at, pairs))
+    steady = sum(sum(p for _, p in done[1:]) / (done[-1][0] - done[0][0])
+                 for done in by_actor.values() if len(done) > 1 and done[-1][0] > done[0][0])
+    return {"startup_s": round(min(c["done_at"] for c in calls) - t_start, 3),
+            "steady_pairs_per_s": round(steady, 4) if steady else None,
             "gpu_peak_gib": round(max(int(c["gpu_peak"]) for c in calls) / 2**30, 3)}
 
 

@@ -114,7 +114,7 @@ def encode_pngs(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def write_pair_shard(batch: pa.Table, output_dir: str, constants: dict, layout: str) -> dict[str, np.ndarray]:
     """Ray Data map_batches fn (one call per --rows_per_shard rows): PNG folders for every row, then
     one parquet shard, the commit. Returns one row per model-actor call it holds, for the driver's
-    progress and rates: {pairs int64, done_at float64, gpu_peak int64}.
+    progress and rates: {actor, done_at float64, pairs int64, gpu_peak int64}.
 
     `constants`: the PARQUET_SCHEMA columns that are the same for every row of this run; `layout`:
     how the PNG folders are laid out (`pair_folder`).
@@ -133,12 +133,12 @@ def write_pair_shard(batch: pa.Table, output_dir: str, constants: dict, layout: 
     # named by content, so a retried write task replaces its own shard instead of adding a copy
     name = f"part-{ids[0]:06d}-{ids[-1]:06d}-n{len(ids)}.parquet"
     _write_parquet_atomic(shard, join_path(output_dir, PARQUET_DIR, name))
-    calls: dict[float, list] = {}
-    for done_at, peak in zip(rows["done_at"], rows["gpu_peak"]):
-        count, top = calls.get(done_at, (0, 0))
-        calls[done_at] = (count + 1, max(top, peak))
-    return {"pairs": np.array([c for c, _ in calls.values()], np.int64),
-            "done_at": np.array(list(calls), np.float64),
+    calls: dict[tuple, tuple[int, int]] = {}  # (actor, done_at) -> (pairs, peak): one entry per model call
+    for key, peak in zip(zip(rows["actor"], rows["done_at"]), rows["gpu_peak"]):
+        count, top = calls.get(key, (0, 0))
+        calls[key] = (count + 1, max(top, peak))
+    return {"actor": np.array([a for a, _ in calls], dtype=object), "done_at": np.array([t for _, t in calls]),
+            "pairs": np.array([c for c, _ in calls.values()], np.int64),
             "gpu_peak": np.array([p for _, p in calls.values()], np.int64)}
 
 

@@ -1,0 +1,71 @@
+"""The generation driver's pure parts: `auto` flags made concrete, actor pools, rates (no Ray needed)."""
+import dataclasses
+
+import pytest
+
+from cffa_ray.config import ConfigError, GenerateConfig, parse_concurrency
+from cffa_ray.generate.job import rates
+from cffa_ray.generate.settings import actor_pool, identity, resolve
+
+RECORD = {"model": "dual_unet", "resolution": 64}
+
+
+def test_auto_flags_on_cpu():
+    cfg = resolve(GenerateConfig(checkpoint_dir="c"), None)
+    assert (cfg.mixed_precision, cfg.compile, cfg.model_batch) == ("no", False, 8)
+
+
+def test_a_folder_with_pairs_keeps_its_auto_choices():
+    made_on_gpu = {"mixed_precision": "bf16", "compile": True, "model_batch": 12}
+    cfg = resolve(GenerateConfig(checkpoint_dir="c", use_gpu=True), made_on_gpu)  # no GPU measurement needed
+    assert (cfg.mixed_precision, cfg.compile, cfg.model_batch) == ("bf16", True, 12)
+    explicit = resolve(GenerateConfig(checkpoint_dir="c", model_batch=4, compile=False), made_on_gpu)
+    assert (explicit.model_batch, explicit.compile) == (4, False)  # what the user says wins (and is checked)
+
+
+def test_identity_records_the_concrete_choices():
+    ident = identity(resolve(GenerateConfig(checkpoint_dir="c", steps=7), None), RECORD)
+    assert {k: ident[k] for k in ("model_batch", "compile", "mixed_precision", "steps", "png_layout")} == {
+        "model_batch": 8, "compile": False, "mixed_precision": "no", "steps": 7, "png_layout": "sharded"}
+    # batch size and concurrency do not decide pixels
+    other = identity(resolve(GenerateConfig(checkpoint_dir="c", steps=7, batch_size=3, concurrency="1-4"), None),
+                     RECORD)
+    assert other == ident
+
+
+@pytest.mark.parametrize("text, expected", [("auto", "auto"), ("3", (3, 3)), (2, (2, 2)), ("1-8", (1, 8))])
+def test_concurrency_forms(text, expected):
+    assert parse_concurrency(text) == expected
+
+
+@pytest.mark.parametrize("text", ["0", "4-2", "many", "1-"])
+def test_bad_concurrency_is_named(text):
+    with pytest.raises(ConfigError, match="--concurrency"):
+        parse_concurrency(text)
+
+
+def test_actor_pools():
+    assert actor_pool("1-8", use_gpu=True) == (1, 8)
+    assert actor_pool("auto", use_gpu=False) == (1, 1)
+
+
+def test_seed_b_names_resolve_to_the_runs_layout():
+    cfg = GenerateConfig(name="exp1", runs_root="results/out_joint", savedir="exp1_noise")
+    assert cfg.checkpoint_dir == "results/out_joint/exp1/best_checkpoint"
+    assert cfg.output_dir == "results/out_joint_preds/exp1/exp1_noise" and cfg.png_layout == "numbered"
+    assert dataclasses.replace(cfg, steps=3).output_dir == cfg.output_dir  # rebuilding keeps it
+    with pytest.raises(ConfigError, match="--savedir 'a/b'"):
+        GenerateConfig(name="exp1", savedir="a/b").validate()
+
+
+def test_steady_state_rate_is_per_actor_after_its_first_call():
+    calls = [  # actor a: calls done at 10, 12, 14 (8 pairs each; the 12 s call reached two writers); b: 11, 15
+        {"actor": "a", "done_at": 10.0, "pairs": 8, "gpu_peak": 0},
+        {"actor": "a", "done_at": 12.0, "pairs": 5, "gpu_peak": 2**30},
+        {"actor": "a", "done_at": 12.0, "pairs": 3, "gpu_peak": 0},
+        {"actor": "a", "done_at": 14.0, "pairs": 8, "gpu_peak": 0},
+        {"actor": "b", "done_at": 11.0, "pairs": 8, "gpu_peak": 0},
+        {"actor": "b", "done_at": 15.0, "pairs": 8, "gpu_peak": 0}]
+    r = rates(calls, t_start=4.0)
+    assert r["startup_s"] == 6.0 and r["gpu_peak_gib"] == 1.0
+    assert r["steady_pairs_per_s"] == 16 / 4 + 8 / 4  # a: 16 pairs in 4 s after its first call; b: 8 in 4 s
