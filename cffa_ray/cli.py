@@ -1,10 +1,10 @@
-"""`cffa` — synth | train | generate | demo. Flags come from the dataclasses in config.py."""
+"""`cffa` — synth | train | generate | evaluate | report | demo. Flags come from the dataclasses in config.py."""
 from __future__ import annotations
 
 import argparse
 import sys
 
-from cffa_ray.config import ConfigError, GenerateConfig, TrainConfig, add_flags, from_namespace
+from cffa_ray.config import ConfigError, EvaluateConfig, GenerateConfig, TrainConfig, add_flags, from_namespace
 
 
 def _synth(ns) -> int:
@@ -28,6 +28,21 @@ def _generate(ns) -> int:
     from cffa_ray.generate.job import generate
 
     generate(from_namespace(GenerateConfig, ns))
+    return 0
+
+
+def _evaluate(ns) -> int:
+    from cffa_ray.evaluate.job import evaluate
+
+    evaluate(from_namespace(EvaluateConfig, ns))
+    return 0
+
+
+def _report(ns) -> int:
+    from cffa_ray.report import write_report
+
+    path = write_report(ns.run_dir)
+    print(f"[cffa] report: {path} (open it in a browser; the PNGs lie beside it)")
     return 0
 
 
@@ -57,6 +72,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate pairs with a Ray Data map_batches job (parquet + PNG shards)")
     add_flags(p, GenerateConfig)
     p.set_defaults(run=_generate)
+
+    p = sub.add_parser("evaluate", help="score generated pairs against real ones: vessel alignment, SWD, "
+                                        "FID/KID, SSIM/PSNR (Ray Data tasks)")
+    add_flags(p, EvaluateConfig)
+    p.set_defaults(run=_evaluate)
+
+    p = sub.add_parser("report", help="report.html of a training run: loss curves and the preview pairs over steps")
+    p.add_argument("run_dir", help="a run folder written by `cffa train` (<output_dir>/<name>)")
+    p.set_defaults(run=_report)
 
     p = sub.add_parser("demo", help="synthetic pairs -> tiny 2-worker ZeRO-2 training -> 32 generated pairs")
     p.add_argument("--out", default="demo", help="folder for everything the demo makes (default: demo)")

@@ -335,6 +335,37 @@ class GenerateConfig:
             raise ConfigError(f"--cpus_per_actor {self.cpus_per_actor} must be > 0")
 
 
+@dataclass
+class EvaluateConfig:
+    """`cffa evaluate` / `jobs/evaluate.py`."""
+
+    generated: str | None = flag(None, "the pairs to judge: a `cffa generate` output folder (its parquet/) "
+                                       "or a folder of pairs (cf/, fa/)")
+    real: str | None = flag(None, "real pairs: a folder with cf/ and fa/ or a manifest .csv/.parquet, as --data "
+                                  "of training (the ceiling, the floor and the realism reference)")
+    output: str | None = flag(None, "folder for evaluation.json, evaluation.md and pairs.csv")
+    resolution: int | None = flag(None, "compare at this image side in pixels (default: the generated pairs')")
+    batch_size: int = flag(16, "pairs per Ray Data task")
+    seed: int = flag(0, "seed of the SWD neighbourhoods and directions and of the KID subsets")
+    inception_weights: str | None = flag(
+        None, "local InceptionV3 FID weights (pt_inception-2015-12-05-6726825d.pth) to add FID and KID; "
+              "needs the [fid] extra")
+    concurrency: int = flag(1, "Inception actors (with --inception_weights; one GPU each with --use_gpu)")
+    use_gpu: bool = flag(False, "run the Inception network on a GPU per actor")
+
+    def validate(self) -> None:
+        for flag_name, what in (("generated", "a `cffa generate` output folder or a pairs folder (cf/, fa/)"),
+                                ("real", "a real pairs folder (cf/, fa/) or a manifest .csv/.parquet"),
+                                ("output", "a folder for evaluation.json and evaluation.md")):
+            if not getattr(self, flag_name):
+                raise ConfigError(f"--{flag_name} is missing; give {what}")
+        for flag_name in ("batch_size", "concurrency"):
+            if getattr(self, flag_name) <= 0:
+                raise ConfigError(f"--{flag_name} {getattr(self, flag_name)} must be > 0")
+        if self.resolution is not None and self.resolution < 16:
+            raise ConfigError(f"--resolution {self.resolution} must be >= 16 (the coarsest SWD level)")
+
+
 # ---------------------------------------------------------------- CLI from dataclasses
 
 def add_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:

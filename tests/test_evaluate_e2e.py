@@ -1,0 +1,172 @@
+"""`cffa evaluate` through the real CLI: a generation output (parquet, from_data) and a pairs folder as
+--generated, FID/KID with a randomly initialised InceptionV3 file, and bad input (one line, exit 2)."""
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from cffa_ray.cli import main
+from tests.conftest import assert_ok, run_cli
+from tests.test_bad_input import _fails
+
+N_GENERATED, SHIFT = 8, 3
+
+
+def write_generation_output(out: Path, pairs_dir: Path) -> Path:
+    """A `cffa generate --mode from_data` output folder made without a model: pair k is real pair k with
+    its FA moved by SHIFT px (pair 7 names a source that is not among the real pairs)."""
+    from cffa_ray.generate.outputs import PARQUET_SCHEMA, write_identity
+    from cffa_ray.images import pair_pngs
+
+    rows = {name: [] for name in PARQUET_SCHEMA.names}
+    for k in range(N_GENERATED):
+        cf = np.asarray(Image.open(pairs_dir / "cf" / f"synth_{k:05d}.png").convert("RGB"))
+        fa = np.roll(np.asarray(Image.open(pairs_dir / "fa" / f"synth_{k:05d}.png").convert("L")), SHIFT, axis=1)
+        pngs = pair_pngs(cf, np.repeat(fa[..., None], 3, axis=-1))
+        source = f"synth_{k:05d}" if k < N_GENERATED - 1 else "not_in_real"
+        for name, value in dict(pair_id=k, seed=100 + k, cf_png=pngs["cf.png"], fa_png=pngs["fa.png"],
+                                mode="from_data", steps=20, scheduler="ddim", strength=0.5, source_pair_id=source,
+                                checkpoint="/ckpt/best_checkpoint", model="dual_unet", resolution=64).items():
+            rows[name].append(value)
+    (out / "parquet").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pydict(rows, schema=PARQUET_SCHEMA), out / "parquet" / "part-000000-000007-n8.parquet")
+    write_identity(str(out), {"checkpoint": "/ckpt/best_checkpoint", "trained_steps": 1200, "model": "dual_unet",
+                              "resolution": 64, "mode": "from_data", "steps": 20, "scheduler": "ddim", "seed": 42,
+                              "strength": 0.5, "data": str(pairs_dir), "model_batch": 8})
+    return out
+
+
+@pytest.mark.slow
+def test_evaluate_a_from_data_generation_output(pairs_dir, tmp_path):
+    gen = write_generation_output(tmp_path / "G", pairs_dir)
+    out = tmp_path / "eval"
+    proc = run_cli("evaluate", "--generated", gen, "--real", pairs_dir, "--output", out, "--batch_size", 8)
+    assert_ok(proc)
+    assert "[cffa evaluate] 24/24 pairs" in proc.stderr
+    assert "Progress bars disabled" not in proc.stdout + proc.stderr
+    printed = [ln for ln in proc.stdout.splitlines() if ln.startswith("[cffa] alignment")]
+    assert len(printed) == 1 and "mismatched real" in printed[0]
+    ev = json.loads((out / "evaluation.json").read_text())
+    assert ev["generated"]["pairs"] == N_GENERATED and ev["real"]["pairs"] == 16 and ev["resolution"] == 64
+    assert ev["generated"]["kind"] == "cffa generate parquet"
+    ident = ev["generated"]["identity"]
+    assert (ident["checkpoint"], ident["steps"], ident["scheduler"], ident["trained_steps"]) == \
+        ("/ckpt/best_checkpoint", 20, "ddim", 1200)
+    a = ev["alignment"]
+    assert a["real"]["n"] == 16 and a["mismatched"]["n"] == 16 and a["generated"]["n"] == N_GENERATED
+    assert a["real"]["mean"] > a["mismatched"]["mean"] + 0.25          # real pairs separate from mismatched
+    assert a["generated"]["mean"] < a["real"]["mean"] - 0.2            # the 3-px shift shows
+    assert a["normalised"] < 0.5
+    for m in ("cf", "fa"):
+        assert list(ev["realism"][m]["levels"]) == ["64", "32", "16"] and ev["realism"][m]["mean"] > 0
+    d = ev["from_data"]
+    assert d["pairs"] == N_GENERATED and d["pairs_without_source_in_real"] == 1 and d["ssim_cf"]["n"] == 7
+    assert d["ssim_cf"]["mean"] == pytest.approx(1.0) and d["psnr_cf"]["mean"] == 100.0  # CF is its source
+    assert d["ssim_fa"]["mean"] < 0.95 and d["psnr_fa"]["mean"] < 40                       # FA moved by 3 px
+    assert ev["fid"] is None
+    md = (out / "evaluation.md").read_text()
+    assert "## Paired alignment" in md and "## Fidelity to the source pair" in md
+    rows = list(csv.DictReader((out / "pairs.csv").open()))
+    assert len(rows) == N_GENERATED + 16 and [r["pair_id"] for r in rows[:3]] == ["0", "1", "2"]
+    assert not [p for p in out.iterdir() if p.name.startswith(".")], "temporary files left behind"
+
+
+def random_inception_weights(path: Path) -> Path:
+    """A state dict of torch-fidelity's InceptionV3 with PyTorch's random initialisation (the real
+    pt_inception-2015-12-05 weights cannot be downloaded here)."""
+    from unittest import mock
+
+    import torch
+
+    from cffa_ray.evaluate.inception import inception_class
+
+    cls = inception_class()
+    torch.manual_seed(0)
+    with mock.patch("torch.load", return_value={}), mock.patch.object(torch.nn.Module, "load_state_dict"):
+        model = cls("inception-v3-compat", ["2048"], feature_extractor_weights_path="unused")
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def _fidelity_available() -> bool:
+    from cffa_ray.config import ConfigError
+    from cffa_ray.evaluate.inception import inception_class
+
+    try:
+        inception_class()
+        return True
+    except ConfigError:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _fidelity_available(), reason='torch-fidelity not installed: pip install --no-deps '
+                                                      '"torch-fidelity>=0.3,<0.5" runs this test')
+def test_evaluate_a_pairs_folder_with_fid(tmp_path):
+    from cffa_ray.synth import write_synthetic_pairs
+
+    write_synthetic_pairs(tmp_path / "pairs", 4, 32)  # Inception sees 299 px whatever the size: keep N small
+    weights = random_inception_weights(tmp_path / "inception_random.pth")
+    out = tmp_path / "eval"
+    proc = run_cli("evaluate", "--generated", tmp_path / "pairs", "--real", tmp_path / "pairs", "--output", out,
+                   "--inception_weights", weights)
+    assert_ok(proc)
+    ev = json.loads((out / "evaluation.json").read_text())
+    assert ev["generated"]["kind"] == "pairs folder" and ev["generated"]["identity"] is None
+    assert ev["alignment"]["normalised"] == pytest.approx(1.0)  # the generated pairs are the real ones
+    assert ev["from_data"] is None
+    for m in ("cf", "fa"):
+        f = ev["fid"][m]
+        assert abs(f["fid"]) < 1e-3 and np.isfinite(f["kid_mean"]) and f["kid_std"] >= 0
+    assert "[cffa] FID CF" in proc.stdout and "## FID and KID" in (out / "evaluation.md").read_text()
+
+
+# ------------------------------------------------------------------ bad input: one line, exit 2, nothing written
+
+def _argv(gen, real, out, *extra):
+    return ["evaluate", "--generated", str(gen), "--real", str(real), "--output", str(out), *map(str, extra)]
+
+
+def test_evaluate_bad_input(capsys, tmp_path, pairs_dir):
+    out = tmp_path / "eval"
+    _fails(capsys, ["evaluate", "--real", str(pairs_dir), "--output", str(out)], r"--generated is missing", out)
+    _fails(capsys, ["evaluate", "--generated", str(pairs_dir), "--output", str(out)], r"--real is missing", out)
+    _fails(capsys, ["evaluate", "--generated", str(pairs_dir), "--real", str(pairs_dir)], r"--output is missing", out)
+    _fails(capsys, _argv(tmp_path / "nope", pairs_dir, out), r"--generated .*nope does not exist", out)
+    (tmp_path / "empty").mkdir()
+    _fails(capsys, _argv(tmp_path / "empty", pairs_dir, out), r"--generated .*empty holds no generated pairs", out)
+    _fails(capsys, _argv(pairs_dir, tmp_path / "nope", out), r"--real .*nope does not exist", out)
+    _fails(capsys, _argv(pairs_dir, pairs_dir, out, "--batch_size", 0), r"--batch_size 0 must be > 0", out)
+
+
+def test_evaluate_needs_two_real_pairs_and_a_folder_output(capsys, tmp_path, pairs_dir):
+    from cffa_ray.synth import write_synthetic_pairs
+
+    write_synthetic_pairs(tmp_path / "one", 1, 32)
+    out = tmp_path / "eval"
+    _fails(capsys, _argv(pairs_dir, tmp_path / "one", out), r"--real .*one has 1 pair; .* at least 2", out)
+    (tmp_path / "file").write_text("x")
+    err = _fails(capsys, _argv(pairs_dir, pairs_dir, tmp_path / "file"), r"--output .*file is a file", out)
+    assert "Traceback" not in err
+
+
+def test_evaluate_bad_inception_weights(capsys, tmp_path, pairs_dir):
+    out = tmp_path / "eval"
+    _fails(capsys, _argv(pairs_dir, pairs_dir, out, "--inception_weights", tmp_path / "none.pth"),
+           r"--inception_weights .*none.pth is not a file", out)
+    (tmp_path / "junk.pth").write_bytes(b"not a state dict")
+    expected = r"is not an InceptionV3 FID state dict" if _fidelity_available() else r"needs torch-fidelity"
+    _fails(capsys, _argv(pairs_dir, pairs_dir, out, "--inception_weights", tmp_path / "junk.pth"), expected, out)
+
+
+def test_evaluate_job_wrapper_is_the_cli():
+    text = (Path(__file__).resolve().parents[1] / "jobs" / "evaluate.py").read_text()
+    assert 'main(["evaluate", *sys.argv[1:]])' in text
+    with pytest.raises(SystemExit) as e:
+        main(["evaluate", "--help"])
+    assert e.value.code == 0
