@@ -132,6 +132,13 @@ def train(cfg: TrainConfig):
     result = trainer.fit()
     if result.error:
         raise result.error
+    try:  # the run is done: a report that cannot be drawn is a warning, never a failed run
+        from cffa_ray.report import write_report
+
+        print(f"[cffa] report: {write_report(cfg.run_dir)}", flush=True)
+    except Exception as e:
+        print(f"[cffa] warning: report.html not written ({type(e).__name__}: {e}); "
+              f"retry with `cffa report {cfg.run_dir}`", flush=True)
     return result
 
 
