@@ -42,7 +42,8 @@ def fundus_mask(image: np.ndarray, rim: int) -> np.ndarray:
     if top <= 0:
         return np.zeros(image.shape, bool)
     mask = ndi.binary_fill_holes(ndi.binary_opening(image > FUNDUS_THRESHOLD * top))
-    return ndi.binary_erosion(mask, iterations=rim) if rim > 0 else mask
+    # Euclidean distance to the outside (the border counts as outside): a round erosion, not a diamond
+    return ndi.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1] > rim if rim > 0 else mask
 
 
 def vessel_map(channel: np.ndarray, dark_vessels: bool, mask: np.ndarray, sigmas) -> np.ndarray:
