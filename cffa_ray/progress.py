@@ -23,6 +23,7 @@ plain line is printed every `log_every_s` seconds and once at the end, so logs s
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 from typing import Iterator, TextIO
@@ -42,6 +43,14 @@ def quiet_ray_data() -> None:
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
 
 
+def _is_terminal(stream) -> bool:
+    """A terminal with a width (a pty of 0 columns, as some consoles give, would show tqdm as nothing)."""
+    try:
+        return stream.isatty() and os.get_terminal_size(stream.fileno()).columns > 0
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
 def _duration(seconds: float) -> str:
     seconds = int(round(seconds))
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 \
@@ -55,7 +64,7 @@ class Progress:
                  log_every_s: float = 30.0, tty: bool | None = None):
         self.total, self.what, self.label = total, what, label
         self.stream = stream or sys.stderr
-        self.tty = self.stream.isatty() if tty is None else tty
+        self.tty = _is_terminal(self.stream) if tty is None else tty
         self.log_every_s = log_every_s
         self.done = 0
         self.start = self._last_log = time.monotonic()

@@ -51,3 +51,14 @@ def test_track_counts_rows_and_yields_batches(capsys):
     assert seen == [3, 2]
     assert ds.kwargs == {"batch_size": None, "batch_format": "numpy"}
     assert "[t] 5/5 pairs" in capsys.readouterr().err
+
+
+def test_a_terminal_without_width_gets_plain_lines():
+    class NoWidth(io.StringIO):
+        def isatty(self):
+            return True  # a pty whose size is unknown: fileno() / get_terminal_size fail or give 0 columns
+
+    out = NoWidth()
+    with Progress(3, stream=out) as bar:
+        bar.update(3)
+    assert out.getvalue().startswith("[cffa] 3/3 items")
