@@ -32,8 +32,9 @@ def run_demo(out: str) -> dict:
     print(f"""
 [cffa demo] finished in {time.time() - t0:.0f}s
   synthetic pairs   {data}/cf, {data}/fa
-  training run      {cfg.run_dir}/ (training_log.txt, validation_log.txt, step_*_random_pairs/,
-                    best_checkpoint/, latest_checkpoints/)
+  training run      {cfg.run_dir}/ (report.html, training_log.txt, validation_log.txt,
+                    step_*_random_pairs/, best_checkpoint/, latest_checkpoints/)
   generated pairs   {gen.output_dir}/parquet/ ({summary['pairs_in_output']} rows), {gen.output_dir}/png/
+  next              cffa evaluate --generated {gen.output_dir} --real {data} --output {join_path(out, "eval")}
 """, flush=True)
     return summary

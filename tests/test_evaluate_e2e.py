@@ -110,7 +110,7 @@ def _fidelity_available() -> bool:
 def test_evaluate_a_pairs_folder_with_fid(tmp_path):
     from cffa_ray.synth import write_synthetic_pairs
 
-    write_synthetic_pairs(tmp_path / "pairs", 4, 32)  # Inception sees 299 px whatever the size: keep N small
+    write_synthetic_pairs(tmp_path / "pairs", 3, 32)  # Inception sees 299 px whatever the size: keep N small
     weights = random_inception_weights(tmp_path / "inception_random.pth")
     out = tmp_path / "eval"
     proc = run_cli("evaluate", "--generated", tmp_path / "pairs", "--real", tmp_path / "pairs", "--output", out,
