@@ -197,7 +197,7 @@ def render_html(run_dir: str, train: dict, val: dict, losses: bytes, cells: list
     esc = html.escape
     head = ("<!doctype html><html><head><meta charset='utf-8'><title>cffa report: " + esc(run_dir) + "</title>"
             "<style>body{font-family:sans-serif;margin:24px;color:#222}table{border-collapse:collapse}"
-            "td,th{padding:3px;text-align:center;font-size:13px}img.cell{width:384px;height:128px;"
+            "td,th{padding:3px;text-align:center;font-size:13px}img.cell{width:300px;height:100px;"
             "image-rendering:pixelated}img.curves{max-width:100%}pre{background:#f4f4f4;padding:8px;overflow:auto}</style></head><body>")
     parts = [head, f"<h1>Training run <code>{esc(run_dir)}</code></h1><ul>"]
     parts += [f"<li>{esc(s)}</li>" for s in _summary(train, val, n_steps, len(cells))]
@@ -208,12 +208,12 @@ def render_html(run_dir: str, train: dict, val: dict, losses: bytes, cells: list
                  "(the same starting noise at every step); each cell: CF | FA | chessboard</p>")
     if cells:
         cols = max(len(s) for _, s in cells)
-        parts.append("<table><tr><th>step</th>" + "".join(f"<th>pair {c:02d}</th>" for c in range(cols)) + "</tr>")
+        parts.append("<div style='overflow-x:auto'><table><tr><th>step</th>" + "".join(f"<th>pair {c:02d}</th>" for c in range(cols)) + "</tr>")
         for step, strips in cells:
             imgs = "".join(f"<td><img class='cell' alt='step {step} pair {c}' "
                            f"src='{_data_uri(_jpeg(s), 'image/jpeg')}'></td>" for c, s in enumerate(strips))
             parts.append(f"<tr><th>{step}</th>{imgs}</tr>")
-        parts.append("</table>")
+        parts.append("</table></div>")
     else:
         parts.append("<p>no step_XXXXXX_random_pairs/ folders yet</p>")
     if run_record:

@@ -170,3 +170,26 @@ def test_evaluate_job_wrapper_is_the_cli():
     with pytest.raises(SystemExit) as e:
         main(["evaluate", "--help"])
     assert e.value.code == 0
+
+
+def test_undecodable_images_are_named_not_thrown(tmp_path, pairs_dir):
+    """A bad file does not fail a Ray task: its row carries the error and the driver names them all at once."""
+    from cffa_ray.data import DataError
+    from cffa_ray.evaluate.job import raise_decode_errors, score_batch
+
+    bad = tmp_path / "bad_cf.png"
+    bad.write_bytes(b"not a png")
+    ids = ["synth_00000", "synth_00001", "synth_00002"]
+    batch = {"pair_id": np.array(ids, dtype=object),
+             "cf_path": np.array([str(pairs_dir / "cf" / f"{ids[0]}.png"), str(bad),
+                                  str(pairs_dir / "cf" / f"{ids[2]}.png")], dtype=object),
+             "fa_path": np.array([str(pairs_dir / "fa" / f"{i}.png") for i in ids], dtype=object)}
+    out = score_batch(batch, "real", 64, 8, 0, {}, False)
+    assert [bool(e) for e in out["error"]] == [False, True, False] and "bad_cf.png" in out["error"][1]
+    assert np.isnan(out["dice"][1]) and np.isfinite(out["dice"][[0, 2]]).all()
+    with pytest.raises(DataError, match=r"cannot decode image .*bad_cf.png"):
+        raise_decode_errors(out["error"])
+    parquet_batch = {"pair_id": np.array([0], dtype=object), "cf_png": np.array([b"junk"], dtype=object),
+                     "fa_png": np.array([b"junk"], dtype=object), "source_pair_id": np.array([None], dtype=object)}
+    out = score_batch(parquet_batch, "generated", 64, 8, 0, {}, False)
+    assert out["error"][0].startswith("cannot decode generated pair 0")

@@ -16,7 +16,7 @@ import zlib
 import numpy as np
 
 from cffa_ray.config import EvaluateConfig
-from cffa_ray.data import CF_PATH, FA_PATH, PAIR_ID, load_image
+from cffa_ray.data import CF_PATH, FA_PATH, PAIR_ID, DataError, load_image
 from cffa_ray.evaluate import metrics
 from cffa_ray.evaluate.inputs import GENERATED, REAL, GeneratedSet
 from cffa_ray.evaluate.vessels import alignments_with_floor
@@ -38,21 +38,48 @@ def _decode_png(data: bytes, resolution: int, mode: str) -> np.ndarray:
     return np.asarray(image, dtype=np.uint8)
 
 
-def _images(batch: dict, resolution: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """CF uint8 [R, R, 3] and FA uint8 [R, R] of every row (PNG bytes from parquet, or file paths)."""
-    if "cf_png" in batch:
-        return ([_decode_png(b, resolution, "RGB") for b in batch["cf_png"]],
-                [_decode_png(b, resolution, "L") for b in batch["fa_png"]])
-    return ([load_image(p, resolution, "RGB") for p in batch[CF_PATH]],
-            [load_image(p, resolution, "L")[..., 0] for p in batch[FA_PATH]])
+def _images(batch: dict, resolution: int) -> tuple[list[np.ndarray], list[np.ndarray], list[str]]:
+    """CF uint8 [R, R, 3], FA uint8 [R, R] and an error ("" or why) per row, from PNG bytes (parquet) or
+    file paths. A row that will not decode gets black images (its scores come out NaN) and its error,
+    so the driver can name every bad file at once."""
+    cfs, fas, errors = [], [], []
+    for i, pid in enumerate(batch[PAIR_ID]):
+        cf, fa = np.zeros((resolution, resolution, 3), np.uint8), np.zeros((resolution, resolution), np.uint8)
+        error = ""
+        try:
+            if "cf_png" in batch:
+                cf = _decode_png(batch["cf_png"][i], resolution, "RGB")
+                fa = _decode_png(batch["fa_png"][i], resolution, "L")
+            else:
+                cf = load_image(batch[CF_PATH][i], resolution, "RGB")
+                fa = load_image(batch[FA_PATH][i], resolution, "L")[..., 0]
+        except DataError as e:
+            error = str(e)
+        except Exception as e:  # PIL raises many types for corrupt PNG bytes
+            error = f"cannot decode generated pair {pid}: {e}"
+        cfs.append(cf)
+        fas.append(fa)
+        errors.append(error)
+    return cfs, fas, errors
 
 
 def _fidelity(cf: np.ndarray, fa: np.ndarray, source: list[str] | None, resolution: int) -> list[float]:
     """[ssim_cf, ssim_fa, psnr_cf, psnr_fa] of a generated pair against its source pair (NaN: none)."""
     if not source:
         return [float("nan")] * 4
-    src_cf, src_fa = load_image(source[0], resolution, "RGB"), load_image(source[1], resolution, "L")[..., 0]
+    try:
+        src_cf, src_fa = load_image(source[0], resolution, "RGB"), load_image(source[1], resolution, "L")[..., 0]
+    except DataError:
+        return [float("nan")] * 4  # the source is a real pair too: its own row reports the bad file
     return [metrics.ssim(cf, src_cf), metrics.ssim(fa, src_fa), metrics.psnr(cf, src_cf), metrics.psnr(fa, src_fa)]
+
+
+def raise_decode_errors(errors) -> None:
+    """One DataError naming the first three files that would not decode, and how many more."""
+    errors = [e for e in errors if e]
+    if errors:
+        more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
+        raise DataError("; ".join(errors[:3]) + more)
 
 
 def score_batch(batch: dict, set_name: str, resolution: int, per_image: int, seed: int,
@@ -60,12 +87,12 @@ def score_batch(batch: dict, set_name: str, resolution: int, per_image: int, see
     """Ray Data map_batches fn for the pairs of one set.
 
     In:  pair_id [B] and either cf_png/fa_png bytes [B] (+ source_pair_id) or cf_path/fa_path [B].
-    Out: set, pair_id str [B]; SCORE_COLUMNS float64 [B] (NaN where they do not apply);
+    Out: set, pair_id str [B]; SCORE_COLUMNS float64 [B] (NaN where they do not apply); error str [B];
          swd_cf, swd_fa bytes [B] (float16 descriptors [levels, per_image, 7*7*C], C = 3 / 1);
          with keep_images: cf_u8 uint8 [B, R, R, 3], fa_u8 uint8 [B, R, R].
     Real rows score CF i against FA i+1 of the batch (rows arrive sorted by pair id) as the floor.
     """
-    cfs, fas = _images(batch, resolution)
+    cfs, fas, errors = _images(batch, resolution)
     ids = [str(p) for p in batch[PAIR_ID]]
     registered, mismatched = alignments_with_floor(cfs, fas)
     if set_name != REAL:
@@ -82,7 +109,8 @@ def score_batch(batch: dict, set_name: str, resolution: int, per_image: int, see
            "dice": np.array(registered, np.float64), "dice_mismatched": np.array(mismatched, np.float64),
            "ssim_cf": fidelity[:, 0], "ssim_fa": fidelity[:, 1], "psnr_cf": fidelity[:, 2],
            "psnr_fa": fidelity[:, 3],
-           "swd_cf": np.array(swd_cf, dtype=object), "swd_fa": np.array(swd_fa, dtype=object)}
+           "swd_cf": np.array(swd_cf, dtype=object), "swd_fa": np.array(swd_fa, dtype=object),
+           "error": np.array(errors, dtype=object)}
     if keep_images:
         out["cf_u8"], out["fa_u8"] = np.stack(cfs), np.stack(fas)
     return out
@@ -129,7 +157,9 @@ def run_pipeline(cfg: EvaluateConfig, generated: GeneratedSet, real: list[dict],
             num_gpus=1 if cfg.use_gpu else 0, num_cpus=1)
     collected = {s: {"rows": [], "swd_cf": [], "swd_fa": [], "inception_cf": [], "inception_fa": []}
                  for s in counts}
+    errors: list[str] = []
     for batch in track(ds, sum(counts.values()), what="pairs", label="cffa evaluate", count_key=PAIR_ID):
+        errors.extend(batch["error"])
         for i, set_name in enumerate(batch["set"]):
             c = collected[set_name]
             c["rows"].append({"set": set_name, PAIR_ID: batch[PAIR_ID][i],
@@ -139,6 +169,7 @@ def run_pipeline(cfg: EvaluateConfig, generated: GeneratedSet, real: list[dict],
                 c[f"swd_{m}"].append(desc.reshape(levels, per_image[set_name], -1))
                 if keep_images:
                     c[f"inception_{m}"].append(batch[f"inception_{m}"][i])
+    raise_decode_errors(errors)
     for c in collected.values():
         for m in ("cf", "fa"):
             c[f"swd_{m}"] = np.concatenate(c[f"swd_{m}"], axis=1).astype(np.float32)  # [levels, N*per_image, D]
