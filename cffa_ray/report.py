@@ -28,7 +28,7 @@ REPORT_HTML, LOSSES_PNG, GALLERY_PNG = "report.html", "report_losses.png", "repo
 SAMPLES_DIR = re.compile(r"^step_(\d{6,})_random_pairs$")
 PAIR_DIR = re.compile(r"^pair_\d+$")
 CELL_FILES = ("cf.png", "fa.png", "cf_fa_chessboard.png")
-NOT_LOSSES = re.compile(r"(^lr$|_per_s$)")  # logged beside the losses, not loss terms
+NOT_LOSSES = re.compile(r"(^lr$|_per_s$|^gpu_|_gib$)")  # logged beside the losses (rate, memory), not losses
 PANEL_ORDER = ("loss", "mse", "hf", "struct")
 MAX_GALLERY_ROWS, THUMB = 12, 128
 

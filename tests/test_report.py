@@ -62,7 +62,7 @@ def test_report_files(report, run_dir):
 
 
 def test_log_parsing_and_panels():
-    train = parse_log("step=000002 loss=3 loss_cf=1.5 mse_cf=1 lr=0.1 steps_per_s=2\nnot a log line\n"
+    train = parse_log("step=000002 loss=3 loss_cf=1.5 mse_cf=1 lr=0.1 steps_per_s=2 gpu_peak_gib=9\nnot a log line\n"
                       "step=000004 loss=2.5 loss_cf=1.2 mse_cf=0.9 lr=0.1 steps_per_s=2 pairs_per_s=8\n")
     val = parse_log("step=000004 val_loss=2.4 val_hf_fa=0.1\n")
     assert train["loss"] == [(2, 3.0), (4, 2.5)] and val["val_hf_fa"] == [(4, 0.1)]
