@@ -118,3 +118,21 @@ def track(ds, total: int, what: str = "items", label: str = "cffa", count_key: s
             key = count_key or next(iter(batch))
             bar.update(len(batch[key]))
             yield batch
+
+
+def materialize(ds, total: int, what: str = "items", label: str = "cffa"):
+    """`ds.materialize()` with one progress line: the blocks stay in Ray's object store, and the
+    returned dataset reads them without running the pipeline again."""
+    import pyarrow as pa
+    import ray
+    import ray.data
+
+    refs = []
+    with Progress(total, what=what, label=label) as bar:
+        for bundle in ds.iter_internal_ref_bundles():
+            refs.extend(bundle.block_refs)
+            bar.update(bundle.num_rows() or 0)
+    if not refs:
+        return ds.materialize()  # an empty result: let Ray Data keep its schema
+    is_arrow = isinstance(ray.get(refs[0]), pa.Table)
+    return ray.data.from_arrow_refs(refs) if is_arrow else ray.data.from_pandas_refs(refs)

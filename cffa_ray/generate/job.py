@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import dataclasses
-import sys
 import time
 from pathlib import Path
 
@@ -104,11 +103,10 @@ def pipeline(cfg: GenerateConfig, record: dict, ident: dict, todo: list[int], so
 
 def run_with_progress(ds, total: int) -> list[dict]:
     """Iterate the job, one progress line (pairs, rate, ETA); returns the per-model-call rows."""
-    from tqdm import tqdm
+    from cffa_ray.progress import Progress
 
     done_calls = []
-    with tqdm(total=total, desc="[cffa] pairs", unit="pair", file=sys.stdout, dynamic_ncols=True,
-              mininterval=1.0) as bar:
+    with Progress(total, what="pairs", label="cffa generate") as bar:
         for row in ds.iter_rows():
             done_calls.append(row)
             bar.update(int(row["pairs"]))
@@ -159,11 +157,10 @@ def start_ray(cfg: GenerateConfig) -> None:
 
 def generate(cfg: GenerateConfig) -> dict:
     """Make the missing pairs of 0..N-1 under cfg.output_dir; returns the summary dict."""
-    import ray.data
-
     from cffa_ray.generate.outputs import (check_identity, done_pair_ids, parquet_shards, remove_leftovers,
                                            write_identity, write_summary)
     from cffa_ray.generate.settings import identity, needs_calibration, recorded_identity, resolve
+    from cffa_ray.progress import quiet_ray_data
 
     cfg.validate()
     cfg = dataclasses.replace(cfg, output_dir=absolute(cfg.output_dir))  # the writers may run elsewhere
@@ -184,9 +181,7 @@ def generate(cfg: GenerateConfig) -> dict:
             check_decodable([sources[i] for i in sorted({k % len(sources) for k in todo})], record["resolution"])
         write_identity(cfg.output_dir, ident)
         remove_leftovers(cfg.output_dir)  # a killed run's half-staged folders (this job redoes them)
-        ctx = ray.data.DataContext.get_current()
-        ctx.print_on_execution_start = False
-        ctx.enable_progress_bars = False  # one progress line of our own instead
+        quiet_ray_data()  # one progress line of our own instead
         try:
             calls = run_with_progress(pipeline(cfg, record, ident, todo, sources), len(todo))
         except Exception as e:  # Ray wraps an actor's error in its own exception types

@@ -45,12 +45,15 @@ def cache_latents(pixels, cfg: TrainConfig):
     """Decoded pairs -> their posterior moments (materialised in the object store)."""
     import ray.data
 
+    from cffa_ray.progress import materialize
+
     gpus = int(ray.cluster_resources().get("GPU", 0)) if cfg.use_gpu else 0
     actors = max(1, min(cfg.num_workers, gpus)) if cfg.use_gpu else 1
-    return pixels.map_batches(
+    encoded = pixels.map_batches(
         MomentEncoder, fn_constructor_kwargs={
             "model": cfg.model, "base_model": cfg.base_model_or_default, "preset": cfg.preset,
             "mixed_precision": cfg.mixed_precision, "use_gpu": cfg.use_gpu},
         batch_size=ENCODE_BATCH, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
         num_gpus=1 if cfg.use_gpu else 0, num_cpus=1,
-        **({"accelerator_type": cfg.accelerator_type} if cfg.accelerator_type else {})).materialize()
+        **({"accelerator_type": cfg.accelerator_type} if cfg.accelerator_type else {}))
+    return materialize(encoded, pixels.count(), what="pairs", label="cffa latent cache")
