@@ -7,6 +7,7 @@ Paths, each run in a fresh process (no memory or compiled kernels carried betwee
        ratio to it measures batching and the sampler, not fp32 vs bf16;
   (b)  the project's sampler in-process: merged LoRA, compute-dtype weights, fused QKV, sliced VAE
        decode, fixed --model_batch, torch.compile per --compile (`sample_in_fixed_batches`);
+  (b') (path `bcl`, not run by default) the same with the UNets in channels_last memory format;
   (c)  the whole `cffa generate` Ray Data job; its steady-state rate (after the first model call) is
        reported apart from its start-up (Ray, actors, model load, compile).
 Each path prints pairs/s and peak GPU memory; with --peak_tflops, the fraction of the card's peak
@@ -33,6 +34,7 @@ from cffa_ray.config import AUTO, PRESETS, TrainConfig, auto_or_int  # noqa: E40
 MODEL_OF_PRESET = {preset: model for model, presets in PRESETS.items() for preset in presets}
 PATHS = {"a": "(a) seed-style loop, batch 1, fp32", "a2": "(a2) seed-style loop, batch 1, {precision}",
          "b": "(b) project sampler in-process, model_batch {model_batch}, {precision}{compiled}",
+         "bcl": "(b') the same with channels_last UNets",
          "c": "(c) cffa generate (Ray Data), {concurrency} actor(s), steady state"}
 
 
@@ -96,22 +98,23 @@ def run_path(path: str, args, ckpt: str, work: Path) -> dict:
                 "job_rate": s["pairs_per_s"]}
     model, record = load_for_generation(ckpt)
     precision = "no" if path == "a" else args.mixed_precision
-    if path == "b":
-        prepare_for_sampling(model, device, precision, args.compile)
+    if path in ("b", "bcl"):
+        prepare_for_sampling(model, device, precision, args.compile, channels_last=path == "bcl")
         compile_s = warm_up(model, args.resolution, args.model_batch, precision)
     else:  # the seed's form: peft model, weights cast as a whole
         model.to(device=device, dtype=DTYPES[precision]).eval()
-    n = args.num_samples if path == "b" else args.seed_style_pairs
+    batched = path in ("b", "bcl")
+    n = args.num_samples if batched else args.seed_style_pairs
     noise = noise_for(model.noise_shape(args.resolution), 42, range(n)).to(device)
 
     def work_fn(count):
-        if path == "b":
+        if batched:
             sample_in_fixed_batches(model, noise[:count], args.model_batch, steps=args.steps,
                                     mixed_precision=precision, as_uint8=True)
         else:
             seed_style(model, noise[:count], args.steps, DTYPES[precision])
 
-    work_fn(min(n, args.model_batch if path == "b" else 1))  # warm-up (cuDNN autotune, allocator)
+    work_fn(min(n, args.model_batch if batched else 1))  # warm-up (cuDNN autotune, allocator)
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -121,7 +124,7 @@ def run_path(path: str, args, ckpt: str, work: Path) -> dict:
         torch.cuda.synchronize()
     out = {"rate": n / (time.perf_counter() - t0),
            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0}
-    if path == "b":
+    if batched:
         out["compile_s"] = compile_s if args.compile else None
         if args.peak_tflops:
             from torch.utils.flop_counter import FlopCounterMode

@@ -37,10 +37,12 @@ def vae_dtype(vae, compute: torch.dtype) -> torch.dtype:
 
 
 def prepare_for_sampling(model: PairModel, device: torch.device | str, mixed_precision: str = "no",
-                         compile: bool = False, compile_backend: str = "inductor") -> PairModel:
+                         compile: bool = False, compile_backend: str = "inductor",
+                         channels_last: bool = False) -> PairModel:
     """Merge, cast, fuse and (optionally) compile `model` in place for sampling on `device`; returns it.
 
-    The model must have been built with share_base=False (each UNet owns its weights).
+    The model must have been built with share_base=False (each UNet owns its weights). channels_last
+    (the UNets' memory format) is for measuring: on an H100 it made eager SD1.5 slower (22.9% vs 25.0%).
     """
     dtype = DTYPES[mixed_precision]
     model.merge_lora()
@@ -48,6 +50,8 @@ def prepare_for_sampling(model: PairModel, device: torch.device | str, mixed_pre
     for unet in model.unets():
         cast(unet, device, dtype)
         unet.fuse_qkv_projections()
+        if channels_last:
+            unet.to(memory_format=torch.channels_last)
     cast(model.vae, device, vae_dtype(model.vae, dtype))
     model.vae.enable_slicing()
     model.to(device)  # buffers (prompt embeddings)
