@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import re
 from dataclasses import dataclass, field, fields
@@ -28,6 +29,14 @@ GENERATION_MODES = ("noise", "from_data")
 
 class ConfigError(ValueError):
     """A bad flag value; the message names the flag and how to fix it."""
+
+
+class RunStopped(RuntimeError):
+    """A run ended early on an error that every retry would meet again; the message says why and what to do."""
+
+
+class Interrupted(RuntimeError):
+    """The user stopped a run (Ctrl-C); the message says how to go on from where it stopped."""
 
 
 TRAIN_TIMESTEPS = 1000  # the SD1.5 / SDXL noise schedule: a sampler can take at most this many steps
@@ -52,7 +61,22 @@ def storage_default(name: str) -> str:
 
 
 def flag(default: Any, help: str, **extra: Any) -> Any:
+    """A field that is also a CLI flag. `extra`: aliases, choices, required (shown as such in --help;
+    `validate` enforces it), default_text (the default in words, where the value alone says too little)."""
     return field(default=default, metadata={"help": help, **extra})
+
+
+STRICT_HELP = ("stop with an error instead of a warning for pairs whose CF and FA differ in size or shape, "
+               "non-square images, images much smaller than --resolution, greyscale CF or colour FA images, "
+               "and (training) a dataset too small to hold out validation pairs")
+
+
+def check_finite(cfg: Any) -> None:
+    """argparse's float() accepts 'nan' and 'inf'; no float setting here means anything with them."""
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"--{f.name} {value} must be a finite number")
 
 
 @dataclass
@@ -62,19 +86,22 @@ class ModelConfig:
     model: str = flag("dual_unet", f"model design: {' | '.join(MODELS)}", choices=MODELS)
     base_model: str | None = flag(
         None,
-        "diffusers-format base model: a local folder or a hub id "
-        "(default: SD1.5 for dual_unet, SDXL base for joint_sdxl)",
+        "diffusers-format base model: a local folder or a Hugging Face hub id",
+        default_text=f"{DEFAULT_BASE_MODEL['dual_unet']} for dual_unet, "
+                     f"{DEFAULT_BASE_MODEL['joint_sdxl']} for joint_sdxl",
     )
     preset: str | None = flag(
         None,
-        "build the base from configs with seeded random weights instead of loading one: "
-        "tiny | sd15-random (dual_unet), tiny-sdxl | sdxl-random (joint_sdxl)",
+        "build the base from configs with seeded random weights instead of loading one (for trials and "
+        "tests): tiny | sd15-random (dual_unet), tiny-sdxl | sdxl-random (joint_sdxl)",
+        default_text="none: load --base_model",
     )
     resolution: int = flag(512, "side of the square CF and FA images, in pixels")
     unet_lora_rank: int = flag(16, "LoRA rank on the UNet attention projections")
     unet_lora_alpha: float = flag(16.0, "LoRA alpha (scale = alpha / rank)")
 
     def validate_model(self) -> None:
+        check_finite(self)
         if self.model not in MODELS:
             raise ConfigError(f"--model {self.model!r} is unknown; choose one of {', '.join(MODELS)}")
         if self.preset is not None and self.preset not in PRESETS[self.model]:
@@ -107,9 +134,10 @@ class TrainConfig(ModelConfig):
         "pairs: a folder with cf/ and fa/ subfolders (same file stems pair up), "
         "or a manifest .csv/.parquet with columns cf_path, fa_path [, pair_id, split]; "
         "local paths or s3:// / gs:// URIs",
+        required=True,
     )
-    output_dir: str = flag(storage_default("runs"),
-                           "parent folder of run folders: local, or s3:// / gs:// (default: $CFFA_STORAGE/runs if set)")
+    output_dir: str = flag(storage_default("runs"), "parent folder of run folders: local, or s3:// / gs://",
+                           default_text="runs, or $CFFA_STORAGE/runs when CFFA_STORAGE is set")
     name: str = flag("cffa", "run name; the run folder is <output_dir>/<name>; rerunning resumes it",
                      aliases=("-n",))
     max_steps: int = flag(15000, "optimizer steps to train for")
@@ -119,13 +147,14 @@ class TrainConfig(ModelConfig):
     seed: int = flag(0, "seed for noise, timesteps, LoRA init and the train/validation split")
     hf_lambda: float = flag(0.5, "weight of the high-frequency loss on predicted x0")
     struct_lambda: float | None = flag(
-        None, "weight of the Sobel structure loss between CF and FA (default: 0.3 for dual_unet, "
-              "0 for joint_sdxl, whose seed had none; > 0 compares the two halves of the joint latent)")
+        None, "weight of the Sobel structure loss between CF and FA (for joint_sdxl, > 0 compares the "
+              "two halves of the joint latent)", default_text="0.3 for dual_unet, 0 for joint_sdxl")
     offset_noise_strength: float = flag(0.1, "offset noise strength (per-channel constant added to the noise)")
     num_workers: int = flag(1, "Ray Train workers (one per GPU with --use_gpu)")
     use_gpu: bool = flag(False, "one GPU per worker, NCCL; otherwise CPU workers, gloo")
     cpus_per_worker: float = flag(1.0, "CPUs reserved per training worker")
-    accelerator_type: str | None = flag(None, "only GPUs of this Ray accelerator type, e.g. A10G or L40S")
+    accelerator_type: str | None = flag(None, "only GPUs of this Ray accelerator type, e.g. A10G or L40S",
+                                        default_text="any")
     zero_stage: int = flag(2, "DeepSpeed ZeRO stage: 0 | 1 | 2 | 3")
     mixed_precision: str = flag("no", "no | fp16 | bf16 (DeepSpeed mixed precision)", choices=MIXED_PRECISION)
     gradient_checkpointing: bool = flag(False, "recompute UNet activations in backward (less memory)")
@@ -135,10 +164,11 @@ class TrainConfig(ModelConfig):
     num_sample_pairs: int = flag(10, "pairs generated in each step_XXXXXX_random_pairs/")
     sample_steps: int = flag(50, "denoising steps for those sample pairs")
     checkpoint_every: int | None = flag(
-        None, "steps between resumable checkpoints and latest_checkpoints/ (default: --val_every)")
+        None, "steps between resumable checkpoints and latest_checkpoints/", default_text="--val_every")
     keep_latest: int = flag(3, "latest_checkpoints/ kept")
     max_failures: int = flag(3, "worker-group restarts from the last checkpoint before giving up")
     log_every: int = flag(10, "steps between lines in training_log.txt and on the console")
+    strict: bool = flag(False, STRICT_HELP)
 
     def __post_init__(self) -> None:
         if self.struct_lambda is None:
@@ -203,17 +233,20 @@ class TrainConfig(ModelConfig):
 class GenerateConfig:
     """`cffa generate` / `jobs/generate.py`."""
 
-    checkpoint_dir: str | None = flag(None, "a checkpoint folder written by training, e.g. <run>/best_checkpoint")
-    model: str | None = flag(None, "expect this design (dual_unet | joint_sdxl); default: the checkpoint's own")
-    num_samples: int = flag(10, "pairs to make in total (pair ids 0 .. N-1); --amount as in seed B",
+    checkpoint_dir: str | None = flag(None, "a checkpoint folder written by training, e.g. <run>/best_checkpoint",
+                                      required=True)
+    model: str | None = flag(None, "refuse a checkpoint of another design: dual_unet | joint_sdxl",
+                             default_text="whatever design the checkpoint holds")
+    num_samples: int = flag(10, "pairs to make in total (pair ids 0 .. N-1); --amount is another name for it",
                             aliases=("--amount",))
     output_dir: str = flag(storage_default("generated"),
-                           "where parquet/, png/ and summary.json go: local, or s3:// / gs:// "
-                           "(default: $CFFA_STORAGE/generated if set); --savedir as in seed B",
-                           aliases=("--savedir",))
+                           "where parquet/, png/ and summary.json go: local, or s3:// / gs://; "
+                           "--savedir is another name for it",
+                           aliases=("--savedir",),
+                           default_text="generated, or $CFFA_STORAGE/generated when CFFA_STORAGE is set")
     steps: int = flag(50, "denoising steps")
     seed: int = flag(42, "base seed; pair k's noise depends only on (seed, k)")
-    scheduler: str = flag("ddim", "ddim (the seed's) | dpm++ (DPM-Solver++, good at 20-25 steps)", choices=SCHEDULERS)
+    scheduler: str = flag("ddim", "ddim (DDIM, good at 50 steps) | dpm++ (DPM-Solver++, good at 20-25 steps)", choices=SCHEDULERS)
     mode: str = flag("noise", "noise: from pure noise | from_data: image-to-image from real pairs", choices=GENERATION_MODES)
     data: str | None = flag(None, "real pairs for --mode from_data (folder or manifest, as for training)")
     strength: float = flag(0.6, "from_data: how far the real pair is noised, in (0, 1]")
@@ -226,9 +259,12 @@ class GenerateConfig:
     use_gpu: bool = flag(False, "one GPU per model actor")
     mixed_precision: str = flag("no", "no | fp16 | bf16 autocast during sampling", choices=MIXED_PRECISION)
     cpus_per_actor: float = flag(1.0, "CPUs reserved per model actor")
-    accelerator_type: str | None = flag(None, "only GPUs of this Ray accelerator type, e.g. A10G or L40S")
+    accelerator_type: str | None = flag(None, "only GPUs of this Ray accelerator type, e.g. A10G or L40S",
+                                        default_text="any")
+    strict: bool = flag(False, STRICT_HELP)
 
     def validate(self) -> None:
+        check_finite(self)
         if not self.checkpoint_dir:
             raise ConfigError("--checkpoint_dir is missing; give a checkpoint folder written by `cffa train`")
         for flag_name in ("num_samples", "steps", "batch_size", "model_batch", "concurrency", "rows_per_shard"):
@@ -261,18 +297,32 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] 
             continue
         kind = hints[f.name]
         names = [f"--{f.name}", *f.metadata.get("aliases", ())]
-        help_text = f.metadata.get("help", "")
+        help_text = _help_with_default(f)
         if kind is bool:
-            parser.add_argument(*names, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+            parser.add_argument(*names, action=_BooleanFlag, default=f.default, help=help_text)
             continue
-        base = _base_type(kind)
-        parser.add_argument(
-            *names,
-            type=base,
-            default=f.default,
-            choices=f.metadata.get("choices"),
-            help=f"{help_text} (default: {f.default})",
-        )
+        parser.add_argument(*names, type=_base_type(kind), default=f.default, choices=f.metadata.get("choices"),
+                            help=help_text)
+
+
+def _help_with_default(f: dataclasses.Field) -> str:
+    """The help text with the default said once: '(required)', the default's words, or its value."""
+    help_text = f.metadata.get("help", "").replace("%", "%%")  # argparse formats help with %
+    if f.metadata.get("required"):
+        return f"{help_text} (required)"
+    default = f.metadata.get("default_text")
+    if default is None and f.default is not None:
+        default = ("on" if f.default else "off") if isinstance(f.default, bool) else f.default
+    return help_text if default is None else f"{help_text} (default: {default})"
+
+
+class _BooleanFlag(argparse.BooleanOptionalAction):
+    """--x / --no-x, without the '(default: ...)' that some Pythons append on their own (it is in the help)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        help_text = kwargs.get("help")
+        super().__init__(*args, **kwargs)
+        self.help = help_text
 
 
 def _base_type(kind: Any) -> type:

@@ -134,14 +134,22 @@ def test_train_undecodable_image_is_named(tmp_path, data):
 # ------------------------------------------------------------------ generate
 
 
+MODEL_RECORD = {"model": "dual_unet", "base_model": None, "preset": "tiny", "resolution": 32,
+                "unet_lora_rank": 4, "unet_lora_alpha": 4.0}
+
+
 @pytest.fixture
 def fake_checkpoint(tmp_path):
+    """A checkpoint folder that passes the driver's file checks (its LoRA weights are not a real model's)."""
+    import torch
+    from safetensors.torch import save_file
+
     ckpt = tmp_path / "ckpt"
     for folder in ("unet_cf_lora", "unet_fa_lora"):
         (ckpt / folder).mkdir(parents=True)
         (ckpt / folder / "adapter_config.json").write_text("{}")
-        (ckpt / folder / "adapter_model.safetensors").write_bytes(b"")
-    (ckpt / "model.json").write_text(json.dumps({"model": "dual_unet", "preset": "tiny", "resolution": 32}))
+        save_file({"lora_A.weight": torch.zeros(4, 4)}, str(ckpt / folder / "adapter_model.safetensors"))
+    (ckpt / "model.json").write_text(json.dumps(MODEL_RECORD))
     return ckpt
 
 
@@ -183,6 +191,11 @@ def test_generate_refuses_to_mix_arguments(capsys, tmp_path, fake_checkpoint):
     ident = identity(GenerateConfig(checkpoint_dir=str(fake_checkpoint), steps=50), {"model": "dual_unet",
                                                                                      "resolution": 32})
     (out / "generation.json").write_text(json.dumps(ident))
+    (out / "parquet").mkdir()
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"pair_id": [0]}), out / "parquet/part-000000-000000-n1.parquet")  # one finished pair
     before = sorted(p.name for p in out.iterdir())
     code = main(gen_argv(fake_checkpoint, out, "--steps", 20))
     err = capsys.readouterr().err.strip()

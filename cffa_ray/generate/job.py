@@ -22,20 +22,21 @@ from cffa_ray.sampling import pair_seed
 
 def check_checkpoint(checkpoint_dir: str, expected_model: str | None = None) -> dict:
     """The checkpoint's model record; a clear error for a missing or foreign folder."""
+    from cffa_ray.checks import check_checkpoint_files, check_model_record, read_json_file
     from cffa_ray.models import adapter_folders
-    from cffa_ray.models.interface import MODEL_RECORD, read_model_record
+    from cffa_ray.models.interface import MODEL_RECORD
 
     try:
         path = Path(local_copy(checkpoint_dir))
     except FileNotFoundError:
         path = Path("/nonexistent")
     if not path.is_dir():
-        raise ConfigError(f"--checkpoint_dir {checkpoint_dir} does not exist; "
+        raise ConfigError(f"--checkpoint_dir {checkpoint_dir} {'is a file' if path.exists() else 'does not exist'}; "
                           "give <run>/best_checkpoint or <run>/latest_checkpoints/step_XXXXXX")
     if not (path / MODEL_RECORD).is_file():
         raise ConfigError(f"--checkpoint_dir {checkpoint_dir} is not a cffa checkpoint (no {MODEL_RECORD}); "
                           "give <run>/best_checkpoint or <run>/latest_checkpoints/step_XXXXXX")
-    record = read_model_record(path)
+    record = read_json_file(path / MODEL_RECORD, f"--checkpoint_dir {checkpoint_dir}")
     folders = adapter_folders(record.get("model", ""))
     if folders is None:
         raise ConfigError(f"--checkpoint_dir {checkpoint_dir}: model {record.get('model')!r} in {MODEL_RECORD} "
@@ -49,6 +50,8 @@ def check_checkpoint(checkpoint_dir: str, expected_model: str | None = None) -> 
     if missing:
         raise ConfigError(f"--checkpoint_dir {checkpoint_dir} ({record.get('model')}) lacks {', '.join(missing)}; "
                           "it is incomplete or from another design")
+    check_model_record(record, path / MODEL_RECORD, f"--checkpoint_dir {checkpoint_dir}")
+    check_checkpoint_files(path, folders, f"--checkpoint_dir {checkpoint_dir}")
     if not record.get("preset"):
         from cffa_ray.config import DEFAULT_BASE_MODEL
         from cffa_ray.models.base import check_base_model
@@ -102,9 +105,11 @@ def generate(cfg: GenerateConfig) -> dict:
     from cffa_ray.generate.generator import PairGenerator
     from cffa_ray.generate.outputs import (PairShardSink, check_identity, done_pair_ids, encode_pngs,
                                            parquet_shards, remove_leftovers, write_identity, write_summary)
+    from cffa_ray.checks import check_output_dir
     from cffa_ray.train.launch import check_resources, init_ray
 
     cfg.validate()
+    check_output_dir(cfg.output_dir, "--output_dir")
     cfg = dataclasses.replace(cfg, output_dir=absolute(cfg.output_dir))  # the sink may run elsewhere
     record = check_checkpoint(cfg.checkpoint_dir, cfg.model)
     sources = sorted(discover_pairs(cfg.data), key=lambda r: r[PAIR_ID]) if cfg.mode == "from_data" else None
@@ -118,7 +123,10 @@ def generate(cfg: GenerateConfig) -> dict:
         init_ray(cfg.concurrency * cfg.cpus_per_actor)
         check_resources(cfg.use_gpu, cfg.concurrency, "--concurrency", cfg.accelerator_type)
         if sources:  # every real pair this run starts from must decode, before anything is written
-            check_decodable([sources[i] for i in sorted({k % len(sources) for k in todo})], record["resolution"])
+            check_decodable([sources[i] for i in sorted({k % len(sources) for k in todo})], record["resolution"],
+                             cfg.strict)
+        print(f"[cffa] generating {len(todo)} pairs ({skipped} already done) with {cfg.concurrency} model "
+              f"actor(s) -> {cfg.output_dir}", flush=True)
         write_identity(cfg.output_dir, ident)
         remove_leftovers(cfg.output_dir)  # a killed run's half-staged folders (this job redoes them)
         ctx = ray.data.DataContext.get_current()
