@@ -5,8 +5,8 @@ import dataclasses
 import os
 import time
 
-from cffa_ray.config import ConfigError, TrainConfig, join_path, to_dict
-from cffa_ray.data import TRAIN, VAL, DataError, assign_split, decoded_pairs, discover_pairs
+from cffa_ray.config import ConfigError, Interrupted, RunStopped, TrainConfig, join_path, to_dict
+from cffa_ray.data import TRAIN, VAL, DataError, assign_split, decoded_splits, discover_pairs, warn
 from cffa_ray.io import absolute
 
 
@@ -14,16 +14,28 @@ def check(cfg: TrainConfig) -> list[dict]:
     """Every check that needs no Ray: flags, base model, pairs. Returns split pair records."""
     from cffa_ray.models.base import check_base_model
 
+    from cffa_ray.checks import check_output_dir, check_run_folder
+
     cfg.validate()
+    check_output_dir(cfg.output_dir, "--output_dir")
+    check_output_dir(cfg.run_dir, f"--output_dir {cfg.output_dir} --name {cfg.name}: the run folder")
     if cfg.preset is None:
         check_base_model(cfg.base_model_or_default, cfg.model)
     check_resumable(cfg)
+    check_run_folder(cfg.run_dir)
     records = assign_split(discover_pairs(cfg.data), cfg.val_fraction, cfg.seed)
     n_train = sum(r["split"] == TRAIN for r in records)
     need = cfg.num_workers * cfg.batch_size
     if n_train < need:
         raise DataError(f"--data has {n_train} training pair(s); --num_workers {cfg.num_workers} x "
                         f"--batch_size {cfg.batch_size} needs at least {need}: add pairs or lower those flags")
+    if n_train == len(records):
+        no_val = (f"no validation pairs ({len(records)} pair(s), --val_fraction {cfg.val_fraction:g}): validation "
+                  "scores training pairs, so val_loss and best_checkpoint show how well they are fitted, not how "
+                  "well the model generalises; add pairs, or a split column to a manifest")
+        if cfg.strict:
+            raise DataError(f"{no_val} (--strict)")
+        warn(f"{no_val}; --strict makes this an error")
     return records
 
 
@@ -62,13 +74,17 @@ def init_ray(num_cpus_needed: float) -> None:
     """
     import ray
 
+    from cffa_ray import quiet
+
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
+        ray.init(log_to_driver=True, **quiet.ray_init_kwargs(local=False))
     else:
         # The dashboard also serves the state API that Train's placement-group cleaner polls.
-        ray.init(num_cpus=max(os.cpu_count() or 1, int(num_cpus_needed + 0.999) + 2), log_to_driver=True)
+        ray.init(num_cpus=max(os.cpu_count() or 1, int(num_cpus_needed + 0.999) + 2), log_to_driver=True,
+                 **quiet.ray_init_kwargs(local=True))
+    quiet.after_ray_init()
 
 
 def worker_env(use_gpu: bool) -> dict:
@@ -112,7 +128,9 @@ def train(cfg: TrainConfig):
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from cffa_ray.quiet import train_logging
     from cffa_ray.train.loop import quiet_ray, train_loop_per_worker
+    from cffa_ray.train.stop import STOPPED
     from cffa_ray.train.run_folder import RAY_DIR, RUN_RECORD, RunFolder
 
     cfg = absolute_paths(cfg)
@@ -124,8 +142,8 @@ def train(cfg: TrainConfig):
     quiet_ray()
     t0 = time.time()
     copies = repeats_for(len(train_records))
-    train_ds = passes_of(decoded_pairs(train_records, cfg.resolution), copies)
-    val_ds = decoded_pairs(val_records, cfg.resolution)
+    train_ds, val_ds = decoded_splits([train_records, val_records], cfg.resolution, cfg.strict)
+    train_ds = passes_of(train_ds, copies)
     print(f"[cffa] {len(train_records)} training and {len(val_records)} validation pairs decoded "
           f"at {cfg.resolution}px in {time.time() - t0:.1f}s", flush=True)
 
@@ -140,14 +158,28 @@ def train(cfg: TrainConfig):
         run_config=RunConfig(name=RAY_DIR, storage_path=storage,
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
-                             worker_runtime_env=worker_env(cfg.use_gpu)),
+                             worker_runtime_env=worker_env(cfg.use_gpu), logging_config=train_logging()),
         datasets={"train": train_ds, "val": val_ds},
         dataset_config=DataConfig(datasets_to_split=["train"]),
     )
-    result = trainer.fit()
-    if result.error:
-        raise result.error
+    try:
+        result = trainer.fit()
+    except SystemExit:  # Ray Train aborts the run on Ctrl-C, then its waiting ray.get exits the driver
+        raise Interrupted(resume_hint(cfg)) from None
+    outcome = result.return_value or {}
+    if outcome.get(STOPPED):
+        raise RunStopped(outcome[STOPPED])
+    if "step" not in outcome:  # the train function did not finish: Ctrl-C stopped the run
+        raise Interrupted(resume_hint(cfg))
     return result
+
+
+def resume_hint(cfg: TrainConfig) -> str:
+    from cffa_ray.train.run_folder import RunFolder
+
+    step = RunFolder(cfg.run_dir).resumable_step()
+    where = f"from step {step}, its last checkpoint" if step else "from the start (no checkpoint was saved yet)"
+    return f"training interrupted; rerun the same command to resume {where}"
 
 
 __all__ = ["train", "check", "init_ray", "ConfigError", "DataError"]
