@@ -134,6 +134,8 @@ def train_loop_per_worker(config: dict) -> dict:
         record["trained_steps"] = step
         if step % cfg.val_every == 0 or step == cfg.max_steps:
             val = validate(engine, val_batches, cfg, device)
+            if not math.isfinite(val["loss"]):  # the same on every rank: validate all-reduces it
+                return {STOPPED: nonfinite_message(step, start_step, cfg, "validation loss")}
             if is_rank0:
                 from cffa_ray.train.run_folder import VALIDATION_LOG, log_line
                 run.append(VALIDATION_LOG, log_line(step, {f"val_{k}": v for k, v in val.items()}))

@@ -8,8 +8,6 @@ RunStopped. Failures on some ranks only (a lost node, out of memory) still raise
 """
 from __future__ import annotations
 
-import math
-
 STOPPED = "stopped"  # key of the dict rank 0 returns when the run stopped early
 
 
@@ -36,8 +34,12 @@ def is_check_step(step: int, cfg) -> bool:
                                                cfg.checkpoint_interval)) or step == cfg.max_steps
 
 
-def nonfinite_message(bad_step: int | None, start_step: int, cfg) -> str:
-    """"" when the loss stayed finite; else why training stops, the likely cause and what is kept."""
+def nonfinite_message(bad_step: int | None, start_step: int, cfg, what: str = "loss") -> str:
+    """"" when nothing went non-finite; else why training stops, the likely cause and what is kept.
+
+    Checkpoints are written only after these checks pass at their step (and after validation, at
+    the default --checkpoint_every), so the last one written is the one a rerun resumes from.
+    """
     if bad_step is None:
         return ""
     if cfg.mixed_precision == "fp16":
@@ -46,11 +48,7 @@ def nonfinite_message(bad_step: int | None, start_step: int, cfg) -> str:
         cause = f"likely --lr {cfg.lr:g} is too high: try a lower one"
     last = max((bad_step - 1) // cfg.checkpoint_interval * cfg.checkpoint_interval, start_step)
     if last > 0:
-        kept = f"the last good checkpoint (step {last}) is kept, and rerunning with the same --name resumes from it"
+        kept = f"the last checkpoint (step {last}) is kept, and rerunning with the same --name resumes from it"
     else:
         kept = "no checkpoint was written before it"
-    return f"training stopped: the loss became NaN or infinite at step {bad_step}, {cause}; {kept}"
-
-
-def window_is_finite(window: dict) -> bool:
-    return math.isfinite(window.get("loss", 0.0))
+    return f"training stopped: the {what} became NaN or infinite at step {bad_step}, {cause}; {kept}"
