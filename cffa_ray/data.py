@@ -108,15 +108,18 @@ def _read_manifest_rows(data: str) -> list[dict]:
         except (pa.ArrowException, OSError) as e:
             raise DataError(f"manifest {data} is not a readable parquet file ({_first_line(e)}); "
                             f"write it with pandas.DataFrame.to_parquet or give a .csv") from None
+    problem = None
     try:
         with fs.open_input_stream(p) as f:
             text = f.read().decode("utf-8-sig")
-        if "\x00" in text:
-            raise UnicodeDecodeError("utf-8", b"", 0, 0, "it holds NUL bytes")
-        return list(csv.DictReader(io.StringIO(text)))
+        problem = "it holds NUL bytes" if "\x00" in text else None
+        rows = list(csv.DictReader(io.StringIO(text)))
     except (UnicodeDecodeError, csv.Error) as e:
-        raise DataError(f"manifest {data} is not a CSV text file ({_first_line(e)}); it needs a header row "
-                        f"with {CF_PATH},{FA_PATH} and one row per pair, in UTF-8") from None
+        problem = _first_line(e)
+    if problem:
+        raise DataError(f"manifest {data} is not a CSV text file ({problem}); it needs a header row "
+                        f"with {CF_PATH},{FA_PATH} and one row per pair, in UTF-8")
+    return rows
 
 
 def _first_line(e: BaseException) -> str:
