@@ -9,33 +9,8 @@ import shutil
 import pytest
 
 from cffa_ray.cli import main
-from tests.conftest import run_cli
-
-
-def _fails(capsys, argv, pattern, out_dir):
-    code = main(argv)
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert len(err.splitlines()) == 1, err
-    assert err.startswith(f"cffa {argv[0]}: error: ")
-    import re
-
-    assert re.search(pattern, err), err
-    assert not out_dir.exists(), f"{out_dir} was written"
-    return err
-
-
-@pytest.fixture
-def data(tmp_path):
-    from cffa_ray.synth import write_synthetic_pairs
-
-    write_synthetic_pairs(tmp_path / "pairs", 6, 32)
-    return tmp_path / "pairs"
-
-
-def train_argv(data, out, *extra):
-    return ["train", "--data", str(data), "--output_dir", str(out), "--name", "r", "--preset", "tiny",
-            "--resolution", "32", "--num_workers", "2", "--batch_size", "1", *map(str, extra)]
+from tests.conftest import fails_in_driver as _fails
+from tests.conftest import gen_argv, run_cli, train_argv
 
 
 @pytest.mark.parametrize("extra, pattern", [
@@ -123,38 +98,24 @@ def test_train_more_gpus_than_the_machine_has(tmp_path, data):
 
 
 def test_train_undecodable_image_is_named(tmp_path, data):
+    """A corrupt, a zero-byte and a truncated PNG: all three named (validation pairs too), in one line."""
+    import os
+
     (data / "fa/synth_00002.png").write_bytes(b"\x89PNG\r\n\x1a\ntruncated")
+    (data / "cf/synth_00003.png").write_bytes(b"")
+    (data / "fa/synth_00005.png").write_bytes(os.urandom(300))
     proc = run_cli(*train_argv(data, tmp_path / "out"), timeout=300)
     assert proc.returncode == 2, proc.stderr[-3000:]
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("cffa train: error: cannot decode image") and "fa/synth_00002.png" in last
+    err = proc.stderr.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in proc.stdout + err, err
+    assert err.startswith("cffa train: error: cannot decode image") and "fa/synth_00002.png" in err
+    assert "cf/synth_00003.png: the file is empty (0 bytes)" in err
+    assert "fa/synth_00005.png: not a PNG, JPEG or TIFF image that PIL can read" in err
+    assert "BytesIO" not in err
     assert not (tmp_path / "out").exists()
 
 
 # ------------------------------------------------------------------ generate
-
-
-MODEL_RECORD = {"model": "dual_unet", "base_model": None, "preset": "tiny", "resolution": 32,
-                "unet_lora_rank": 4, "unet_lora_alpha": 4.0}
-
-
-@pytest.fixture
-def fake_checkpoint(tmp_path):
-    """A checkpoint folder that passes the driver's file checks (its LoRA weights are not a real model's)."""
-    import torch
-    from safetensors.torch import save_file
-
-    ckpt = tmp_path / "ckpt"
-    for folder in ("unet_cf_lora", "unet_fa_lora"):
-        (ckpt / folder).mkdir(parents=True)
-        (ckpt / folder / "adapter_config.json").write_text("{}")
-        save_file({"lora_A.weight": torch.zeros(4, 4)}, str(ckpt / folder / "adapter_model.safetensors"))
-    (ckpt / "model.json").write_text(json.dumps(MODEL_RECORD))
-    return ckpt
-
-
-def gen_argv(ckpt, out, *extra):
-    return ["generate", "--checkpoint_dir", str(ckpt), "--output_dir", str(out), *map(str, extra)]
 
 
 @pytest.mark.parametrize("extra, pattern", [
