@@ -135,9 +135,12 @@ def _filter_worker_logs() -> None:
 
 
 class _StderrFilter:
-    """File descriptor 2 through a pipe whose reader drops NOISE lines (C++ writes there directly)."""
+    """Native writes to file descriptor 2 (Ray's C++ logging) go through a pipe whose reader drops
+    NOISE lines; Python's sys.stderr moves to a copy of the real stderr, so that Python output
+    (progress bars, which draw only on a terminal, tracebacks, warnings) reaches it directly."""
 
     _saved: int | None = None
+    _python_stderr = None
     _thread: threading.Thread | None = None
 
     @classmethod
@@ -148,10 +151,13 @@ class _StderrFilter:
             sys.stderr.flush()
             read_end, write_end = os.pipe()
             cls._saved = os.dup(2)
+            direct = os.fdopen(os.dup(cls._saved), "w", buffering=1, encoding=sys.stderr.encoding,
+                               errors="backslashreplace")
             os.dup2(write_end, 2)
             os.close(write_end)
-        except (OSError, ValueError):
+        except (OSError, ValueError, AttributeError):
             return
+        cls._python_stderr, sys.stderr = sys.stderr, direct
         cls._thread = threading.Thread(target=cls._pump, args=(read_end, cls._saved), daemon=True,
                                        name="cffa-stderr-filter")
         cls._thread.start()
@@ -171,13 +177,16 @@ class _StderrFilter:
 
     @classmethod
     def remove(cls) -> None:
-        """Give fd 2 back (the pipe closes, the reader writes what is left and ends)."""
+        """Give fd 2 and sys.stderr back (the pipe closes, the reader writes what is left and ends)."""
         if cls._saved is None:
             return
         with contextlib.suppress(OSError, ValueError):
             sys.stderr.flush()
+        direct, sys.stderr = sys.stderr, cls._python_stderr
         os.dup2(cls._saved, 2)
         if cls._thread is not None:
             cls._thread.join(timeout=2)
         os.close(cls._saved)
-        cls._saved, cls._thread = None, None
+        with contextlib.suppress(OSError, ValueError):
+            direct.close()
+        cls._saved, cls._thread, cls._python_stderr = None, None, None
