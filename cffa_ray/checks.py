@@ -14,6 +14,7 @@ from cffa_ray.config import DEFAULT_BASE_MODEL, ConfigError
 from cffa_ray.io import filesystem, is_uri
 
 HUB_TIMEOUT_S = 15
+PROBE_TIMEOUT_S = 20
 
 
 def _one_line(e: BaseException | str, limit: int = 160) -> str:
@@ -48,16 +49,31 @@ def check_output_dir(path: str, flag: str) -> None:
 
 
 def _probe_uri(path: str, flag: str) -> None:
-    probe = f"{path.rstrip('/')}/.cffa-write-probe-{uuid.uuid4().hex[:8]}"
-    try:
-        fs, p = filesystem(probe)
-        fs.create_dir(p.rsplit("/", 1)[0], recursive=True)  # a no-op on object stores
-        with fs.open_output_stream(p) as out:
-            out.write(b"")
-        fs.delete_file(p)
-    except Exception as e:  # pyarrow raises OSError, ArrowInvalid, ... for bad URIs and credentials
-        raise ConfigError(f"{flag} {path}: cannot write there ({_one_line(e)}); check the URI, "
-                          "the bucket and this machine's credentials") from None
+    """Write and delete an empty object; in a thread, as a cloud client may wait long for credentials
+    that are not there (pyarrow's GCS client asks the metadata server of a GCE machine, for minutes)."""
+    import threading
+
+    outcome: list = []
+
+    def probe() -> None:
+        target = f"{path.rstrip('/')}/.cffa-write-probe-{uuid.uuid4().hex[:8]}"
+        try:
+            fs, p = filesystem(target)
+            fs.create_dir(p.rsplit("/", 1)[0], recursive=True)  # a no-op on object stores
+            with fs.open_output_stream(p) as out:
+                out.write(b"")
+            fs.delete_file(p)
+            outcome.append(None)
+        except Exception as e:  # pyarrow raises OSError, ArrowInvalid, ... for bad URIs and credentials
+            outcome.append(_one_line(e))
+
+    thread = threading.Thread(target=probe, daemon=True, name="cffa-write-probe")
+    thread.start()
+    thread.join(PROBE_TIMEOUT_S)
+    problem = outcome[0] if outcome else f"no answer within {PROBE_TIMEOUT_S} s"
+    if problem:
+        raise ConfigError(f"{flag} {path}: cannot write there ({problem}); check the URI, "
+                          "the bucket and this machine's credentials")
 
 
 # ------------------------------------------------------------------ files that must parse

@@ -102,10 +102,10 @@ def generate(cfg: GenerateConfig) -> dict:
     """Make the missing pairs of 0..N-1 under cfg.output_dir; returns the summary dict."""
     import ray.data
 
+    from cffa_ray.checks import check_output_dir
     from cffa_ray.generate.generator import PairGenerator
     from cffa_ray.generate.outputs import (PairShardSink, check_identity, done_pair_ids, encode_pngs,
                                            parquet_shards, remove_leftovers, write_identity, write_summary)
-    from cffa_ray.checks import check_output_dir
     from cffa_ray.train.launch import check_resources, init_ray
 
     cfg.validate()

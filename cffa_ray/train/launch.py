@@ -7,18 +7,18 @@ import time
 
 from cffa_ray.config import ConfigError, Interrupted, RunStopped, TrainConfig, join_path, to_dict
 from cffa_ray.data import TRAIN, VAL, DataError, assign_split, decoded_splits, discover_pairs, warn
-from cffa_ray.io import absolute
+from cffa_ray.io import absolute, is_uri
 
 
 def check(cfg: TrainConfig) -> list[dict]:
     """Every check that needs no Ray: flags, base model, pairs. Returns split pair records."""
-    from cffa_ray.models.base import check_base_model
-
     from cffa_ray.checks import check_output_dir, check_run_folder
+    from cffa_ray.models.base import check_base_model
 
     cfg.validate()
     check_output_dir(cfg.output_dir, "--output_dir")
-    check_output_dir(cfg.run_dir, f"--output_dir {cfg.output_dir} --name {cfg.name}: the run folder")
+    if not is_uri(cfg.run_dir):  # (a URI was just probed)
+        check_output_dir(cfg.run_dir, f"--output_dir {cfg.output_dir} --name {cfg.name}: the run folder")
     if cfg.preset is None:
         check_base_model(cfg.base_model_or_default, cfg.model)
     check_resumable(cfg)
@@ -130,8 +130,8 @@ def train(cfg: TrainConfig):
 
     from cffa_ray.quiet import train_logging
     from cffa_ray.train.loop import quiet_ray, train_loop_per_worker
-    from cffa_ray.train.stop import STOPPED
     from cffa_ray.train.run_folder import RAY_DIR, RUN_RECORD, RunFolder
+    from cffa_ray.train.stop import STOPPED
 
     cfg = absolute_paths(cfg)
     records = check(cfg)
@@ -166,7 +166,7 @@ def train(cfg: TrainConfig):
         result = trainer.fit()
     except SystemExit:  # Ray Train aborts the run on Ctrl-C, then its waiting ray.get exits the driver
         raise Interrupted(resume_hint(cfg)) from None
-    outcome = result.return_value or {}
+    outcome = getattr(result, "return_value", {"step": None}) or {}  # (Ray before return_value: no Ctrl-C check)
     if outcome.get(STOPPED):
         raise RunStopped(outcome[STOPPED])
     if "step" not in outcome:  # the train function did not finish: Ctrl-C stopped the run
