@@ -246,7 +246,8 @@ class GenerateConfig:
                            default_text="generated, or $CFFA_STORAGE/generated when CFFA_STORAGE is set")
     steps: int = flag(50, "denoising steps")
     seed: int = flag(42, "base seed; pair k's noise depends only on (seed, k)")
-    scheduler: str = flag("ddim", "ddim (DDIM, good at 50 steps) | dpm++ (DPM-Solver++, good at 20-25 steps)", choices=SCHEDULERS)
+    scheduler: str = flag("ddim", "ddim (DDIM, good at 50 steps) | dpm++ (DPM-Solver++, good at 20-25 steps)",
+                          choices=SCHEDULERS)
     mode: str = flag("noise", "noise: from pure noise | from_data: image-to-image from real pairs", choices=GENERATION_MODES)
     data: str | None = flag(None, "real pairs for --mode from_data (folder or manifest, as for training)")
     strength: float = flag(0.6, "from_data: how far the real pair is noised, in (0, 1]")

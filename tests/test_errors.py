@@ -66,8 +66,8 @@ def test_default_base_model_offline(capsys, tmp_path, data, offline_hub, monkeyp
     monkeypatch.setattr(offline_hub, "HF_HUB_OFFLINE", True)
     argv = ["train", "--data", data, "--output_dir", tmp_path / "out"]  # no --base_model, no --preset
     fails_in_driver(capsys, argv, r"--base_model stable-diffusion-v1-5/stable-diffusion-v1-5 \(the default for "
-                                  r"--model dual_unet\) is not in the local Hugging Face cache .* HF_HUB_OFFLINE is set",
-                    tmp_path / "out")
+                                  r"--model dual_unet\) is not in the local Hugging Face cache .* "
+                                  r"HF_HUB_OFFLINE is set", tmp_path / "out")
 
 
 def test_default_base_model_offline_real_cli(tmp_path, data):

@@ -113,8 +113,9 @@ def train_loop_per_worker(config: dict) -> dict:
                 bad_step = step + 1
         step += 1
         window["n"] = window.get("n", 0) + 1
-        if is_check_step(step, cfg) and (stop := agreed_error(nonfinite_message(bad_step, start_step, cfg))):
-            return {STOPPED: stop}  # before anything is logged, exported or checkpointed from a diverged model
+        # before anything is logged, exported or checkpointed from a diverged model; the first bad step on any rank
+        if is_check_step(step, cfg) and math.isfinite(first_bad := agreed_min(bad_step or math.inf, device)):
+            return {STOPPED: nonfinite_message(int(first_bad), start_step, cfg)}
 
         if step % cfg.log_every == 0 or step == cfg.max_steps:
             n = window.pop("n")

@@ -4,7 +4,8 @@ Ray Train restarts the worker group after any worker exception (--max_failures t
 lost node, wrong for a base model that will not load or a loss that has diverged, which come back
 on every attempt. For those, the workers agree (one collective, so no rank is left waiting in
 another) that the run must stop, and return normally with the reason; the driver raises it as
-RunStopped. Failures on some ranks only (a lost node, out of memory) still raise and are retried.
+RunStopped. (Validation losses need no extra collective: validate() already all-reduces them.)
+Failures on some ranks only (a lost node, out of memory) still raise and are retried.
 """
 from __future__ import annotations
 
@@ -34,14 +35,12 @@ def is_check_step(step: int, cfg) -> bool:
                                                cfg.checkpoint_interval)) or step == cfg.max_steps
 
 
-def nonfinite_message(bad_step: int | None, start_step: int, cfg, what: str = "loss") -> str:
-    """"" when nothing went non-finite; else why training stops, the likely cause and what is kept.
+def nonfinite_message(bad_step: int, start_step: int, cfg, what: str = "loss") -> str:
+    """Why training stops at `bad_step`, the likely cause, and what is kept.
 
     Checkpoints are written only after these checks pass at their step (and after validation, at
     the default --checkpoint_every), so the last one written is the one a rerun resumes from.
     """
-    if bad_step is None:
-        return ""
     if cfg.mixed_precision == "fp16":
         cause = "likely an fp16 overflow: use --mixed_precision bf16 (or a lower --lr)"
     else:
