@@ -4,12 +4,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cffa_ray.config import ConfigError, EvaluateConfig, GenerateConfig, TrainConfig, add_flags, from_namespace
+from cffa_ray.config import (ConfigError, EvaluateConfig, GenerateConfig, Interrupted, RunStopped, TrainConfig,
+                             add_flags, from_namespace)
 
 
 def _synth(ns) -> int:
+    from cffa_ray.checks import check_output_dir
     from cffa_ray.synth import write_synthetic_pairs
 
+    check_output_dir(ns.out, "--out")
     stems = write_synthetic_pairs(ns.out, ns.pairs, ns.size, ns.seed)
     print(f"wrote {len(stems)} synthetic pairs ({ns.size}px) to {ns.out}/cf and {ns.out}/fa")
     return 0
@@ -26,8 +29,13 @@ def _train(ns) -> int:
 
 def _generate(ns) -> int:
     from cffa_ray.generate.job import generate
+    from cffa_ray.generate.outputs import resume_hint
 
-    generate(from_namespace(GenerateConfig, ns))
+    cfg = from_namespace(GenerateConfig, ns)
+    try:
+        generate(cfg)
+    except (KeyboardInterrupt, SystemExit):  # Ray turns Ctrl-C inside its calls into SystemExit
+        raise Interrupted(resume_hint(cfg.output_dir, cfg.num_samples)) from None
     return 0
 
 
@@ -47,20 +55,28 @@ def _report(ns) -> int:
 
 
 def _demo(ns) -> int:
+    from cffa_ray.checks import check_output_dir
     from cffa_ray.demo import run_demo
 
+    check_output_dir(ns.out, "--out")
     run_demo(ns.out)
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes in one line (argparse would print the whole, long usage first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="cffa", description="Paired colour-fundus / fluorescein-angiogram diffusion on Ray.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="cffa", description="Paired colour-fundus / fluorescein-angiogram diffusion on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("synth", help="write synthetic registered CF/FA pairs (DIR/cf, DIR/fa)")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--pairs", type=int, required=True, help="number of pairs")
+    p.add_argument("--out", required=True, help="output folder (required)")
+    p.add_argument("--pairs", type=int, required=True, help="number of pairs (required)")
     p.add_argument("--size", type=int, default=512, help="image side in pixels (default: 512)")
     p.add_argument("--seed", type=int, default=0, help="pair k depends only on (seed, k) (default: 0)")
     p.set_defaults(run=_synth)
@@ -89,14 +105,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Errors that are the input's fault: one line, exit 2; a run stopped on an error
+    that no retry heals: one line, exit 1; Ctrl-C: one line saying how to go on, exit 130."""
     from cffa_ray.data import DataError
+    from cffa_ray.quiet import terminal
 
     ns = build_parser().parse_args(argv)
     try:
-        return ns.run(ns)
+        with terminal():
+            return ns.run(ns)
     except (ConfigError, DataError) as e:
         print(f"cffa {ns.command}: error: {e}", file=sys.stderr)
         return 2
+    except RunStopped as e:
+        print(f"cffa {ns.command}: error: {e}", file=sys.stderr)
+        return 1
+    except (Interrupted, KeyboardInterrupt) as e:
+        hint = str(e) or "interrupted; rerun the same command to go on from where it stopped"
+        print(f"cffa {ns.command}: {hint}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import re
 from dataclasses import dataclass, field, fields
@@ -31,6 +32,14 @@ LORA_TARGET_CHOICES = ("to_q", "to_k", "to_v", "to_out.0")
 
 class ConfigError(ValueError):
     """A bad flag value; the message names the flag and how to fix it."""
+
+
+class RunStopped(RuntimeError):
+    """A run ended early on an error that every retry would meet again; the message says why and what to do."""
+
+
+class Interrupted(RuntimeError):
+    """The user stopped a run (Ctrl-C); the message says how to go on from where it stopped."""
 
 
 TRAIN_TIMESTEPS = 1000  # the SD1.5 / SDXL noise schedule: a sampler can take at most this many steps
@@ -78,7 +87,22 @@ def storage_default(name: str) -> str:
 
 
 def flag(default: Any, help: str, **extra: Any) -> Any:
+    """A field that is also a CLI flag. `extra`: aliases, choices, required (shown as such in --help;
+    `validate` enforces it), default_text (the default in words, where the value alone says too little)."""
     return field(default=default, metadata={"help": help, **extra})
+
+
+STRICT_HELP = ("stop with an error instead of a warning for pairs whose CF and FA differ in size or shape, "
+               "non-square images, images much smaller than --resolution, greyscale CF or colour FA images, "
+               "and (training) a dataset too small to hold out validation pairs")
+
+
+def check_finite(cfg: Any) -> None:
+    """argparse's float() accepts 'nan' and 'inf'; no float setting here means anything with them."""
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"--{f.name} {value} must be a finite number")
 
 
 @dataclass
@@ -88,13 +112,15 @@ class ModelConfig:
     model: str = flag("dual_unet", f"model design: {' | '.join(MODELS)}", choices=MODELS)
     base_model: str | None = flag(
         None,
-        "diffusers-format base model: a local folder or a hub id "
-        "(default: SD1.5 for dual_unet, SDXL base for joint_sdxl)",
+        "diffusers-format base model: a local folder or a Hugging Face hub id",
+        default_text=f"{DEFAULT_BASE_MODEL['dual_unet']} for dual_unet, "
+                     f"{DEFAULT_BASE_MODEL['joint_sdxl']} for joint_sdxl",
     )
     preset: str | None = flag(
         None,
-        "build the base from configs with seeded random weights instead of loading one: "
-        "tiny | sd15-random (dual_unet), tiny-sdxl | sdxl-random (joint_sdxl)",
+        "build the base from configs with seeded random weights instead of loading one (for trials and "
+        "tests): tiny | sd15-random (dual_unet), tiny-sdxl | sdxl-random (joint_sdxl)",
+        default_text="none: load --base_model",
     )
     resolution: int = flag(512, "side of the square CF and FA images, in pixels")
     unet_lora_rank: int = flag(16, "LoRA rank on the UNet attention projections")
@@ -104,6 +130,7 @@ class ModelConfig:
                                                 "SD1.5 UNet at rank 16; with to_out.0: 3,188,736)")
 
     def validate_model(self) -> None:
+        check_finite(self)
         if self.model not in MODELS:
             raise ConfigError(f"--model {self.model!r} is unknown; choose one of {', '.join(MODELS)}")
         if self.preset is not None and self.preset not in PRESETS[self.model]:
@@ -144,9 +171,10 @@ class TrainConfig(ModelConfig):
         "pairs: a folder with cf/ and fa/ subfolders (same file stems pair up), "
         "or a manifest .csv/.parquet with columns cf_path, fa_path [, pair_id, split]; "
         "local paths or s3:// / gs:// URIs",
+        required=True,
     )
-    output_dir: str = flag(storage_default("runs"),
-                           "parent folder of run folders: local, or s3:// / gs:// (default: $CFFA_STORAGE/runs if set)")
+    output_dir: str = flag(storage_default("runs"), "parent folder of run folders: local, or s3:// / gs://",
+                           default_text="runs, or $CFFA_STORAGE/runs when CFFA_STORAGE is set")
     name: str = flag("cffa", "run name; the run folder is <output_dir>/<name>; rerunning resumes it",
                      aliases=("-n",))
     max_steps: int = flag(15000, "optimizer steps to train for")
@@ -156,8 +184,8 @@ class TrainConfig(ModelConfig):
     seed: int = flag(0, "seed for noise, timesteps, LoRA init and the train/validation split")
     hf_lambda: float = flag(0.5, "weight of the high-frequency loss on predicted x0")
     struct_lambda: float | None = flag(
-        None, "weight of the Sobel structure loss between CF and FA (default: 0.3 for dual_unet, "
-              "0 for joint_sdxl, whose seed had none; > 0 compares the two halves of the joint latent)")
+        None, "weight of the Sobel structure loss between CF and FA (for joint_sdxl, > 0 compares the "
+              "two halves of the joint latent)", default_text="0.3 for dual_unet, 0 for joint_sdxl")
     offset_noise_strength: float = flag(0.1, "offset noise strength (per-channel constant added to the noise)")
     loss_weighting: str = flag(
         "alpha_bar", "per-sample weight of the HF and structure terms on the predicted clean latent: alpha_bar "
@@ -168,7 +196,8 @@ class TrainConfig(ModelConfig):
     cpus_per_worker: float = flag(1.0, "CPUs reserved per training worker")
     cache_latents: bool = flag(True, "encode every pair with the frozen VAE once (GPU actors with --use_gpu) and "
                                      "train from the cached posterior moments; --no-cache_latents encodes every step")
-    accelerator_type: str | None = flag(None, "only GPUs of this Ray accelerator type, e.g. A10G or L40S")
+    accelerator_type: str | None = flag(None, "only GPUs of this Ray accelerator type, e.g. A10G or L40S",
+                                        default_text="any")
     zero_stage: int = flag(2, "DeepSpeed ZeRO stage: 0 | 1 | 2 | 3")
     mixed_precision: str = flag("no", "no | fp16 | bf16 (DeepSpeed mixed precision)", choices=MIXED_PRECISION)
     gradient_checkpointing: bool = flag(False, "recompute UNet activations in backward (less memory)")
@@ -179,10 +208,11 @@ class TrainConfig(ModelConfig):
     num_sample_pairs: int = flag(10, "pairs generated in each step_XXXXXX_random_pairs/")
     sample_steps: int = flag(50, "denoising steps for those sample pairs")
     checkpoint_every: int | None = flag(
-        None, "steps between resumable checkpoints and latest_checkpoints/ (default: --val_every)")
+        None, "steps between resumable checkpoints and latest_checkpoints/", default_text="--val_every")
     keep_latest: int = flag(3, "latest_checkpoints/ kept")
     max_failures: int = flag(3, "worker-group restarts from the last checkpoint before giving up")
     log_every: int = flag(10, "steps between lines in training_log.txt and on the console")
+    strict: bool = flag(False, STRICT_HELP)
 
     def __post_init__(self) -> None:
         if self.struct_lambda is None:
@@ -252,22 +282,28 @@ class TrainConfig(ModelConfig):
 class GenerateConfig:
     """`cffa generate` / `jobs/generate.py`."""
 
-    checkpoint_dir: str | None = flag(None, "a checkpoint folder written by training, e.g. <run>/best_checkpoint")
+    checkpoint_dir: str | None = flag(None, "a checkpoint folder written by training, e.g. <run>/best_checkpoint; "
+                                            "or give -n RUN for <runs_root>/RUN/best_checkpoint", required=True)
     name: str | None = flag(None, "instead of --checkpoint_dir: the training run <runs_root>/<name>, whose "
                                   "best_checkpoint is used; outputs go to <runs_root>_preds/<name>/<savedir>/",
                             aliases=("-n",))
-    runs_root: str = flag(storage_default("runs"), "with -n: the folder holding run folders (cffa train's --output_dir)")
+    runs_root: str = flag(storage_default("runs"), "with -n: the folder holding run folders (cffa train's --output_dir)",
+                          default_text="runs, or $CFFA_STORAGE/runs when CFFA_STORAGE is set")
     savedir: str = flag("samples", "with -n: the output folder's name under <runs_root>_preds/<name>/")
-    model: str | None = flag(None, "expect this design (dual_unet | joint_sdxl); default: the checkpoint's own")
-    num_samples: int = flag(10, "pairs to make in total (pair ids 0 .. N-1)", aliases=("--amount",))
+    model: str | None = flag(None, "refuse a checkpoint of another design: dual_unet | joint_sdxl",
+                             default_text="whatever design the checkpoint holds")
+    num_samples: int = flag(10, "pairs to make in total (pair ids 0 .. N-1); --amount is another name for it",
+                            aliases=("--amount",))
     output_dir: str = flag(storage_default("generated"),
-                           "where parquet/, the PNG folders and summary.json go: local, or s3:// / gs:// "
-                           "(default: $CFFA_STORAGE/generated if set; with -n: <runs_root>_preds/<name>/<savedir>)")
+                           "where parquet/, the PNG folders and summary.json go: local, or s3:// / gs://",
+                           default_text="generated, or $CFFA_STORAGE/generated when CFFA_STORAGE is set; "
+                                        "with -n, <runs_root>_preds/<name>/<savedir>")
     png_layout: str = flag(AUTO, "sharded: png/shard_SSSS/pair_PPPPPP/ (for many pairs) | numbered: 1/, 2/, ... "
                                  "in the output folder | auto: numbered with -n, else sharded", choices=(AUTO, *PNG_LAYOUTS))
     steps: int = flag(50, "denoising steps")
     seed: int = flag(42, "base seed; pair k's noise depends only on (seed, k)")
-    scheduler: str = flag("ddim", "ddim (the seed's) | dpm++ (DPM-Solver++, good at 20-25 steps)", choices=SCHEDULERS)
+    scheduler: str = flag("ddim", "ddim (DDIM, good at 50 steps) | dpm++ (DPM-Solver++, good at 20-25 steps)",
+                          choices=SCHEDULERS)
     mode: str = flag("noise", "noise: from pure noise | from_data: image-to-image from real pairs", choices=GENERATION_MODES)
     data: str | None = flag(None, "real pairs for --mode from_data (folder or manifest, as for training)")
     strength: float = flag(0.6, "from_data: how far the real pair is noised, in (0, 1]")
@@ -289,7 +325,9 @@ class GenerateConfig:
               "--use_gpu, no on CPU); the VAE follows, except that the SDXL VAE stays fp32 for fp16",
         choices=(AUTO, *MIXED_PRECISION))
     cpus_per_actor: float = flag(1.0, "CPUs reserved per model actor")
-    accelerator_type: str | None = flag(None, "only GPUs of this Ray accelerator type, e.g. A10G or L40S")
+    accelerator_type: str | None = flag(None, "only GPUs of this Ray accelerator type, e.g. A10G or L40S",
+                                        default_text="any")
+    strict: bool = flag(False, STRICT_HELP)
 
     def __post_init__(self) -> None:
         """-n resolves to the run's best_checkpoint and the runs' _preds folder (the layout of seed B)."""
@@ -301,6 +339,7 @@ class GenerateConfig:
             self.png_layout = "numbered" if self.name else "sharded"
 
     def validate(self) -> None:
+        check_finite(self)
         if not self.checkpoint_dir:
             raise ConfigError("--checkpoint_dir is missing; give a checkpoint folder written by `cffa train` "
                               "(or -n RUN_NAME for <runs_root>/RUN_NAME/best_checkpoint)")
@@ -340,11 +379,11 @@ class EvaluateConfig:
     """`cffa evaluate` / `jobs/evaluate.py`."""
 
     generated: str | None = flag(None, "the pairs to judge: a `cffa generate` output folder (its parquet/) "
-                                       "or a folder of pairs (cf/, fa/)")
+                                       "or a folder of pairs (cf/, fa/)", required=True)
     real: str | None = flag(None, "real pairs: a folder with cf/ and fa/ or a manifest .csv/.parquet, as --data "
-                                  "of training (the ceiling, the floor and the realism reference)")
-    output: str | None = flag(None, "folder for evaluation.json, evaluation.md and pairs.csv")
-    resolution: int | None = flag(None, "compare at this image side in pixels (default: the generated pairs')")
+                                  "of training (the ceiling, the floor and the realism reference)", required=True)
+    output: str | None = flag(None, "folder for evaluation.json, evaluation.md and pairs.csv", required=True)
+    resolution: int | None = flag(None, "compare at this image side in pixels", default_text="the generated pairs'")
     batch_size: int = flag(16, "pairs per Ray Data task")
     seed: int = flag(0, "seed of the SWD neighbourhoods and directions and of the KID subsets")
     inception_weights: str | None = flag(
@@ -376,17 +415,32 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] 
             continue
         kind = _base_type(hints[f.name])
         names = [f"--{f.name}", *f.metadata.get("aliases", ())]
-        help_text = f.metadata.get("help", "")
+        help_text = _help_with_default(f)
         if kind is bool:
-            parser.add_argument(*names, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+            parser.add_argument(*names, action=_BooleanFlag, default=f.default, help=help_text)
             continue
-        parser.add_argument(
-            *names,
-            type=f.metadata.get("parse", kind),
-            default=f.default,
-            choices=f.metadata.get("choices"),
-            help=f"{help_text} (default: {f.default})",
-        )
+        parser.add_argument(*names, type=f.metadata.get("parse", kind), default=f.default,
+                            choices=f.metadata.get("choices"), help=help_text)
+
+
+def _help_with_default(f: dataclasses.Field) -> str:
+    """The help text with the default said once: '(required)', the default's words, or its value."""
+    help_text = f.metadata.get("help", "").replace("%", "%%")  # argparse formats help with %
+    if f.metadata.get("required"):
+        return f"{help_text} (required)"
+    default = f.metadata.get("default_text")
+    if default is None and f.default is not None:
+        default = ("on" if f.default else "off") if isinstance(f.default, bool) else f.default
+    return help_text if default is None else f"{help_text} (default: {default})"
+
+
+class _BooleanFlag(argparse.BooleanOptionalAction):
+    """--x / --no-x, without the '(default: ...)' that some Pythons append on their own (it is in the help)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        help_text = kwargs.get("help")
+        super().__init__(*args, **kwargs)
+        self.help = help_text
 
 
 def _base_type(kind: Any) -> type:

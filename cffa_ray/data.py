@@ -6,6 +6,8 @@ Decoded batches (numpy, from `decode_batch`) hold:
     cf       uint8 [B, 3, R, R]    colour fundus, RGB (the model maps it to [-1, 1] on its device:
     fa       uint8 [B, 3, R, R]    angiogram, grey replicated to 3 channels   a quarter of float32's bytes)
     error    object [B]            "" or why the pair could not be decoded (its images are then zeros)
+    warning  object [B]            "" or lines "kind<TAB>file details" (see pixels.WARNINGS)
+How image modes and bit depths are converted: see pixels.py.
 """
 from __future__ import annotations
 
@@ -19,8 +21,11 @@ import numpy as np
 from PIL import Image
 
 from cffa_ray.io import filesystem, is_uri
+from cffa_ray.pixels import (WARNINGS, ImageReadError, describe, geometry_warnings, open_image, resize_square,
+                             to_modality)
 
 PAIR_ID, CF, FA, CF_PATH, FA_PATH, SPLIT, ERROR = "pair_id", "cf", "fa", "cf_path", "fa_path", "split", "error"
+WARNING = "warning"
 TRAIN, VAL = "train", "val"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 
@@ -92,15 +97,38 @@ def _check_matched(lonely: list[str], paths: dict[str, str], have: str, missing:
 
 
 def _read_manifest_rows(data: str) -> list[dict]:
+    import pyarrow as pa
+
+    fs, p = filesystem(data)
     if data.lower().endswith(".parquet"):
         import pyarrow.parquet as pq
 
-        fs, p = filesystem(data)
-        return pq.read_table(p, filesystem=fs).to_pylist()
-    fs, p = filesystem(data)
-    with fs.open_input_stream(p) as f:
-        text = f.read().decode("utf-8-sig")
-    return list(csv.DictReader(io.StringIO(text)))
+        try:
+            return pq.read_table(p, filesystem=fs).to_pylist()
+        except (pa.ArrowException, OSError) as e:
+            raise DataError(f"manifest {data} is not a readable parquet file ({_first_line(e)}); "
+                            f"write it with pandas.DataFrame.to_parquet or give a .csv") from None
+    problem = None
+    try:
+        with fs.open_input_stream(p) as f:
+            text = f.read().decode("utf-8-sig")
+        problem = "it holds NUL bytes" if "\x00" in text else None
+        rows = list(csv.DictReader(io.StringIO(text)))
+    except (UnicodeDecodeError, csv.Error) as e:
+        problem = _first_line(e)
+    if problem:
+        raise DataError(f"manifest {data} is not a CSV text file ({problem}); it needs a header row "
+                        f"with {CF_PATH},{FA_PATH} and one row per pair, in UTF-8")
+    return rows
+
+
+def _first_line(e: BaseException) -> str:
+    return _clip((str(e).strip().splitlines() or [type(e).__name__])[0])
+
+
+def _clip(text: str, limit: int = 120) -> str:
+    text = " ".join(text.split())  # one line, whatever the file held
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _from_manifest(data: str) -> list[dict]:
@@ -108,7 +136,8 @@ def _from_manifest(data: str) -> list[dict]:
         raise DataError(f"manifest --data {data} does not exist")
     rows = _read_manifest_rows(data)
     if rows and not {CF_PATH, FA_PATH} <= rows[0].keys():
-        raise DataError(f"manifest {data} needs columns {CF_PATH} and {FA_PATH}; it has {', '.join(rows[0])}")
+        found = ", ".join(str(k) for k in rows[0])
+        raise DataError(f"manifest {data} needs columns {CF_PATH} and {FA_PATH}; it has {_clip(found)}")
     base = data.rsplit("/", 1)[0] if is_uri(data) else str(Path(data).resolve().parent)
     records = []
     for i, row in enumerate(rows):
@@ -164,18 +193,32 @@ def read_bytes(path: str) -> bytes:
         return f.read()
 
 
+def read_image(path: str, mode: str) -> tuple[Image.Image, list[str]]:
+    """Decode and convert to `mode` (RGB for CF, L for FA; see pixels.py) -> (image, warning kinds)."""
+    try:
+        data = read_bytes(path)
+    except OSError as e:
+        raise DataError(f"cannot read image {path}: {e.strerror or e}; check the path and its permissions") from None
+    try:
+        image = open_image(data)
+    except ImageReadError as e:
+        raise DataError(f"cannot decode image {path}: {e}; replace or remove this pair") from None
+    return to_modality(image, mode)
+
+
 def load_image(path: str, resolution: int, mode: str) -> np.ndarray:
     """Decode, convert to `mode` (RGB or L), resize to resolution^2; uint8 [R, R, 3]."""
-    try:
-        image = Image.open(io.BytesIO(read_bytes(path)))
-        image.load()
-    except Exception as e:  # PIL raises many types for corrupt files
-        raise DataError(f"cannot decode image {path}: {e}; replace or remove this pair") from e
-    image = image.convert(mode)
-    if image.size != (resolution, resolution):
-        image = image.resize((resolution, resolution), Image.Resampling.BICUBIC)
-    array = np.asarray(image, dtype=np.uint8)
-    return np.repeat(array[..., None], 3, axis=-1) if mode == "L" else array
+    return resize_square(read_image(path, mode)[0], resolution)
+
+
+def load_pair(cf_path: str, fa_path: str, resolution: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Both images of a pair, uint8 [R, R, 3] each, and warning entries (pixels.describe) for the pair."""
+    (cf, cf_kinds), (fa, fa_kinds) = read_image(cf_path, "RGB"), read_image(fa_path, "L")
+    warnings = [describe(k, cf_path, cf.size) for k in cf_kinds + geometry_warnings(cf.size, resolution)]
+    warnings += [describe(k, fa_path, fa.size) for k in fa_kinds + geometry_warnings(fa.size, resolution)]
+    if cf.size != fa.size:
+        warnings.append(describe("pair_size", fa_path, fa.size, cf.size))
+    return resize_square(cf, resolution), resize_square(fa, resolution), warnings
 
 
 def channels_first(images: np.ndarray) -> np.ndarray:
@@ -189,19 +232,21 @@ def decode_batch(batch: dict[str, np.ndarray], resolution: int) -> dict[str, np.
     A bad file does not fail the task: it is reported in `error`, so the driver can name every bad
     file at once (Ray would only carry the first exception, as text).
     """
-    cfs, fas, errors = [], [], []
+    cfs, fas, errors, warnings = [], [], [], []
     for cf_path, fa_path in zip(batch[CF_PATH], batch[FA_PATH]):
         cf = fa = np.zeros((resolution, resolution, 3), np.uint8)
-        error = ""
+        error, warning = "", []
         try:
-            cf, fa = load_image(cf_path, resolution, "RGB"), load_image(fa_path, resolution, "L")
+            cf, fa, warning = load_pair(cf_path, fa_path, resolution)
         except DataError as e:
             error = str(e)
         cfs.append(cf)
         fas.append(fa)
         errors.append(error)
+        warnings.append("\n".join(warning))
     return {PAIR_ID: np.asarray(batch[PAIR_ID], dtype=object), CF: channels_first(np.stack(cfs)),
-            FA: channels_first(np.stack(fas)), ERROR: np.asarray(errors, dtype=object)}
+            FA: channels_first(np.stack(fas)), ERROR: np.asarray(errors, dtype=object),
+            WARNING: np.asarray(warnings, dtype=object)}
 
 
 def pairs_dataset(records: list[dict], resolution: int):
@@ -210,28 +255,56 @@ def pairs_dataset(records: list[dict], resolution: int):
 
     ds = ray.data.from_items([{PAIR_ID: r[PAIR_ID], CF_PATH: r[CF_PATH], FA_PATH: r[FA_PATH]} for r in records],
                              override_num_blocks=max(1, min(len(records), 64)))
-    # One pair per output block: training shuffles by block order, so blocks must not group pairs.
     return ds.map_batches(decode_batch, fn_kwargs={"resolution": resolution}, batch_size=1,
                           batch_format="numpy", num_cpus=1)
 
 
-def decoded_pairs(records: list[dict], resolution: int):
+def decoded_pairs(records: list[dict], resolution: int, strict: bool = False):
     """Decode every pair once (Ray Data CPU tasks) and keep it in the object store: {pair_id, cf, fa} rows.
 
-    Raises DataError naming the files that would not decode, before any training starts.
+    Raises DataError naming the files that would not decode, before any training starts; prints
+    the image warnings (raises them with `strict`). Give each pair once (training and validation
+    together): one error names every bad file, one warning counts every pair.
     """
     ds = pairs_dataset(records, resolution).materialize()
-    _raise_decode_errors(ds)
+    _check_decoded(ds, resolution, strict)
     return ds.select_columns([PAIR_ID, CF, FA])
 
 
-def check_decodable(records: list[dict], resolution: int) -> None:
+def check_decodable(records: list[dict], resolution: int, strict: bool = False) -> None:
     """Raise DataError naming the files that will not decode (Ray Data CPU tasks; nothing is kept)."""
-    _raise_decode_errors(pairs_dataset(records, resolution))
+    _check_decoded(pairs_dataset(records, resolution), resolution, strict)
 
 
-def _raise_decode_errors(ds) -> None:
-    errors = [e for e in ds.select_columns([ERROR]).to_pandas()[ERROR] if e]
+def _check_decoded(ds, resolution: int, strict: bool) -> None:
+    table = ds.select_columns([PAIR_ID, ERROR, WARNING]).to_pandas()
+    errors = [e for e in table[ERROR] if e]
     if errors:
-        more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
-        raise DataError("; ".join(errors[:3]) + more)
+        raise DataError("; ".join(errors[:3]) + (f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""))
+    report_warnings([w for w in table[WARNING] if w], len(table), resolution, strict)
+
+
+def report_warnings(entries: list[str], n_pairs: int, resolution: int, strict: bool) -> None:
+    """One line per warning kind, with its count and a few files; with `strict` they are one error."""
+    by_kind: dict[str, list[str]] = {}
+    for line in "\n".join(entries).splitlines():
+        kind, where = line.split("\t", 1)
+        by_kind.setdefault(kind, []).append(where)
+    lines = []
+    for kind, (what, meaning) in WARNINGS.items():
+        found = by_kind.get(kind, [])
+        if found:
+            files = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
+            total = n_pairs if kind == "pair_size" else 2 * n_pairs
+            line = f"{len(found)} of {total} {what} ({files}): {meaning}"
+            lines.append(line.replace("--resolution", f"--resolution {resolution}"))
+    if lines and strict:
+        raise DataError("; ".join(lines) + " (--strict)")
+    for line in lines:
+        warn(f"{line}; --strict makes this an error")
+
+
+def warn(message: str) -> None:
+    import sys
+
+    print(f"[cffa] warning: {message}", file=sys.stderr, flush=True)

@@ -56,7 +56,12 @@ def changed_fields(path: str, new: dict) -> list[str] | None:
     text = read_text(path)
     if text is None:
         return None
-    old = json.loads(text)
+    try:
+        old = json.loads(text)
+    except ValueError:
+        from cffa_ray.config import ConfigError
+
+        raise ConfigError(f"{path} is not readable JSON (damaged); delete it or use another folder") from None
     return [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
 
 

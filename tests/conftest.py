@@ -20,10 +20,10 @@ def _cli_env() -> dict:
     return env
 
 
-def run_cli(*args: str, timeout: float = CLI_TIMEOUT_S) -> subprocess.CompletedProcess:
-    """Run `cffa <args>` as a user would, in a fresh process (its own local Ray)."""
+def run_cli(*args: str, timeout: float = CLI_TIMEOUT_S, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `cffa <args>` as a user would, in a fresh process (its own local Ray); `env` adds variables."""
     return subprocess.run([sys.executable, "-m", "cffa_ray.cli", *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout, cwd=REPO, env=_cli_env())
+                          text=True, timeout=timeout, cwd=REPO, env={**_cli_env(), **(env or {})})
 
 
 def start_cli(*args: str) -> subprocess.Popen:
@@ -93,3 +93,59 @@ def trained_run(tmp_path_factory, pairs_dir):
     proc = run_cli("train", "--data", pairs_dir, "--output_dir", out, "--name", "t", *TRAIN_ARGS)
     assert_ok(proc)
     return out / "t", proc
+
+
+# ------------------------------------------------------------------ bad-input tests (driver-side, in-process)
+
+def fails_in_driver(capsys, argv, pattern, out_dir):
+    """`cffa argv` through the real entry point: exit 2, one line naming the problem, `out_dir` untouched."""
+    import re
+
+    from cffa_ray.cli import main
+
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith(f"cffa {argv[0]}: error: ")
+    assert "Traceback" not in captured.out + captured.err
+    assert re.search(pattern, err), err
+    assert not out_dir.exists(), f"{out_dir} was written"
+    return err
+
+
+@pytest.fixture
+def data(tmp_path):
+    from cffa_ray.synth import write_synthetic_pairs
+
+    write_synthetic_pairs(tmp_path / "pairs", 6, 32)
+    return tmp_path / "pairs"
+
+
+def train_argv(data, out, *extra):
+    return ["train", "--data", str(data), "--output_dir", str(out), "--name", "r", "--preset", "tiny",
+            "--resolution", "32", "--num_workers", "2", "--batch_size", "1", *map(str, extra)]
+
+
+MODEL_RECORD = {"model": "dual_unet", "base_model": None, "preset": "tiny", "resolution": 32,
+                "unet_lora_rank": 4, "unet_lora_alpha": 4.0}
+
+
+@pytest.fixture
+def fake_checkpoint(tmp_path):
+    """A checkpoint folder that passes the driver's file checks (its LoRA weights are not a real model's)."""
+    import torch
+    from safetensors.torch import save_file
+
+    ckpt = tmp_path / "ckpt"
+    for folder in ("unet_cf_lora", "unet_fa_lora"):
+        (ckpt / folder).mkdir(parents=True)
+        (ckpt / folder / "adapter_config.json").write_text("{}")
+        save_file({"lora_A.weight": torch.zeros(4, 4)}, str(ckpt / folder / "adapter_model.safetensors"))
+    (ckpt / "model.json").write_text(json.dumps(MODEL_RECORD))
+    return ckpt
+
+
+def gen_argv(ckpt, out, *extra):
+    return ["generate", "--checkpoint_dir", str(ckpt), "--output_dir", str(out), *map(str, extra)]

@@ -9,33 +9,8 @@ import shutil
 import pytest
 
 from cffa_ray.cli import main
-from tests.conftest import run_cli
-
-
-def _fails(capsys, argv, pattern, out_dir):
-    code = main(argv)
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert len(err.splitlines()) == 1, err
-    assert err.startswith(f"cffa {argv[0]}: error: ")
-    import re
-
-    assert re.search(pattern, err), err
-    assert not out_dir.exists(), f"{out_dir} was written"
-    return err
-
-
-@pytest.fixture
-def data(tmp_path):
-    from cffa_ray.synth import write_synthetic_pairs
-
-    write_synthetic_pairs(tmp_path / "pairs", 6, 32)
-    return tmp_path / "pairs"
-
-
-def train_argv(data, out, *extra):
-    return ["train", "--data", str(data), "--output_dir", str(out), "--name", "r", "--preset", "tiny",
-            "--resolution", "32", "--num_workers", "2", "--batch_size", "1", *map(str, extra)]
+from tests.conftest import fails_in_driver as _fails
+from tests.conftest import gen_argv, run_cli, train_argv
 
 
 @pytest.mark.parametrize("extra, pattern", [
@@ -123,30 +98,24 @@ def test_train_more_gpus_than_the_machine_has(tmp_path, data):
 
 
 def test_train_undecodable_image_is_named(tmp_path, data):
+    """A corrupt, a zero-byte and a truncated PNG: all three named (validation pairs too), in one line."""
+    import os
+
     (data / "fa/synth_00002.png").write_bytes(b"\x89PNG\r\n\x1a\ntruncated")
+    (data / "cf/synth_00003.png").write_bytes(b"")
+    (data / "fa/synth_00005.png").write_bytes(os.urandom(300))
     proc = run_cli(*train_argv(data, tmp_path / "out"), timeout=300)
     assert proc.returncode == 2, proc.stderr[-3000:]
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("cffa train: error: cannot decode image") and "fa/synth_00002.png" in last
+    err = proc.stderr.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in proc.stdout + err, err
+    assert err.startswith("cffa train: error: cannot decode image") and "fa/synth_00002.png" in err
+    assert "cf/synth_00003.png: the file is empty (0 bytes)" in err
+    assert "fa/synth_00005.png: not a PNG, JPEG or TIFF image that PIL can read" in err
+    assert "BytesIO" not in err
     assert not (tmp_path / "out").exists()
 
 
 # ------------------------------------------------------------------ generate
-
-
-@pytest.fixture
-def fake_checkpoint(tmp_path):
-    ckpt = tmp_path / "ckpt"
-    for folder in ("unet_cf_lora", "unet_fa_lora"):
-        (ckpt / folder).mkdir(parents=True)
-        (ckpt / folder / "adapter_config.json").write_text("{}")
-        (ckpt / folder / "adapter_model.safetensors").write_bytes(b"")
-    (ckpt / "model.json").write_text(json.dumps({"model": "dual_unet", "preset": "tiny", "resolution": 32}))
-    return ckpt
-
-
-def gen_argv(ckpt, out, *extra):
-    return ["generate", "--checkpoint_dir", str(ckpt), "--output_dir", str(out), *map(str, extra)]
 
 
 @pytest.mark.parametrize("extra, pattern", [
@@ -183,6 +152,11 @@ def test_generate_refuses_to_mix_arguments(capsys, tmp_path, fake_checkpoint):
     cfg = resolve(GenerateConfig(checkpoint_dir=str(fake_checkpoint), steps=50), None)
     ident = identity(cfg, {"model": "dual_unet", "resolution": 32})
     (out / "generation.json").write_text(json.dumps(ident))
+    (out / "parquet").mkdir()
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"pair_id": [0]}), out / "parquet/part-000000-000000-n1.parquet")  # one finished pair
     before = sorted(p.name for p in out.iterdir())
     code = main(gen_argv(fake_checkpoint, out, "--steps", 20))
     err = capsys.readouterr().err.strip()

@@ -111,7 +111,24 @@ def test_base_model_folder_errors(tmp_path, sd15_folder):
         check_base_model(str(sd15_folder), "joint_sdxl")
     with pytest.raises(ConfigError, match="neither an existing folder nor a hub id"):
         check_base_model(str(tmp_path / "missing" / "model"), "dual_unet")
-    check_base_model("stable-diffusion-v1-5/stable-diffusion-v1-5", "dual_unet")  # hub ids are accepted
+
+
+
+def test_hub_base_model_in_the_local_cache_needs_no_network(tmp_path, monkeypatch):
+    """A hub id whose snapshot is in the Hugging Face cache passes (no hub endpoint is reachable here)."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    repo = tmp_path / "models--org--sd15"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs/main").write_text("0" * 40)
+    for name in ("model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json"):
+        (repo / "snapshots" / ("0" * 40) / name).parent.mkdir(parents=True, exist_ok=True)
+        (repo / "snapshots" / ("0" * 40) / name).write_text("{}")
+    check_base_model("org/sd15", "dual_unet")
+    with pytest.raises(ConfigError, match="org/other: the Hugging Face hub cannot be reached"):
+        check_base_model("org/other", "dual_unet")
 
 
 def test_gradient_checkpointing_keeps_loss_and_gradients():

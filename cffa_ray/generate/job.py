@@ -20,20 +20,21 @@ from cffa_ray.io import absolute, local_copy
 
 def check_checkpoint(checkpoint_dir: str, expected_model: str | None = None) -> dict:
     """The checkpoint's model record; a clear error for a missing or foreign folder."""
+    from cffa_ray.checks import check_checkpoint_files, check_model_record, read_json_file
     from cffa_ray.models import adapter_folders
-    from cffa_ray.models.interface import MODEL_RECORD, read_model_record
+    from cffa_ray.models.interface import MODEL_RECORD
 
     try:
         path = Path(local_copy(checkpoint_dir))
     except FileNotFoundError:
         path = Path("/nonexistent")
     if not path.is_dir():
-        raise ConfigError(f"--checkpoint_dir {checkpoint_dir} does not exist; "
+        raise ConfigError(f"--checkpoint_dir {checkpoint_dir} {'is a file' if path.exists() else 'does not exist'}; "
                           "give <run>/best_checkpoint or <run>/latest_checkpoints/step_XXXXXX")
     if not (path / MODEL_RECORD).is_file():
         raise ConfigError(f"--checkpoint_dir {checkpoint_dir} is not a cffa checkpoint (no {MODEL_RECORD}); "
                           "give <run>/best_checkpoint or <run>/latest_checkpoints/step_XXXXXX")
-    record = read_model_record(path)
+    record = read_json_file(path / MODEL_RECORD, f"--checkpoint_dir {checkpoint_dir}")
     folders = adapter_folders(record.get("model", ""))
     if folders is None:
         raise ConfigError(f"--checkpoint_dir {checkpoint_dir}: model {record.get('model')!r} in {MODEL_RECORD} "
@@ -47,6 +48,8 @@ def check_checkpoint(checkpoint_dir: str, expected_model: str | None = None) -> 
     if missing:
         raise ConfigError(f"--checkpoint_dir {checkpoint_dir} ({record.get('model')}) lacks {', '.join(missing)}; "
                           "it is incomplete or from another design")
+    check_model_record(record, path / MODEL_RECORD, f"--checkpoint_dir {checkpoint_dir}")
+    check_checkpoint_files(path, folders, f"--checkpoint_dir {checkpoint_dir}")
     if not record.get("preset"):
         from cffa_ray.config import DEFAULT_BASE_MODEL
         from cffa_ray.models.base import check_base_model
@@ -157,17 +160,20 @@ def start_ray(cfg: GenerateConfig) -> None:
 
 def generate(cfg: GenerateConfig) -> dict:
     """Make the missing pairs of 0..N-1 under cfg.output_dir; returns the summary dict."""
+    from cffa_ray.checks import check_output_dir
     from cffa_ray.generate.outputs import (check_identity, done_pair_ids, parquet_shards, remove_leftovers,
                                            write_identity, write_summary)
     from cffa_ray.generate.settings import identity, needs_calibration, recorded_identity, resolve
     from cffa_ray.progress import quiet_ray_data
 
     cfg.validate()
+    check_output_dir(cfg.output_dir, "--output_dir")
     cfg = dataclasses.replace(cfg, output_dir=absolute(cfg.output_dir))  # the writers may run elsewhere
     record = check_checkpoint(cfg.checkpoint_dir, cfg.model)
     sources = sorted(discover_pairs(cfg.data), key=lambda r: r[PAIR_ID]) if cfg.mode == "from_data" else None
     done = done_pair_ids(cfg.output_dir)
     todo = [k for k in range(cfg.num_samples) if k not in done]
+    skipped = cfg.num_samples - len(todo)
     recorded = recorded_identity(cfg.output_dir) if done else None  # a folder with pairs keeps auto's choices
     if todo and needs_calibration(cfg, recorded):
         start_ray(cfg)  # the measurement runs as a one-GPU Ray task
@@ -178,7 +184,10 @@ def generate(cfg: GenerateConfig) -> dict:
     if todo:
         start_ray(cfg)
         if sources:  # every real pair this run starts from must decode, before anything is written
-            check_decodable([sources[i] for i in sorted({k % len(sources) for k in todo})], record["resolution"])
+            check_decodable([sources[i] for i in sorted({k % len(sources) for k in todo})], record["resolution"],
+                             cfg.strict)
+        print(f"[cffa] generating {len(todo)} pairs ({skipped} already done), model_batch {cfg.model_batch}, "
+              f"{cfg.concurrency} model actor(s) -> {cfg.output_dir}", flush=True)
         write_identity(cfg.output_dir, ident)
         remove_leftovers(cfg.output_dir)  # a killed run's half-staged folders (this job redoes them)
         quiet_ray_data()  # one progress line of our own instead
@@ -192,7 +201,7 @@ def generate(cfg: GenerateConfig) -> dict:
     seconds = time.time() - t0
     made = len(todo)
     summary = {
-        "pairs_total": cfg.num_samples, "pairs_made": made, "pairs_skipped": cfg.num_samples - made,
+        "pairs_total": cfg.num_samples, "pairs_made": made, "pairs_skipped": skipped,
         "pairs_in_output": len(done_pair_ids(cfg.output_dir)),
         "seconds": round(seconds, 3), "pairs_per_s": round(made / seconds, 4) if made else None,
         **rates(calls, t0), "model_batch": cfg.model_batch, "compile": cfg.compile,
@@ -204,7 +213,7 @@ def generate(cfg: GenerateConfig) -> dict:
     rate = f"{made / seconds:.2f} pairs/s" if made else "nothing to do"
     steady = (f", {summary['steady_pairs_per_s']} pairs/s after {summary['startup_s']:.0f}s start-up"
               if summary.get("steady_pairs_per_s") else "")
-    print(f"[cffa] generated {made} pairs, skipped {cfg.num_samples - made} already done, {seconds:.1f}s, "
+    print(f"[cffa] generated {made} pairs, skipped {skipped} already done, {seconds:.1f}s, "
           f"{rate}{steady} -> {cfg.output_dir}", flush=True)
     return summary
 

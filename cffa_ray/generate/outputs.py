@@ -47,9 +47,12 @@ def pair_folder(output_dir: str, pair_id: int, layout: str = "sharded") -> str:
 # ------------------------------------------------------------------ identity and resume
 
 def check_identity(output_dir: str, identity: dict) -> None:
-    """Refuse to mix pairs made with other pixel-deciding arguments into one output folder."""
+    """Refuse to mix pairs made with other pixel-deciding arguments into one output folder.
+
+    A folder with no finished pair (e.g. a run that failed before its first shard) blocks nothing.
+    """
     diffs = changed_fields(join_path(output_dir, IDENTITY_FILE), identity)
-    if diffs:
+    if diffs and done_pair_ids(output_dir):
         raise ConfigError(f"--output_dir {output_dir} holds pairs made with different arguments "
                           f"({'; '.join(diffs)}); use another --output_dir or the original arguments")
 
@@ -73,6 +76,16 @@ def done_pair_ids(output_dir: str) -> set[int]:
     for path in parquet_shards(output_dir):
         done.update(pq.read_table(path, columns=["pair_id"], filesystem=fs)["pair_id"].to_pylist())
     return done
+
+
+def resume_hint(output_dir: str, num_samples: int) -> str:
+    """What a Ctrl-C leaves: finished pairs are kept (committed shards); the rerun makes only the rest."""
+    try:
+        done = len(done_pair_ids(output_dir))
+    except Exception:  # the folder may not exist yet, or be mid-write
+        done = 0
+    return (f"generation interrupted with {done} of {num_samples} pairs finished in {output_dir}; "
+            "rerun the same command to make the rest")
 
 
 def remove_leftovers(output_dir: str) -> int:

@@ -5,7 +5,6 @@ what the model keeps is the embedding tensor.
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,8 @@ class BaseParts:
 
 def check_base_model(base_model: str, model: str) -> None:
     """Fail early, in the driver, for a --base_model that cannot be a diffusers model of this family."""
+    from cffa_ray.checks import check_hub_model, check_model_folder, read_json_file
+
     family = FAMILY[model]
     path = Path(base_model).expanduser()
     if path.exists():
@@ -46,10 +47,13 @@ def check_base_model(base_model: str, model: str) -> None:
             )
         scheduler_config = path / "scheduler/scheduler_config.json"
         if scheduler_config.is_file():
-            check_prediction_type(json.loads(scheduler_config.read_text()), base_model)
+            check_prediction_type(read_json_file(scheduler_config, "--base_model"), base_model)
+        check_model_folder(path, tuple(p.split("/")[0] for p in REQUIRED[family] if p.endswith("/config.json")),
+                           "--base_model")
         return
     if not HUB_ID.match(base_model):
         raise ConfigError(f"--base_model {base_model} is neither an existing folder nor a hub id like org/name")
+    check_hub_model(base_model, model, REQUIRED[family])
 
 
 def check_prediction_type(scheduler_config: dict, base_model: str) -> None:

@@ -48,7 +48,7 @@ def training_datasets(cfg: TrainConfig, train_records: list[dict], val_records: 
     from cffa_ray.train.latent_cache import cache_latents
 
     by_id = {r[PAIR_ID]: r for r in train_records + val_records}
-    pairs = decoded_pairs(list(by_id.values()), cfg.resolution)
+    pairs = decoded_pairs(list(by_id.values()), cfg.resolution, cfg.strict)
     if cfg.cache_latents:
         pairs = cache_latents(pairs, cfg)
     columns = model_columns(cfg.model, cfg.cache_latents)

@@ -5,25 +5,37 @@ import dataclasses
 import os
 import time
 
-from cffa_ray.config import ConfigError, TrainConfig, join_path, to_dict
-from cffa_ray.data import TRAIN, VAL, DataError, assign_split, discover_pairs
-from cffa_ray.io import absolute
+from cffa_ray.config import ConfigError, Interrupted, RunStopped, TrainConfig, join_path, to_dict
+from cffa_ray.data import TRAIN, VAL, DataError, assign_split, discover_pairs, warn
+from cffa_ray.io import absolute, is_uri
 
 
 def check(cfg: TrainConfig) -> list[dict]:
     """Every check that needs no Ray: flags, base model, pairs. Returns split pair records."""
+    from cffa_ray.checks import check_output_dir, check_run_folder
     from cffa_ray.models.base import check_base_model
 
     cfg.validate()
+    check_output_dir(cfg.output_dir, "--output_dir")
+    if not is_uri(cfg.run_dir):  # (a URI was just probed)
+        check_output_dir(cfg.run_dir, f"--output_dir {cfg.output_dir} --name {cfg.name}: the run folder")
     if cfg.preset is None:
         check_base_model(cfg.base_model_or_default, cfg.model)
     check_resumable(cfg)
+    check_run_folder(cfg.run_dir)
     records = assign_split(discover_pairs(cfg.data), cfg.val_fraction, cfg.seed)
     n_train = sum(r["split"] == TRAIN for r in records)
     need = cfg.num_workers * cfg.batch_size
     if n_train < need:
         raise DataError(f"--data has {n_train} training pair(s); --num_workers {cfg.num_workers} x "
                         f"--batch_size {cfg.batch_size} needs at least {need}: add pairs or lower those flags")
+    if n_train == len(records):
+        no_val = (f"no validation pairs ({len(records)} pair(s), --val_fraction {cfg.val_fraction:g}): validation "
+                  "scores training pairs, so val_loss and best_checkpoint show how well they are fitted, not how "
+                  "well the model generalises; add pairs, or a split column to a manifest")
+        if cfg.strict:
+            raise DataError(f"{no_val} (--strict)")
+        warn(f"{no_val}; --strict makes this an error")
     return records
 
 
@@ -62,13 +74,17 @@ def init_ray(num_cpus_needed: float) -> None:
     """
     import ray
 
+    from cffa_ray import quiet
+
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
+        ray.init(log_to_driver=True, **quiet.ray_init_kwargs(local=False))
     else:
         # The dashboard also serves the state API that Train's placement-group cleaner polls.
-        ray.init(num_cpus=max(os.cpu_count() or 1, int(num_cpus_needed + 0.999) + 2), log_to_driver=True)
+        ray.init(num_cpus=max(os.cpu_count() or 1, int(num_cpus_needed + 0.999) + 2), log_to_driver=True,
+                 **quiet.ray_init_kwargs(local=True))
+    quiet.after_ray_init()
 
 
 def worker_env(use_gpu: bool) -> dict:
@@ -92,19 +108,16 @@ def train(cfg: TrainConfig):
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from cffa_ray.quiet import train_logging
     from cffa_ray.train.datasets import training_datasets
     from cffa_ray.train.loop import quiet_ray, train_loop_per_worker
     from cffa_ray.train.run_folder import RAY_DIR, RUN_RECORD, RunFolder
+    from cffa_ray.train.stop import STOPPED
 
     cfg = absolute_paths(cfg)
     records = check(cfg)
     train_records = [r for r in records if r["split"] == TRAIN]
-    val_records = [r for r in records if r["split"] == VAL]
-    if not val_records:
-        val_records = train_records[: max(1, cfg.batch_size)]
-        print(f"[cffa] warning: no validation pairs (--val_fraction {cfg.val_fraction} of {len(records)} pair(s), "
-              f"or a manifest without split=val rows): best_checkpoint is chosen on {len(val_records)} "
-              "training pair(s); give more pairs or a higher --val_fraction", flush=True)
+    val_records = [r for r in records if r["split"] == VAL] or train_records[: max(1, cfg.batch_size)]  # warned
     init_ray(cfg.num_workers * cfg.cpus_per_worker)
     check_resources(cfg.use_gpu, cfg.num_workers, "--num_workers", cfg.accelerator_type)
     quiet_ray()
@@ -125,13 +138,19 @@ def train(cfg: TrainConfig):
         run_config=RunConfig(name=RAY_DIR, storage_path=storage,
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
-                             worker_runtime_env=worker_env(cfg.use_gpu)),
+                             worker_runtime_env=worker_env(cfg.use_gpu), logging_config=train_logging()),
         datasets={"train": train_ds, "val": val_ds},
         dataset_config=DataConfig(datasets_to_split=["train"]),
     )
-    result = trainer.fit()
-    if result.error:
-        raise result.error
+    try:
+        result = trainer.fit()
+    except SystemExit:  # Ray Train aborts the run on Ctrl-C, then its waiting ray.get exits the driver
+        raise Interrupted(resume_hint(cfg)) from None
+    outcome = getattr(result, "return_value", {"step": None}) or {}  # (Ray before return_value: no Ctrl-C check)
+    if outcome.get(STOPPED):
+        raise RunStopped(outcome[STOPPED])
+    if "step" not in outcome:  # the train function did not finish: Ctrl-C stopped the run
+        raise Interrupted(resume_hint(cfg))
     try:  # the run is done: a report that cannot be drawn is a warning, never a failed run
         from cffa_ray.report import write_report
 
@@ -140,6 +159,14 @@ def train(cfg: TrainConfig):
         print(f"[cffa] warning: report.html not written ({type(e).__name__}: {e}); "
               f"retry with `cffa report {cfg.run_dir}`", flush=True)
     return result
+
+
+def resume_hint(cfg: TrainConfig) -> str:
+    from cffa_ray.train.run_folder import RunFolder
+
+    step = RunFolder(cfg.run_dir).resumable_step()
+    where = f"from step {step}, its last checkpoint" if step else "from the start (no checkpoint was saved yet)"
+    return f"training interrupted; rerun the same command to resume {where}"
 
 
 __all__ = ["train", "check", "init_ray", "ConfigError", "DataError"]

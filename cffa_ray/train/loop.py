@@ -35,7 +35,8 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
     }
 
 
-def train_loop_per_worker(config: dict) -> None:
+def train_loop_per_worker(config: dict) -> dict:
+    """Train; returns {"step": N} at the end, or {STOPPED: why} when the run must stop (train/stop.py)."""
     cfg = from_dict(TrainConfig, config["cfg"])
     if not cfg.use_gpu:  # also in the workers' runtime env; must precede the first deepspeed import
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -45,6 +46,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     from cffa_ray.models import build_model
     from cffa_ray.train.run_folder import RunFolder
+    from cffa_ray.train.stop import STOPPED, agreed_error, is_check_step, model_error, nonfinite_message
 
     quiet_ray()
     ctx = ray.train.get_context()
@@ -52,7 +54,13 @@ def train_loop_per_worker(config: dict) -> None:
     is_rank0 = rank == 0
 
     torch.manual_seed(cfg.seed)  # identical LoRA init on every rank
-    model = build_model(cfg, **cfg.loss_settings())
+    model, error = None, ""
+    try:
+        model = build_model(cfg, **cfg.loss_settings())
+    except Exception as e:  # a retry would meet it again: stop the run (see train/stop.py)
+        error = model_error(e, rank)
+    if error := agreed_error(error):
+        return {STOPPED: error}
     if cfg.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -65,11 +73,13 @@ def train_loop_per_worker(config: dict) -> None:
     record = {**cfg.model_record(), "trained_steps": 0}
     run = RunFolder(cfg.run_dir)
 
-    step, best_val = 0, math.inf
+    step, best_val, bad_step = 0, math.inf, None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as ckpt_dir:
             _, client = engine.load_checkpoint(ckpt_dir, tag=DS_TAG, load_module_strict=False)
+        for group in optimizer.param_groups:  # this run's --lr, not the saved one (e.g. lowered after a NaN)
+            group["lr"] = cfg.lr
         # best_checkpoint/ may be newer than the resumed state when --checkpoint_every > --val_every
         step, best_val = client["step"], min(client["best_val"], run.best_val_loss())
         best_val = agreed_min(best_val, device)  # ranks that read another best_checkpoint would deadlock
@@ -92,6 +102,7 @@ def train_loop_per_worker(config: dict) -> None:
             run.write_samples(0, cf, fa)
     window: dict[str, float] = {}
     t_window, step_window = time.time(), step  # rates are over the last log window (steady state)
+    start_step = step
 
     while step < cfg.max_steps:
         engine.train()
@@ -101,8 +112,13 @@ def train_loop_per_worker(config: dict) -> None:
             engine.step()
             for k, v in out.items():
                 window[k] = window.get(k, 0.0) + float(v.detach()) / cfg.gradient_accumulation_steps
+            if bad_step is None and not math.isfinite(window["loss"]):
+                bad_step = step + 1
         step += 1
         window["n"] = window.get("n", 0) + 1
+        # before anything is logged, exported or checkpointed from a diverged model; the first bad step on any rank
+        if is_check_step(step, cfg) and math.isfinite(first_bad := agreed_min(bad_step or math.inf, device)):
+            return {STOPPED: nonfinite_message(int(first_bad), start_step, cfg)}
 
         if step % cfg.log_every == 0 or step == cfg.max_steps:
             n = window.pop("n")
@@ -124,6 +140,8 @@ def train_loop_per_worker(config: dict) -> None:
         record["trained_steps"] = step
         if step % cfg.val_every == 0 or step == cfg.max_steps:
             val = validate(engine, val_batches, cfg, device)
+            if not math.isfinite(val["loss"]):  # the same on every rank: validate all-reduces it
+                return {STOPPED: nonfinite_message(step, start_step, cfg, "validation loss")}
             if is_rank0:
                 from cffa_ray.train.run_folder import VALIDATION_LOG, log_line
                 run.append(VALIDATION_LOG, log_line(step, {f"val_{k}": v for k, v in val.items()}))
@@ -139,6 +157,7 @@ def train_loop_per_worker(config: dict) -> None:
         if step % cfg.checkpoint_interval == 0 or step == cfg.max_steps:
             _export(engine, is_rank0, lambda m, s: run.export_latest(m, record, step, cfg.keep_latest, s))
             _report(engine, step, best_val, cfg)
+    return {"step": step}
 
 
 def quiet_ray() -> None:
@@ -147,6 +166,9 @@ def quiet_ray() -> None:
 
     import ray.data
 
+    from cffa_ray.quiet import quiet_worker
+
+    quiet_worker()
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False

@@ -107,6 +107,19 @@ class RunFolder:
         text = read_text(self.path(BEST, MODEL_RECORD))
         return json.loads(text).get("val_loss", math.inf) if text else math.inf
 
+    def resumable_step(self) -> int:
+        """The step a rerun resumes from: Ray Train's latest registered checkpoint (0: none yet).
+
+        Ray Train registers a reported checkpoint at its next poll of the workers, so a run stopped
+        right after a checkpoint may resume from the one before (see README, resume and faults).
+        """
+        text = read_text(self.path(RAY_DIR, "checkpoint_manager_snapshot.json"))
+        try:
+            latest = json.loads(text)["latest_checkpoint_result"] if text else None
+            return int(latest["metrics"]["step"]) if latest else 0
+        except (ValueError, KeyError, TypeError):
+            return 0
+
     def latest_steps(self) -> list[str]:
         import pyarrow.fs as pafs
 

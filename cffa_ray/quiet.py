@@ -1,0 +1,192 @@
+"""A readable terminal: the project's own lines, Ray's and DeepSpeed's routine chatter turned off.
+
+Where a setting exists the noise is turned off where it is made:
+* RAY_AUTH_MODE=token for a local cluster: Ray turns token authentication on for a new local cluster
+  anyway and warns that it did; asking for it explicitly keeps it on, without the warning (a
+  RAY_AUTH_MODE of the user's own is left as it is).
+* ray.init(logging_level=WARNING): no "Started a local Ray instance" line.
+* Ray Train's LoggingConfig(log_level=WARNING) (see `train_logging`): no "Requesting resources",
+  "Started training worker group ..." and "Setting up process group" lines on every attempt.
+* Ray Data: one progress bar per run on a terminal (not one per operator), its INFO lines off in
+  the driver, and its "Progress bars disabled" warning marked as already said where we run code.
+
+Lines that Ray's own actors print and that no setting controls are dropped, by exact pattern
+(NOISE below), from the worker output Ray forwards to this terminal; Ray's C++ warning about its
+own actors' constructor arguments, which the driver process itself writes to stderr, is dropped
+by a filter on that file descriptor. Everything else, errors and tracebacks included, passes. The
+full logs stay in Ray's session folder (/tmp/ray/session_latest/logs), and CFFA_RAW_LOGS=1 turns
+the filters off.
+"""
+from __future__ import annotations
+
+import atexit
+import contextlib
+import logging
+import os
+import re
+import sys
+import threading
+
+NOISE = re.compile("|".join([
+    # Ray Data / Ray Train actors create actors with arguments in the object store (ray issue 53727)
+    r"core_worker\.cc:\d+: Actor with class name: .* has constructor arguments in the object store",
+    # Ray Data, in the actors that Ray Train starts to split the dataset
+    r"Progress bars disabled\. To enable, set",
+    r"Dataset \S+ execution finished in [\d.]+ seconds",
+    # Ray Train passes a deprecated option to Ray Data (the warning, then its source line)
+    r"RayDeprecationWarning: `ExecutionOptions\.exclude_resources` is deprecated",
+    r"^\s*self\.exclude_resources = exclude_resources\s*$",
+    # Ray Train's placement-group cleaner when the state API is briefly busy (it retries)
+    r"Failed to query Ray Train Controller actor state\. State API may be temporarily unavailable",
+    # DeepSpeed on CPU compiles its shared-memory collective op once per worker
+    r"DeepSpeed deepspeed\.ops\.comm\.deepspeed_shm_comm_op built successfully",
+]))
+
+_active = False  # set while `terminal()` runs: only the CLI asks for the filters
+
+
+def is_noise(line: str) -> bool:
+    return bool(NOISE.search(line))
+
+
+@contextlib.contextmanager
+def terminal():
+    """Around a CLI command: quiet settings before Ray starts, filters once it runs (see module doc)."""
+    global _active
+    _active = True
+    if "ray" not in sys.modules and not os.environ.get("RAY_ADDRESS"):
+        os.environ.setdefault("RAY_AUTH_MODE", "token")  # read when ray is imported (see module doc)
+    try:
+        yield
+    finally:
+        _active = False
+        _StderrFilter.remove()
+
+
+def ray_init_kwargs(local: bool) -> dict:
+    """Settings for ray.init.
+
+    A local cluster gets a dashboard port of its own, named in RAY_API_SERVER_ADDRESS (inherited by
+    its workers): Ray Train's placement-group cleaner looks the state API up by address, and with
+    another local Ray instance on the machine its lookup fails ("Found multiple active Ray
+    instances") and its thread dies with a traceback.
+    """
+    kwargs = {"logging_level": logging.WARNING} if _active else {}
+    if local:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+        kwargs["dashboard_port"] = port
+    return kwargs
+
+
+def after_ray_init() -> None:
+    """Filter the forwarded worker output and this process's stderr (CLI runs only)."""
+    _mark_said("ray_data_progress_manager_disabled")
+    if not _active or os.environ.get("CFFA_RAW_LOGS"):
+        return
+    import ray.data
+
+    # One progress bar per Ray Data run on a terminal, not one per operator; elsewhere (logs, pipes)
+    # Ray Data would instead log a block of operator states every 10 s.
+    ray.data.DataContext.get_current().enable_operator_progress_bars = False
+    _mark_said("ray_data_progress_manager_global")
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    _filter_worker_logs()
+    _StderrFilter.install()
+
+
+def quiet_worker() -> None:
+    """In processes we run code in (training workers): warnings Ray would print once per process."""
+    _mark_said("ray_data_progress_manager_disabled")
+
+
+def train_logging():
+    """Ray Train's own log level: warnings and errors only."""
+    from ray.train.v2.api.config import LoggingConfig
+
+    return LoggingConfig(log_level="WARNING")
+
+
+def _mark_said(key: str) -> None:
+    from ray.util.debug import log_once
+
+    log_once(key)
+
+
+def _filter_worker_logs() -> None:
+    """Wrap Ray's printer of forwarded worker lines (a private hook: skipped if Ray changed it)."""
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:
+        return
+    with dispatcher._lock:
+        for i, (name, handler) in enumerate(dispatcher.handlers):
+            if name == "ray_print_logs" and not getattr(handler, "_cffa_filtered", False):
+                def filtered(data, handler=handler):
+                    lines = [ln for ln in data.get("lines", []) if ln.strip() and not is_noise(ln)]
+                    if lines:
+                        handler({**data, "lines": lines})
+                filtered._cffa_filtered = True
+                dispatcher.handlers[i] = (name, filtered)
+
+
+class _StderrFilter:
+    """Native writes to file descriptor 2 (Ray's C++ logging) go through a pipe whose reader drops
+    NOISE lines; Python's sys.stderr moves to a copy of the real stderr, so that Python output
+    (progress bars, which draw only on a terminal, tracebacks, warnings) reaches it directly."""
+
+    _saved: int | None = None
+    _python_stderr = None
+    _thread: threading.Thread | None = None
+
+    @classmethod
+    def install(cls) -> None:
+        if cls._saved is not None:
+            return
+        try:
+            sys.stderr.flush()
+            read_end, write_end = os.pipe()
+            cls._saved = os.dup(2)
+            direct = os.fdopen(os.dup(cls._saved), "w", buffering=1, encoding=sys.stderr.encoding,
+                               errors="backslashreplace")
+            os.dup2(write_end, 2)
+            os.close(write_end)
+        except (OSError, ValueError, AttributeError):
+            return
+        cls._python_stderr, sys.stderr = sys.stderr, direct
+        cls._thread = threading.Thread(target=cls._pump, args=(read_end, cls._saved), daemon=True,
+                                       name="cffa-stderr-filter")
+        cls._thread.start()
+        atexit.register(cls.remove)
+
+    @staticmethod
+    def _pump(read_end: int, out: int) -> None:
+        pending = b""
+        with os.fdopen(read_end, "rb", buffering=0) as source:
+            while chunk := source.read(65536):
+                *lines, pending = (pending + chunk).split(b"\n")
+                kept = [ln + b"\n" for ln in lines if not is_noise(ln.decode(errors="replace"))]
+                if kept:
+                    os.write(out, b"".join(kept))
+        if pending and not is_noise(pending.decode(errors="replace")):
+            os.write(out, pending)
+
+    @classmethod
+    def remove(cls) -> None:
+        """Give fd 2 and sys.stderr back (the pipe closes, the reader writes what is left and ends)."""
+        if cls._saved is None:
+            return
+        with contextlib.suppress(OSError, ValueError):
+            sys.stderr.flush()
+        direct, sys.stderr = sys.stderr, cls._python_stderr
+        os.dup2(cls._saved, 2)
+        if cls._thread is not None:
+            cls._thread.join(timeout=2)
+        os.close(cls._saved)
+        with contextlib.suppress(OSError, ValueError):
+            direct.close()
+        cls._saved, cls._thread, cls._python_stderr = None, None, None
