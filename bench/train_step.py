@@ -61,14 +61,15 @@ def plain_loop(cfg: TrainConfig, steps: int, warmup: int, profile: int = 0) -> t
     """(steps/s, FLOP per step, peak GiB) of model + AdamW in this process: the baseline."""
     device = torch.device("cuda" if cfg.use_gpu else "cpu")
     model = plain_model(cfg, device)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
-                            fused=cfg.use_gpu or None)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=cfg.lr, fused=cfg.use_gpu or None)
     data = batch(model, cfg, device)
 
     def step():
         with autocast(device, cfg.mixed_precision):
             loss = model(data)["loss"]
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)  # as the DeepSpeed config does (gradient_clipping 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
 

@@ -98,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="a run folder written by `cffa train` (<output_dir>/<name>)")
     p.set_defaults(run=_report)
 
-    p = sub.add_parser("demo", help="synthetic pairs -> tiny 2-worker ZeRO-2 training -> 32 generated pairs")
+    p = sub.add_parser("demo", help="synthetic pairs -> 2-worker ZeRO-2 training on the built-in tiny-retina "
+                                    "model -> 32 generated pairs")
     p.add_argument("--out", default="demo", help="folder for everything the demo makes (default: demo)")
     p.set_defaults(run=_demo)
     return parser

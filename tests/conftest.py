@@ -47,18 +47,9 @@ def pairs_dir(tmp_path_factory) -> Path:
 
 def write_tiny_tokenizer(folder: Path, max_length: int = 77):
     """A real CLIPTokenizer with a handful of tokens (no download), saved like a hub tokenizer."""
-    from transformers import CLIPTokenizer
+    from cffa_ray.models.presets import tiny_tokenizer
 
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 2, "!": 1}
-    for i, ch in enumerate("abcdefghijklmnopqrstuvwxyz"):
-        vocab[ch], vocab[ch + "</w>"] = 3 + 2 * i, 4 + 2 * i
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length)
-    (folder / "vocab.json").unlink()
-    (folder / "merges.txt").unlink()
-    return tok
+    return tiny_tokenizer(folder, max_length)
 
 
 @pytest.fixture(scope="session")

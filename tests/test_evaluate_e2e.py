@@ -62,6 +62,9 @@ def test_evaluate_a_from_data_generation_output(pairs_dir, tmp_path):
     assert a["real"]["mean"] > a["mismatched"]["mean"] + 0.25          # real pairs separate from mismatched
     assert a["generated"]["mean"] < a["real"]["mean"] - 0.2            # the 3-px shift shows
     assert a["normalised"] < 0.5
+    # the generated images are the real ones (FA shifted): their own floor is the real floor
+    assert a["generated_mismatched"]["n"] == N_GENERATED
+    assert abs(a["generated_mismatched"]["mean"] - a["mismatched"]["mean"]) < 0.1, a
     for m in ("cf", "fa"):
         assert list(ev["realism"][m]["levels"]) == ["64", "32", "16"] and ev["realism"][m]["mean"] > 0
     d = ev["from_data"]

@@ -90,13 +90,12 @@ def score_batch(batch: dict, set_name: str, resolution: int, per_image: int, see
     Out: set, pair_id str [B]; SCORE_COLUMNS float64 [B] (NaN where they do not apply); error str [B];
          swd_cf, swd_fa bytes [B] (float16 descriptors [levels, per_image, 7*7*C], C = 3 / 1);
          with keep_images: cf_u8 uint8 [B, R, R, 3], fa_u8 uint8 [B, R, R].
-    Real rows score CF i against FA i+1 of the batch (rows arrive sorted by pair id) as the floor.
+    dice_mismatched scores CF i against FA i+1 of the batch: for real rows (sorted by pair id) the floor;
+    for generated rows the same floor made of the model's own images.
     """
     cfs, fas, errors = _images(batch, resolution)
     ids = [str(p) for p in batch[PAIR_ID]]
     registered, mismatched = alignments_with_floor(cfs, fas)
-    if set_name != REAL:
-        mismatched = [float("nan")] * len(ids)
     src_ids = batch.get("source_pair_id", [None] * len(ids))
     fidelity = np.array([_fidelity(cf, fa, sources.get(s) if s else None, resolution)
                          for cf, fa, s in zip(cfs, fas, src_ids)], dtype=np.float64).reshape(len(ids), 4)

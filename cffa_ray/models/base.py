@@ -92,6 +92,14 @@ def _seeded(build, component: int):
         return build()
 
 
+def preset_source(base_model: str, preset: str | None) -> tuple[str, str | None]:
+    """(base_model, preset) to load from: a preset with trained weights is the package folder holding them."""
+    folder = PRESETS[preset].get("folder") if preset else None
+    if folder:
+        return str(Path(__file__).resolve().parents[1] / folder), None
+    return base_model, preset
+
+
 def _preset_vae(preset: str):
     from diffusers import AutoencoderKL
 
@@ -137,6 +145,7 @@ def vae_config(base_model: str, preset: str | None) -> dict:
     """The VAE's config (latent channels, blocks) without its weights."""
     from diffusers import AutoencoderKL
 
+    base_model, preset = preset_source(base_model, preset)
     return dict(PRESETS[preset]["vae"] if preset else AutoencoderKL.load_config(base_model, subfolder="vae"))
 
 
@@ -144,12 +153,14 @@ def load_vae(base_model: str, preset: str | None):
     """Only the frozen VAE of a base (the latent cache needs nothing else)."""
     from diffusers import AutoencoderKL
 
+    base_model, preset = preset_source(base_model, preset)
     vae = _preset_vae(preset) if preset else AutoencoderKL.from_pretrained(base_model, subfolder="vae")
     return vae.requires_grad_(False).eval()
 
 
 def load_base(model: str, base_model: str, preset: str | None) -> BaseParts:
     """Frozen base parts for `model` (dual_unet -> SD1.5 family, joint_sdxl -> SDXL family)."""
+    base_model, preset = preset_source(base_model, preset)
     parts = _from_preset(preset) if preset else _from_pretrained(base_model, FAMILY[model])
     check_prediction_type(parts.scheduler_config, base_model)
     for module in (parts.unet, parts.vae):

@@ -1,9 +1,11 @@
-"""Model configs for the built-in presets: real architectures or tiny ones, always random weights.
+"""Model configs for the built-in presets: real architectures or tiny ones, seeded random weights,
+and `tiny-retina`, the one preset with trained weights (a diffusers folder shipped in the package).
 
 Presets exist because weights cannot always be downloaded (tests, demos, benchmarks): the same
 code path as a real base model runs, only the weights are seeded random numbers. Building a preset
 twice with the same seed gives the same weights, which is how generation rebuilds the base that a
-LoRA was trained on.
+LoRA was trained on. Random weights can never make an image that looks like anything, so
+`tiny-retina`'s VAE and UNet were pre-trained on synthetic retinas (scripts/pretrain_tiny_retina.py).
 """
 from __future__ import annotations
 
@@ -45,6 +47,23 @@ TINY_CLIP = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_
                  max_position_embeddings=77, vocab_size=1000, hidden_act="quick_gelu", projection_dim=32,
                  bos_token_id=0, eos_token_id=2, pad_token_id=2)
 
+# tiny-retina: pre-trained on synthetic CF and FA (scripts/pretrain_tiny_retina.py), loaded from the package
+# folder below. Three VAE blocks, so the latent is 1/4 of the image: 64 px -> 4x16x16, enough cells for
+# the vessels (the tiny VAE's 8x8 cannot hold them).
+TINY_RETINA_SIZE = 64
+TINY_RETINA_FOLDER = "models/weights/tiny-retina"  # relative to the cffa_ray package
+TINY_RETINA_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, block_out_channels=(16, 32, 64),
+    down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+    norm_num_groups=8, scaling_factor=1.0,
+)
+TINY_RETINA_UNET = dict(
+    in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64, 64),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
+)
+
 # --- SDXL family (joint_sdxl)
 
 SDXL_UNET = dict(
@@ -72,8 +91,31 @@ TINY_CLIP_G = {**TINY_CLIP, "hidden_act": "gelu"}
 PRESETS = {
     "tiny": {"family": "sd15", "unet": TINY_UNET, "vae": TINY_VAE, "text_encoders": [TINY_CLIP]},
     "sd15-random": {"family": "sd15", "unet": SD15_UNET, "vae": SD_VAE, "text_encoders": [CLIP_L]},
+    # pre-trained weights: a diffusers folder inside the package, loaded like any --base_model folder
+    "tiny-retina": {"family": "sd15", "folder": TINY_RETINA_FOLDER},
     "tiny-sdxl": {"family": "sdxl", "unet": TINY_SDXL_UNET, "vae": {**TINY_VAE, "scaling_factor": 0.13025, "force_upcast": True},
                   "text_encoders": [TINY_CLIP, TINY_CLIP_G]},
     "sdxl-random": {"family": "sdxl", "unet": SDXL_UNET, "vae": SDXL_VAE, "text_encoders": [CLIP_L, CLIP_G]},
 }
 PRESET_SEED = 1234
+
+
+def tiny_tokenizer(folder, max_length: int = TINY_CLIP["max_position_embeddings"]):
+    """A real CLIPTokenizer for the tiny text encoders (a handful of tokens, made offline; saved like a
+    hub tokenizer by save_pretrained). `folder` holds its vocabulary files only while it is built."""
+    import json
+    from pathlib import Path
+
+    from transformers import CLIPTokenizer
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = {"<|startoftext|>": 0, "!": 1, "<|endoftext|>": 2}
+    for i, ch in enumerate("abcdefghijklmnopqrstuvwxyz"):
+        vocab[ch], vocab[ch + "</w>"] = 3 + 2 * i, 4 + 2 * i
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length)
+    (folder / "vocab.json").unlink()
+    (folder / "merges.txt").unlink()
+    return tok

@@ -1,0 +1,292 @@
+"""Pre-train the `tiny-retina` preset: a small VAE and base UNet that know what synthetic retinas look like.
+
+The `tiny` preset's random VAE can never show anything, so nothing trained on it can be looked at.
+This script trains, on CPU, on synthetic CF and FA images (unpaired: CF from even-numbered synthetic
+pairs, FA from odd ones, both modalities mixed in every batch):
+
+  1. the VAE (AutoencoderKL, 64 px -> 4x16x16 latents): L1 + Sobel-gradient L1 reconstruction and a
+     small KL term; its scaling_factor is then set to 1 / std of the latents, as SD's was;
+  2. the base UNet on both modalities' latents: epsilon MSE on the SD noise schedule with offset noise,
+     EMA weights kept. Half the samples get the fixed empty prompt, the one the product uses, so the
+     base makes fundus photographs *and* angiograms from it, as SD1.5 makes any image; the other half
+     get the prompt "cf" or "fa", which puts a modality switch inside the cross-attention that the
+     dual UNet's LoRA (on to_q, to_k, to_v) can reach in a few dozen steps.
+
+and writes a diffusers StableDiffusionPipeline folder (fp16 safetensors; the `tiny` preset's text
+encoder, a tiny offline CLIP tokenizer) to cffa_ray/models/weights/tiny-retina/, which `--preset
+tiny-retina` loads (or `--base_model <that folder>`). Everything is seeded: a rerun on the same torch
+build and thread count writes the same weights.
+
+The committed weights were made in two stages (the defaults, split so the VAE can be reused), on a
+2-core CPU shared with other jobs:
+
+    python scripts/pretrain_tiny_retina.py --out /tmp/tr-vae --unet_steps 0 --threads 1   # VAE: 830 s
+    python scripts/pretrain_tiny_retina.py --vae_from /tmp/tr-vae --preview /tmp/tr.png   # UNet: 1250 s
+
+    python scripts/pretrain_tiny_retina.py                       # both stages in one go
+    python scripts/pretrain_tiny_retina.py --out /tmp/tr --preview /tmp/tr.png --vae_steps 200 --unet_steps 200
+
+--preview writes real images, their VAE reconstructions and base samples (empty prompt), one row each.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from cffa_ray.models.presets import (  # noqa: E402
+    PRESET_SEED, SD_SCHEDULER, TINY_CLIP, TINY_RETINA_FOLDER, TINY_RETINA_SIZE, TINY_RETINA_UNET, TINY_RETINA_VAE,
+    tiny_tokenizer)
+from cffa_ray.synth import make_pair  # noqa: E402
+
+IMAGE_SEED = 917_331  # synthetic images of the pretraining set; demo, tests and benches use small seeds
+
+
+def synthetic_images(count: int, size: int, seed: int = IMAGE_SEED) -> torch.Tensor:
+    """`count` CF and `count` FA images, unpaired (CF of pair 2k, FA of pair 2k+1): float [2*count, 3, S, S] in [-1, 1]."""
+    images = []
+    for k in range(count):
+        cf, _ = make_pair(np.random.default_rng([seed, 2 * k]), size)
+        _, fa = make_pair(np.random.default_rng([seed, 2 * k + 1]), size)
+        images += [np.asarray(cf), np.repeat(np.asarray(fa)[..., None], 3, axis=-1)]
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def flips(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Random horizontal and vertical flips: the synthetic fundus is symmetric under both."""
+    h = torch.rand(x.shape[0], generator=g) < 0.5
+    v = torch.rand(x.shape[0], generator=g) < 0.5
+    x = torch.where(h[:, None, None, None], x.flip(-1), x)
+    return torch.where(v[:, None, None, None], x.flip(-2), x)
+
+
+def sobel(x: torch.Tensor) -> torch.Tensor:
+    k = torch.tensor([[1., 0., -1.], [2., 0., -2.], [1., 0., -1.]])
+    kernels = torch.stack([k, k.T])[:, None].repeat(x.shape[1], 1, 1, 1)
+    return F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), kernels, groups=x.shape[1])
+
+
+def cosine_lr(step: int, steps: int, lr: float, warmup: int = 100) -> float:
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup))))
+
+
+def log(stage: str, step: int, steps: int, t0: float, **values: float) -> None:
+    terms = " ".join(f"{k} {v:.4f}" for k, v in values.items())
+    print(f"[{stage}] step {step}/{steps} {terms} {time.time() - t0:.0f}s", flush=True)
+
+
+def train_vae(images: torch.Tensor, steps: int, batch: int, lr: float, kl_weight: float, grad_weight: float):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(PRESET_SEED + 1)
+    vae = AutoencoderKL(**TINY_RETINA_VAE)
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(1)
+    t0, history = time.time(), []
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(step, steps, lr)
+        x = flips(images[torch.randint(0, len(images), (batch,), generator=g)], g)
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample(g)).sample
+        l1 = (recon - x).abs().mean()
+        grad = (sobel(recon) - sobel(x)).abs().mean()
+        kl = posterior.kl().mean() / posterior.mean[0].numel()
+        loss = l1 + grad_weight * grad + kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        history.append((l1.item(), grad.item(), kl.item()))
+        if (step + 1) % 100 == 0 or step == 0:
+            l1_m, grad_m, kl_m = np.mean(history[-100:], axis=0)
+            log("vae", step + 1, steps, t0, l1=l1_m, sobel=grad_m, kl=kl_m)
+    vae.eval().requires_grad_(False)
+    return vae, {"steps": steps, "l1": float(np.mean([h[0] for h in history[-100:]])),
+                 "sobel": float(np.mean([h[1] for h in history[-100:]])), "seconds": round(time.time() - t0)}
+
+
+@torch.no_grad()
+def encode_all(vae, images: torch.Tensor) -> torch.Tensor:
+    """Posterior moments of every image (and of its three flips, which the UNet should see too)."""
+    out = []
+    for x in (images, images.flip(-1), images.flip(-2), images.flip(-1, -2)):
+        out += [vae.encode(chunk).latent_dist.parameters for chunk in x.split(256)]
+    return torch.cat(out)
+
+
+PROMPTS = ("", "cf", "fa")  # the product's fixed empty prompt, then one per modality (see train_unet)
+
+
+def prompt_embeddings(tokenizer):
+    """The `tiny` preset's text encoder and its embeddings [3, L, D] of PROMPTS, tokenised as load_base does."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from cffa_ray.models.base import _seeded
+
+    encoder = _seeded(lambda: CLIPTextModel(CLIPTextConfig(**TINY_CLIP)).eval(), 2)
+    ids = tokenizer(list(PROMPTS), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    with torch.no_grad():
+        return encoder, encoder(ids)[0]
+
+
+def train_unet(moments: torch.Tensor, scaling_factor: float, contexts: torch.Tensor, steps: int, batch: int,
+               lr: float, offset_noise: float, ema_decay: float, p_uncond: float, init: str | None = None):
+    """moments: CF and FA alternating (row % 2: 0 CF, 1 FA). Each sample gets the empty prompt with
+    probability p_uncond, else its modality's prompt: with the empty prompt, the one the product
+    uses, the base makes both modalities; the prompts give it a modality switch that LoRA can reach."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    from cffa_ray.models.vae import noise_schedule
+
+    torch.manual_seed(PRESET_SEED)
+    unet = UNet2DConditionModel(**TINY_RETINA_UNET)
+    if init:
+        unet.load_state_dict(UNet2DConditionModel.from_pretrained(init, subfolder="unet").state_dict())
+    ema = UNet2DConditionModel(**TINY_RETINA_UNET)
+    ema.load_state_dict(unet.state_dict())
+    ema.requires_grad_(False)
+    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
+    alphas = noise_schedule(SD_SCHEDULER)
+    g = torch.Generator().manual_seed(2)
+    t0, history = time.time(), []
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(step, steps, lr)
+        rows = torch.randint(0, len(moments), (batch,), generator=g)
+        m = moments[rows]
+        prompt = torch.where(torch.rand(batch, generator=g) < p_uncond, 0, 1 + rows % 2)
+        x0 = DiagonalGaussianDistribution(m).sample(g) * scaling_factor
+        noise = torch.randn(x0.shape, generator=g) + offset_noise * torch.randn(
+            (batch, x0.shape[1], 1, 1), generator=g)
+        t = torch.randint(0, len(alphas), (batch,), generator=g)
+        a = alphas[t].view(-1, 1, 1, 1)
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        eps = unet(x_t, t, encoder_hidden_states=contexts[prompt]).sample
+        loss = F.mse_loss(eps, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            decay = min(ema_decay, (1 + step) / (10 + step))
+            for pe, p in zip(ema.parameters(), unet.parameters()):
+                pe.lerp_(p, 1 - decay)
+        history.append(loss.item())
+        if (step + 1) % 100 == 0 or step == 0:
+            log("unet", step + 1, steps, t0, mse=float(np.mean(history[-100:])))
+    return ema.eval(), {"steps": steps, "mse": float(np.mean(history[-200:])), "seconds": round(time.time() - t0)}
+
+
+def save_folder(out: Path, vae, unet, text_encoder, tokenizer, record: dict) -> None:
+    import copy
+    import shutil
+
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+    vae, unet, text_encoder = (copy.deepcopy(m).half() for m in (vae, unet, text_encoder))  # stored in fp16: half the MB
+    with tempfile.TemporaryDirectory() as tmp:
+        pipe = StableDiffusionPipeline(
+            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+            scheduler=DDPMScheduler.from_config(SD_SCHEDULER), safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False)
+        staging = Path(tmp) / "model"
+        pipe.save_pretrained(staging, safe_serialization=True)
+        (staging / "pretraining.json").write_text(json.dumps(record, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(staging, out)
+
+
+@torch.no_grad()
+def preview(path: Path, vae, unet, context, scaling_factor: float, images: torch.Tensor, n: int = 8) -> None:
+    """Top: real images; middle: their VAE reconstructions; bottom: base UNet samples (DDIM, 30 steps)."""
+    from diffusers import DDIMScheduler
+    from PIL import Image
+
+    x = images[:n]
+    recon = vae.decode(vae.encode(x).latent_dist.mode()).sample
+    sched = DDIMScheduler.from_config(SD_SCHEDULER)
+    sched.set_timesteps(30)
+    from cffa_ray.models.vae import vae_scale
+
+    side = x.shape[-1] // vae_scale(vae.config)
+    z = torch.randn((n, vae.config.latent_channels, side, side), generator=torch.Generator().manual_seed(0))
+    for t in sched.timesteps:
+        z = sched.step(unet(z, t, encoder_hidden_states=context.expand(n, -1, -1)).sample, t, z).prev_sample
+    samples = vae.decode(z / scaling_factor).sample
+    rows = [torch.cat(list(r), dim=-1) for r in (x, recon, samples)]
+    grid = ((torch.cat(rows, dim=-2).clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+    Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST).save(path)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=str(REPO / "cffa_ray" / TINY_RETINA_FOLDER))
+    p.add_argument("--images", type=int, default=2048, help="synthetic images per modality")
+    p.add_argument("--vae_steps", type=int, default=2000)
+    p.add_argument("--vae_batch", type=int, default=8)
+    p.add_argument("--vae_lr", type=float, default=1e-3)
+    p.add_argument("--kl_weight", type=float, default=1e-4, help="on the KL per latent element")
+    p.add_argument("--grad_weight", type=float, default=0.5, help="Sobel-gradient L1 (keeps vessels sharp)")
+    p.add_argument("--unet_steps", type=int, default=4000)
+    p.add_argument("--unet_batch", type=int, default=32)
+    p.add_argument("--unet_lr", type=float, default=5e-4)
+    p.add_argument("--offset_noise", type=float, default=0.1)
+    p.add_argument("--ema_decay", type=float, default=0.999)
+    p.add_argument("--p_uncond", type=float, default=0.5, help="share of UNet samples with the empty prompt")
+    p.add_argument("--unet_from", default=None, help="start the UNet from an earlier output folder")
+    p.add_argument("--vae_from", default=None, help="reuse the VAE of an earlier output folder (skips stage 1)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--preview", default=None, help="write a PNG: real / reconstructed / sampled rows")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    t0 = time.time()
+    images = synthetic_images(args.images, TINY_RETINA_SIZE)
+    print(f"[data] {len(images)} synthetic images ({args.images} CF + {args.images} FA, unpaired) at "
+          f"{TINY_RETINA_SIZE}px in {time.time() - t0:.0f}s", flush=True)
+    if args.vae_from:
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(args.vae_from, subfolder="vae").eval().requires_grad_(False)
+        vae_record = json.loads((Path(args.vae_from) / "pretraining.json").read_text())["vae"]
+    else:
+        vae, vae_record = train_vae(images, args.vae_steps, args.vae_batch, args.vae_lr, args.kl_weight,
+                                    args.grad_weight)
+    moments = encode_all(vae, images)
+    latents = moments[:, :4]
+    scaling_factor = float(1.0 / latents.std())
+    vae.register_to_config(scaling_factor=round(scaling_factor, 5))
+    print(f"[vae] latents mean {latents.mean():.3f} std {latents.std():.3f} -> scaling_factor {scaling_factor:.5f}",
+          flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = tiny_tokenizer(Path(tmp))
+    text_encoder, contexts = prompt_embeddings(tokenizer)
+    unet, unet_record = train_unet(moments, vae.config.scaling_factor, contexts, args.unet_steps, args.unet_batch,
+                                   args.unet_lr, args.offset_noise, args.ema_decay, args.p_uncond, args.unet_from)
+    record = {"script": "scripts/pretrain_tiny_retina.py", "args": vars(args), "vae": vae_record, "unet": unet_record,
+              "scaling_factor": vae.config.scaling_factor, "torch": torch.__version__,
+              "seconds": round(time.time() - t0)}
+    save_folder(Path(args.out), vae, unet, text_encoder, tokenizer, record)
+    if args.preview:
+        preview(Path(args.preview), vae, unet, contexts[0], vae.config.scaling_factor, images)
+    print(f"[done] {args.out} in {time.time() - t0:.0f}s: {json.dumps(record)}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""The `tiny-retina` preset: trained weights shipped in the package as a diffusers folder."""
+from __future__ import annotations
+
+import fnmatch
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cffa_ray.models.base import load_base, load_vae, preset_source, vae_config
+from tests.conftest import REPO
+
+FOLDER = Path(preset_source("", "tiny-retina")[0])
+
+
+def test_preset_is_a_diffusers_folder_of_safetensors_that_ships_with_the_package():
+    assert FOLDER == REPO / "cffa_ray" / "models" / "weights" / "tiny-retina"
+    for part in ("unet", "vae"):
+        assert (FOLDER / part / "config.json").is_file()
+        assert (FOLDER / part / "diffusion_pytorch_model.safetensors").is_file()
+    assert (FOLDER / "text_encoder" / "model.safetensors").is_file()
+    assert (FOLDER / "model_index.json").is_file() and (FOLDER / "scheduler").is_dir()
+    files = [p for p in FOLDER.rglob("*") if p.is_file()]
+    assert not any(p.suffix in (".bin", ".pt", ".pth", ".pkl") for p in files)  # no pickles
+    assert sum(p.stat().st_size for p in files) < 8 * 2**20
+    # every file is package data: a wheel or a non-editable install carries the folder
+    patterns = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["cffa_ray"]
+    for path in files:
+        rel = path.relative_to(REPO / "cffa_ray").as_posix()
+        assert any(fnmatch.fnmatch(rel, pattern) for pattern in patterns), f"{rel} is not package data"
+
+
+def test_preset_loads_like_the_folder_it_is():
+    parts = load_base("dual_unet", "", "tiny-retina")
+    same = load_base("dual_unet", str(FOLDER), None)
+    assert vae_config("", "tiny-retina")["block_out_channels"] == [16, 32, 64]
+    for a, b in ((parts.unet, same.unet), (parts.vae, same.vae)):
+        assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+    assert next(parts.unet.parameters()).dtype == torch.float32  # stored fp16, loaded for training in fp32
+    assert parts.prompt_embeds.shape == (1, 77, 32)
+
+
+def _psnr(vae, images: torch.Tensor) -> float:
+    with torch.no_grad():
+        recon = vae.decode(vae.encode(images).latent_dist.mode()).sample.clamp(-1, 1)
+    mse = ((recon - images) ** 2).mean().item()
+    return 10 * np.log10(4.0 / mse)  # the images span [-1, 1]
+
+
+def test_retina_vae_reconstructs_synthetic_cf_and_fa_far_better_than_the_random_tiny_vae():
+    from cffa_ray.synth import make_pair
+
+    pairs = [make_pair(np.random.default_rng([7, k]), 64) for k in range(4)]  # not in the pretraining set
+    cf = torch.from_numpy(np.stack([np.asarray(c) for c, _ in pairs])).permute(0, 3, 1, 2)
+    fa = torch.from_numpy(np.stack([np.repeat(np.asarray(f)[..., None], 3, -1) for _, f in pairs])).permute(0, 3, 1, 2)
+    retina, tiny = load_vae("", "tiny-retina"), load_vae("", "tiny")
+    for images in (cf, fa):
+        x = images.float() / 127.5 - 1
+        ours, random = _psnr(retina, x), _psnr(tiny, x)
+        assert ours > 22 and ours > random + 12, (ours, random)
+
+
+def _colourfulness(images: torch.Tensor) -> torch.Tensor:
+    """Per image: mean red minus mean blue over the fundus (a CF is orange, an FA grey)."""
+    inside = images.mean(1) > -0.8  # [B, R, R], the black surround left out
+    return torch.stack([(im[0][m] - im[2][m]).mean() for im, m in zip(images, inside)])
+
+
+def test_a_few_dozen_lora_steps_on_the_retina_base_make_the_cf_unet_draw_fundi_and_the_fa_unet_angiograms():
+    """The base makes both modalities from the empty prompt; the demo's recipe (40 steps, lr 3e-3,
+    4 pairs a step) must teach each UNet's LoRA its own. Before training some CF samples are grey."""
+    from cffa_ray.config import TrainConfig
+    from cffa_ray.demo import DEMO_LR, DEMO_STEPS
+    from cffa_ray.models import build_model
+    from cffa_ray.sampling import pair_noise, sample_pairs
+    from cffa_ray.synth import make_pair
+
+    cfg = TrainConfig(preset="tiny-retina", resolution=64, data="unused", lr=DEMO_LR)
+    torch.manual_seed(0)
+    model = build_model(cfg, **cfg.loss_settings())
+    noise = pair_noise(model, 64, seed=42, pair_ids=range(8))
+
+    def colours():
+        model.eval()
+        with torch.no_grad():
+            cf, fa = sample_pairs(model, noise, steps=20)
+        model.train()
+        return _colourfulness(cf), _colourfulness(fa)
+
+    cf_before, _ = colours()
+    assert (cf_before < 0.2).any(), cf_before  # the base alone: some "CF" samples are angiograms
+    pairs = [make_pair(np.random.default_rng([0, k]), 64) for k in range(16)]
+    cf = torch.from_numpy(np.stack([np.asarray(c) for c, _ in pairs])).permute(0, 3, 1, 2)
+    fa = torch.from_numpy(np.stack([np.repeat(np.asarray(f)[..., None], 3, -1) for _, f in pairs])).permute(0, 3, 1, 2)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=DEMO_LR)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(DEMO_STEPS):
+        rows = torch.randint(0, len(pairs), (4,), generator=g)
+        model({"cf": cf[rows], "fa": fa[rows]}, generator=g)["loss"].backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    cf_after, fa_after = colours()
+    assert (cf_after > 0.3).all() and (fa_after.abs() < 0.1).all(), (cf_after, fa_after)
