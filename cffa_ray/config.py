@@ -25,6 +25,7 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 ZERO_STAGES = (0, 1, 2, 3)
 SCHEDULERS = ("ddim", "dpm++")
 GENERATION_MODES = ("noise", "from_data")
+FA_NOISES = ("same", "negated")
 PNG_LAYOUTS = ("sharded", "numbered")
 LOSS_WEIGHTINGS = ("alpha_bar", "none")
 LORA_TARGET_CHOICES = ("to_q", "to_k", "to_v", "to_out.0")
@@ -189,8 +190,9 @@ class TrainConfig(ModelConfig):
               "two halves of the joint latent)", default_text="0.3 for dual_unet, 0 for joint_sdxl")
     offset_noise_strength: float = flag(0.1, "offset noise strength (per-channel constant added to the noise)")
     loss_weighting: str = flag(
-        "alpha_bar", "per-sample weight of the HF and structure terms on the predicted clean latent: alpha_bar "
-                     "(fade out at large t, where it is mostly amplified noise) | none (weight 1, as in the seeds)",
+        "none", "per-sample weight of the HF and structure terms on the predicted clean latent: none (weight 1, "
+                "the research design's form) | alpha_bar (fade them out at large t, where the prediction is mostly "
+                "amplified noise; measured no better, BENCHMARKS.md#quality)",
         choices=LOSS_WEIGHTINGS)
     num_workers: int = flag(1, "Ray Train workers (one per GPU with --use_gpu)")
     use_gpu: bool = flag(False, "one GPU per worker, NCCL; otherwise CPU workers, gloo")
@@ -308,6 +310,11 @@ class GenerateConfig:
     mode: str = flag("noise", "noise: from pure noise | from_data: image-to-image from real pairs", choices=GENERATION_MODES)
     data: str | None = flag(None, "real pairs for --mode from_data (folder or manifest, as for training)")
     strength: float = flag(0.6, "from_data: how far the real pair is noised, in (0, 1]")
+    fa_noise: str = flag(
+        "same", "dual_unet: the FA UNet's start noise. same: the CF UNet's z0, as the research design does | "
+                "negated: -z0, which made the two vessel trees overlap where same makes them avoid each other "
+                "(measured on tiny-retina, BENCHMARKS.md#quality; check it on your model with cffa evaluate)",
+        choices=FA_NOISES)
     batch_size: int = flag(32, "pairs per actor call (one Ray Data batch); split into --model_batch calls")
     model_batch: str | int = flag(
         AUTO, "pairs per UNet/VAE call, a fixed shape (the last call is padded), so pair k is byte-identical whatever "

@@ -53,10 +53,11 @@ def autocast(device: torch.device, mixed_precision: str):
 @torch.no_grad()
 def sample_pairs(model: PairModel, noise: torch.Tensor, *, steps: int, scheduler: str = "ddim",
                  init_images: tuple[torch.Tensor, torch.Tensor] | None = None, strength: float = 1.0,
-                 mixed_precision: str = "no") -> tuple[torch.Tensor, torch.Tensor]:
+                 mixed_precision: str = "no", fa_noise: str = "same") -> tuple[torch.Tensor, torch.Tensor]:
     """Denoise a batch of pairs -> (cf, fa) images [B, 3, R, R] in [-1, 1], float32 on the model's device.
 
     noise:      [B, *model.noise_shape] initial z0, one per pair (both modalities share it).
+    fa_noise:   same | negated (dual_unet: the FA UNet starts from -z0), see GenerateConfig.fa_noise.
     init_images: (cf, fa) real pairs [B, 3, R, R], uint8 or in [-1, 1] (from_data mode): encoded (latent mode,
                 no sampling), noised with that same z0 to `strength` (1.0 = pure noise) and
                 denoised from there, as diffusers' img2img does.
@@ -65,7 +66,7 @@ def sample_pairs(model: PairModel, noise: torch.Tensor, *, steps: int, scheduler
     sched = make_scheduler(scheduler, model.scheduler_config)
     sched.set_timesteps(steps, device=device)
     timesteps = sched.timesteps
-    z0 = model.noise_to_state(noise.to(device))
+    z0 = model.noise_to_state(noise.to(device), fa_noise)
     if init_images is None:
         state = z0 * sched.init_noise_sigma
     else:

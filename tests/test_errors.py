@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from cffa_ray.cli import build_parser, main
-from tests.conftest import fails_in_driver, gen_argv, run_cli, train_argv
+from tests.conftest import MODEL_RECORD, fails_in_driver, gen_argv, run_cli, train_argv
 
 
 # ------------------------------------------------------------------ hyperparameters
@@ -282,3 +282,18 @@ def test_help_says_each_default_once_in_plain_words(command):
     for flag in required:
         action = next(a for a in sub._actions if flag in a.option_strings)
         assert action.help.endswith("(required)") and "default" not in action.help, action.help
+
+
+def test_fa_noise_negated_needs_the_dual_unet(capsys, tmp_path, fake_checkpoint):
+    """The joint model has one UNet and one latent: there is no FA start noise to negate."""
+    import torch
+    from safetensors.torch import save_file
+
+    joint = tmp_path / "joint_ckpt"
+    (joint / "unet_lora").mkdir(parents=True)
+    (joint / "unet_lora" / "adapter_config.json").write_text("{}")
+    save_file({"lora_A.weight": torch.zeros(4, 4)}, str(joint / "unet_lora" / "adapter_model.safetensors"))
+    (joint / "model.json").write_text(json.dumps({**MODEL_RECORD, "model": "joint_sdxl", "preset": "tiny-sdxl"}))
+    fails_in_driver(capsys, gen_argv(joint, tmp_path / "out", "--fa_noise", "negated"),
+                    r"--fa_noise negated needs the two UNets of dual_unet; this checkpoint is joint_sdxl, .*"
+                    r"drop --fa_noise", tmp_path / "out")

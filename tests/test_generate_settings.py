@@ -31,6 +31,10 @@ def test_identity_records_the_concrete_choices():
     other = identity(resolve(GenerateConfig(checkpoint_dir="c", steps=7, batch_size=3, concurrency="1-4"), None),
                      RECORD)
     assert other == ident
+    # --fa_noise decides pixels; its default is left out, so folders made before the flag keep their identity
+    assert "fa_noise" not in ident
+    negated = identity(resolve(GenerateConfig(checkpoint_dir="c", steps=7, fa_noise="negated"), None), RECORD)
+    assert negated == {**ident, "fa_noise": "negated"}
 
 
 @pytest.mark.parametrize("text, expected", [("auto", "auto"), ("3", (3, 3)), (2, (2, 2)), ("1-8", (1, 8))])

@@ -31,6 +31,8 @@ def test_both_modalities_start_from_the_same_z0(model):
     z0 = pair_noise(model, 32, 1, [0, 1])
     state = model.noise_to_state(z0)
     assert torch.equal(state[:, 0], state[:, 1])
+    negated = model.noise_to_state(z0, "negated")  # --fa_noise negated: the FA UNet starts from -z0
+    assert torch.equal(negated[:, 0], z0) and torch.equal(negated[:, 1], -z0)
 
 
 def test_fixed_batches_make_a_pair_independent_of_its_neighbours(model):

@@ -73,7 +73,7 @@ def test_a_few_dozen_lora_steps_on_the_retina_base_make_the_cf_unet_draw_fundi_a
     from cffa_ray.config import TrainConfig
     from cffa_ray.demo import DEMO_LR, DEMO_STEPS
     from cffa_ray.models import build_model
-    from cffa_ray.sampling import pair_noise, sample_pairs
+    from cffa_ray.sampling import pair_noise
     from cffa_ray.synth import make_pair
 
     cfg = TrainConfig(preset="tiny-retina", resolution=64, data="unused", lr=DEMO_LR)
@@ -82,10 +82,7 @@ def test_a_few_dozen_lora_steps_on_the_retina_base_make_the_cf_unet_draw_fundi_a
     noise = pair_noise(model, 64, seed=42, pair_ids=range(8))
 
     def colours():
-        model.eval()
-        with torch.no_grad():
-            cf, fa = sample_pairs(model, noise, steps=20)
-        model.train()
+        cf, fa = sample(model, noise)
         return _colourfulness(cf), _colourfulness(fa)
 
     cf_before, _ = colours()
@@ -102,3 +99,28 @@ def test_a_few_dozen_lora_steps_on_the_retina_base_make_the_cf_unet_draw_fundi_a
         opt.zero_grad(set_to_none=True)
     cf_after, fa_after = colours()
     assert (cf_after > 0.3).all() and (fa_after.abs() < 0.1).all(), (cf_after, fa_after)
+
+    # from one z0 the two vessel trees avoid each other (below the floor of mismatched pairs); with the
+    # FA UNet starting from -z0 they overlap
+    same, same_floor = _alignment(*sample(model, noise))
+    negated, negated_floor = _alignment(*sample(model, noise, fa_noise="negated"))
+    assert same < same_floor - 0.05 and negated > negated_floor + 0.1, (same, same_floor, negated, negated_floor)
+
+
+def sample(model, noise, **kwargs):
+    from cffa_ray.sampling import sample_pairs
+
+    model.eval()
+    with torch.no_grad():
+        cf, fa = sample_pairs(model, noise, steps=20, **kwargs)
+    model.train()
+    return cf, fa
+
+
+def _alignment(cf: torch.Tensor, fa: torch.Tensor) -> tuple[float, float]:
+    """Mean vessel soft Dice of the pairs and of mismatched pairs (cffa evaluate's measure)."""
+    from cffa_ray.evaluate.vessels import alignments_with_floor
+    from cffa_ray.images import to_uint8
+
+    registered, mismatched = alignments_with_floor(list(to_uint8(cf)), [f[..., 0] for f in to_uint8(fa)])
+    return float(np.nanmean(registered)), float(np.nanmean(mismatched))

@@ -58,6 +58,14 @@ def check_checkpoint(checkpoint_dir: str, expected_model: str | None = None) -> 
     return record
 
 
+def check_fa_noise(fa_noise: str, model: str) -> None:
+    from cffa_ray.models import design_class
+
+    if fa_noise not in design_class(model).FA_NOISES:
+        raise ConfigError(f"--fa_noise {fa_noise} needs the two UNets of dual_unet; this checkpoint is {model}, "
+                          "whose one UNet denoises CF and FA together: drop --fa_noise")
+
+
 def noise_shape(record: dict) -> tuple[int, ...]:
     """The z0 shape of the checkpoint's model, from its base VAE's config (no weights loaded)."""
     from cffa_ray.config import DEFAULT_BASE_MODEL
@@ -170,6 +178,7 @@ def generate(cfg: GenerateConfig) -> dict:
     check_output_dir(cfg.output_dir, "--output_dir")
     cfg = dataclasses.replace(cfg, output_dir=absolute(cfg.output_dir))  # the writers may run elsewhere
     record = check_checkpoint(cfg.checkpoint_dir, cfg.model)
+    check_fa_noise(cfg.fa_noise, record["model"])
     sources = sorted(discover_pairs(cfg.data), key=lambda r: r[PAIR_ID]) if cfg.mode == "from_data" else None
     done = done_pair_ids(cfg.output_dir)
     todo = [k for k in range(cfg.num_samples) if k not in done]

@@ -90,4 +90,6 @@ def identity(cfg: GenerateConfig, record: dict) -> dict:
            "use_gpu": cfg.use_gpu}  # CPU and GPU kernels differ in the last bits: not mixed in one folder
     if cfg.mode == "from_data":
         out.update(strength=cfg.strength, data=absolute(cfg.data))
+    if cfg.fa_noise != "same":  # only then: folders made before the flag keep their identity
+        out["fa_noise"] = cfg.fa_noise
     return out

@@ -15,6 +15,7 @@ class DualUNet(PairModel):
     ADAPTERS = ("unet_cf_lora", "unet_fa_lora")
     UNETS = ("unet_cf", "unet_fa")
     CACHE_COLUMNS = ("cf_moments", "fa_moments")
+    FA_NOISES = ("same", "negated")
 
     def __init__(self, parts: BaseParts, rank: int, alpha: float, *, resolution: int,
                  lora_targets: tuple[str, ...] = LORA_TARGETS, share_base: bool = True, **loss):
@@ -50,8 +51,10 @@ class DualUNet(PairModel):
             views[key] = v
         return D.dual_loss(views["cf"], views["fa"], self.hf_lambda, self.struct_lambda)
 
-    def noise_to_state(self, noise):
-        return torch.stack([noise, noise], dim=1)
+    def noise_to_state(self, noise, fa_noise="same"):
+        # negated: the FA UNet starts from -z0. CF vessels are dark and FA vessels bright, and from one z0
+        # the two UNets draw vessel trees that avoid each other; from z0 and -z0 they overlap (BENCHMARKS.md)
+        return torch.stack([noise, noise if fa_noise == "same" else -noise], dim=1)
 
     def encode_pair(self, cf, fa, generator=None, sample=True):
         x0 = encode_images(self.vae, torch.cat([cf, fa]), generator, sample)

@@ -26,9 +26,10 @@ class PairModel(nn.Module):
     UNETS: tuple[str, ...] = ()  # the attributes holding those adapters' UNets, in the same order
     CACHE_COLUMNS: tuple[str, ...] = ()  # the latent cache's columns for this design
     LATENT_WIDTH_FACTOR = 1  # latent width / height (the joint design's latent is twice as wide)
+    FA_NOISES: tuple[str, ...] = ("same",)  # generation's --fa_noise values this design can start from
     # the loss settings (TrainConfig's flags of the same names) and the design's defaults for them
     LOSS_DEFAULTS = {"hf_lambda": 0.5, "struct_lambda": 0.3, "offset_noise_strength": 0.1,
-                     "loss_weighting": "alpha_bar"}
+                     "loss_weighting": "none"}  # the seeds' form; alpha_bar measured no better (BENCHMARKS.md)
 
     def _hold_base(self, parts, **loss) -> None:
         """What every design keeps of the frozen base, and its loss settings (LOSS_DEFAULTS' keys)."""
@@ -85,8 +86,8 @@ class PairModel(nn.Module):
             return self.cache_moments(self.vae, batch["cf"], batch["fa"])
 
     # ---- sampling
-    def noise_to_state(self, noise: torch.Tensor) -> torch.Tensor:
-        """[B, *noise_shape] -> state: where both modalities start from the same z0."""
+    def noise_to_state(self, noise: torch.Tensor, fa_noise: str = "same") -> torch.Tensor:
+        """[B, *noise_shape] -> state: where both modalities start from z0 (`fa_noise`: one of FA_NOISES)."""
         raise NotImplementedError
 
     def encode_pair(self, cf: torch.Tensor, fa: torch.Tensor, generator: torch.Generator | None = None,

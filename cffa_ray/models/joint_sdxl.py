@@ -78,7 +78,7 @@ class JointSDXL(PairModel):
         return {"loss": out["loss"] + self.struct_lambda * struct, "mse": out["mse"], "hf": out["hf"],
                 "struct": struct}
 
-    def noise_to_state(self, noise):
+    def noise_to_state(self, noise, fa_noise="same"):
         return noise
 
     def encode_pair(self, cf, fa, generator=None, sample=True):

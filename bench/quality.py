@@ -1,0 +1,139 @@
+"""Quality of the v27 design's settings: does the Sobel structure loss align CF and FA vessel trees?
+
+Trains the dual UNet on the `tiny-retina` preset (pre-trained on synthetic retinas) with the real
+`cffa train` path (Ray Train + DeepSpeed, 2 CPU workers), once per setting of `--struct_lambda`
+(0.3 vs 0) x `--loss_weighting` (none vs alpha_bar), all on the same synthetic pairs with the same
+training seed; generates the same pairs (same z0) from each run with `cffa generate`, once per
+`--fa_noise` (same: both UNets start from z0, as the research design does; negated: the FA UNet
+starts from -z0); scores them with `cffa evaluate` against held-out synthetic pairs; prints one
+table. Every job runs in one Ray session of this process. `--seeds 0 1` repeats the grid with other
+training seeds (the noise of the measurement).
+
+    python bench/quality.py                       # 4 runs x 2 generations, about 15 minutes on 2 CPU cores
+    python bench/quality.py --seeds 0 1 --out /tmp/quality
+    python bench/quality.py --steps 600 --loss_weighting none   # longer training, struct 0.3 vs 0
+
+Columns: alignment normalised = (generated - floor) / (real - floor) of the vessel soft Dice (0 =
+unrelated vessel trees, 1 = as aligned as real pairs; floor = mismatched real pairs); Dice of the
+generated pairs and of generated pairs mismatched (CF i with FA i+1: the floor in the model's own
+images; pairs below it draw vessel trees that avoid each other); SWD x1e3 per modality (lower =
+closer to the real images; the real-vs-real value under the table is the metric's own noise);
+training time of the run.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cffa_ray.config import EvaluateConfig, GenerateConfig, TrainConfig  # noqa: E402
+
+TRAIN_DATA_SEED, REAL_DATA_SEED, SIZE = 101, 202, 64
+
+
+def run_one(args, work: Path, struct: float, weighting: str, seed: int) -> list[dict]:
+    """Train one setting, then generate and score the same pairs once per --fa_noise: one row each."""
+    from cffa_ray.evaluate.job import evaluate
+    from cffa_ray.generate.job import generate
+    from cffa_ray.train.launch import train
+
+    name = f"struct{struct:g}_{weighting}_seed{seed}"
+    cfg = TrainConfig(data=str(work / "pairs"), output_dir=str(work / "runs"), name=name, preset="tiny-retina",
+                      resolution=SIZE, max_steps=args.steps, num_workers=2, batch_size=args.batch_size,
+                      lr=args.lr, seed=seed, struct_lambda=struct, loss_weighting=weighting,
+                      val_every=args.steps, sample_every=args.steps, num_sample_pairs=0, log_every=25)
+    t0 = time.time()
+    train(cfg)
+    train_s = time.time() - t0
+    rows = []
+    for fa_noise in args.fa_noise:
+        gen = GenerateConfig(checkpoint_dir=os.path.join(cfg.run_dir, "best_checkpoint"), num_samples=args.samples,
+                             steps=args.sample_steps, seed=42, batch_size=16, concurrency="2", fa_noise=fa_noise,
+                             output_dir=str(work / "generated" / f"{name}_{fa_noise}"))
+        generate(gen)
+        ev = evaluate(EvaluateConfig(generated=gen.output_dir, real=str(work / "real"),
+                                     output=str(work / "eval" / f"{name}_{fa_noise}")))
+        a, r = ev["alignment"], ev["realism"]
+        rows.append({"struct": struct, "weighting": weighting, "seed": seed, "fa_noise": fa_noise,
+                     "normalised": a["normalised"], "dice": a["generated"]["mean"], "dice_std": a["generated"]["std"],
+                     "own_floor": a["generated_mismatched"]["mean"], "real": a["real"]["mean"],
+                     "floor": a["mismatched"]["mean"], "swd_cf": r["cf"]["mean"], "swd_fa": r["fa"]["mean"],
+                     "swd_cf_noise": r["cf"]["real_vs_real"], "swd_fa_noise": r["fa"]["real_vs_real"],
+                     "train_s": train_s})
+    return rows
+
+
+def settings(args) -> list[tuple[float, str]]:
+    return [(struct, weighting) for struct in args.struct_lambda for weighting in args.loss_weighting]
+
+
+def table(rows: list[dict], args) -> str:
+    lines = ["| struct_lambda | loss_weighting | seed | fa_noise | alignment normalised | Dice generated (std) | "
+             "Dice generated, mismatched | SWD CF | SWD FA | train s |",
+             "|---:|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['struct']:g} | {r['weighting']} | {r['seed']} | {r['fa_noise']} | "
+                     f"**{r['normalised']:.3f}** | {r['dice']:.4f} ({r['dice_std']:.4f}) | {r['own_floor']:.4f} | "
+                     f"{r['swd_cf']:.1f} | {r['swd_fa']:.1f} | {r['train_s']:.0f} |")
+    if len(args.seeds) > 1:
+        import numpy as np
+
+        lines += ["", "| struct_lambda | loss_weighting | fa_noise | alignment normalised, mean ± std over seeds | "
+                      "SWD CF | SWD FA |", "|---:|---|---|---:|---:|---:|"]
+        for struct, weighting in settings(args):
+            for fa_noise in args.fa_noise:
+                sel = [r for r in rows if (r["struct"], r["weighting"], r["fa_noise"]) == (struct, weighting, fa_noise)]
+                norm = np.array([r["normalised"] for r in sel])
+                lines.append(f"| {struct:g} | {weighting} | {fa_noise} | {norm.mean():.3f} ± {norm.std(ddof=1):.3f} | "
+                             f"{np.mean([r['swd_cf'] for r in sel]):.1f} | {np.mean([r['swd_fa'] for r in sel]):.1f} |")
+    first = rows[0]
+    lines += ["", f"Real pairs {first['real']:.4f} (ceiling), mismatched real pairs {first['floor']:.4f} (floor). "
+                  f"SWD real vs real (the metric's noise): CF {first['swd_cf_noise']:.1f}, "
+                  f"FA {first['swd_fa_noise']:.1f}. "
+                  f"{args.steps} steps x 2 workers x {args.batch_size} pairs, lr {args.lr:g}, {args.pairs} training "
+                  f"pairs, {args.samples} generated pairs ({args.sample_steps} DDIM steps) each, "
+                  f"{args.real_pairs} held-out real pairs, {SIZE} px."]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=None, help="work folder (default: a new temporary folder)")
+    p.add_argument("--steps", type=int, default=150, help="training steps per run")
+    p.add_argument("--batch_size", type=int, default=2, help="pairs per worker per step (2 workers)")
+    p.add_argument("--lr", type=float, default=3e-3,
+                   help="as the demo: the LoRAs must first learn which modality each UNet makes")
+    p.add_argument("--pairs", type=int, default=64, help="synthetic training pairs")
+    p.add_argument("--real_pairs", type=int, default=64, help="held-out synthetic pairs the evaluation compares with")
+    p.add_argument("--samples", type=int, default=64, help="pairs generated per run")
+    p.add_argument("--sample_steps", type=int, default=20)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds (the grid runs once per seed)")
+    p.add_argument("--struct_lambda", type=float, nargs="+", default=[0.3, 0.0], help="struct_lambda values to train")
+    p.add_argument("--loss_weighting", nargs="+", default=["none", "alpha_bar"], choices=["none", "alpha_bar"],
+                   help="loss_weighting values to train")
+    p.add_argument("--fa_noise", nargs="+", default=["same", "negated"], choices=["same", "negated"],
+                   help="generate and score each run's pairs once per value (cffa generate --fa_noise)")
+    args = p.parse_args()
+
+    from cffa_ray.synth import write_synthetic_pairs
+
+    work = Path(args.out or tempfile.mkdtemp(prefix="cffa-bench-quality-")).resolve()
+    t0 = time.time()
+    if not (work / "pairs" / "fa").is_dir():
+        write_synthetic_pairs(work / "pairs", args.pairs, SIZE, seed=TRAIN_DATA_SEED)
+        write_synthetic_pairs(work / "real", args.real_pairs, SIZE, seed=REAL_DATA_SEED)
+    rows = [row for seed in args.seeds for struct, weighting in settings(args)
+            for row in run_one(args, work, struct, weighting, seed)]
+    trained = len(args.seeds) * len(settings(args))
+    print(f"\n{table(rows, args)}\n\n[bench quality] {trained} training runs, {len(rows)} generations in "
+          f"{time.time() - t0:.0f}s, work folder {work}",
+          flush=True)
+
+
+if __name__ == "__main__":
+    main()
