@@ -190,9 +190,9 @@ class TrainConfig(ModelConfig):
               "two halves of the joint latent)", default_text="0.3 for dual_unet, 0 for joint_sdxl")
     offset_noise_strength: float = flag(0.1, "offset noise strength (per-channel constant added to the noise)")
     loss_weighting: str = flag(
-        "none", "per-sample weight of the HF and structure terms on the predicted clean latent: none (weight 1, "
-                "the research design's form) | alpha_bar (fade them out at large t, where the prediction is mostly "
-                "amplified noise; measured no better, BENCHMARKS.md#quality)",
+        "alpha_bar", "per-sample weight of the HF and structure terms on the predicted clean latent: alpha_bar "
+                     "(fade them out at large t, where the prediction is mostly amplified noise; chosen by "
+                     "measurement, BENCHMARKS.md#quality) | none (weight 1, the research design's literal form)",
         choices=LOSS_WEIGHTINGS)
     num_workers: int = flag(1, "Ray Train workers (one per GPU with --use_gpu)")
     use_gpu: bool = flag(False, "one GPU per worker, NCCL; otherwise CPU workers, gloo")

@@ -29,7 +29,7 @@ class PairModel(nn.Module):
     FA_NOISES: tuple[str, ...] = ("same",)  # generation's --fa_noise values this design can start from
     # the loss settings (TrainConfig's flags of the same names) and the design's defaults for them
     LOSS_DEFAULTS = {"hf_lambda": 0.5, "struct_lambda": 0.3, "offset_noise_strength": 0.1,
-                     "loss_weighting": "none"}  # the seeds' form; alpha_bar measured no better (BENCHMARKS.md)
+                     "loss_weighting": "alpha_bar"}  # chosen by measurement (BENCHMARKS.md#quality)
 
     def _hold_base(self, parts, **loss) -> None:
         """What every design keeps of the frozen base, and its loss settings (LOSS_DEFAULTS' keys)."""
