@@ -26,7 +26,8 @@ ZERO_STAGES = (0, 1, 2, 3)
 SCHEDULERS = ("ddim", "dpm++")
 GENERATION_MODES = ("noise", "from_data")
 FA_NOISES = ("same", "negated")
-PNG_LAYOUTS = ("sharded", "numbered")
+PNG_LAYOUTS = ("sharded", "seed")
+PNG_LAYOUT_ALIASES = {"numbered": "seed"}  # the name before the issue spelt out `seed`
 LOSS_WEIGHTINGS = ("alpha_bar", "none")
 LORA_TARGET_CHOICES = ("to_q", "to_k", "to_v", "to_out.0")
 
@@ -301,8 +302,9 @@ class GenerateConfig:
                            "where parquet/, the PNG folders and summary.json go: local, or s3:// / gs://",
                            default_text="generated, or $CFFA_STORAGE/generated when CFFA_STORAGE is set; "
                                         "with -n, <runs_root>_preds/<name>/<savedir>")
-    png_layout: str = flag(AUTO, "sharded: png/shard_SSSS/pair_PPPPPP/ (for many pairs) | numbered: 1/, 2/, ... "
-                                 "in the output folder | auto: numbered with -n, else sharded", choices=(AUTO, *PNG_LAYOUTS))
+    png_layout: str = flag(AUTO, "sharded: png/shard_SSSS/pair_PPPPPP/ (for many pairs) | seed (or numbered): 1/, "
+                                 "2/, ... in the output folder | auto: seed with -n, else sharded",
+                           choices=(AUTO, *PNG_LAYOUTS, *PNG_LAYOUT_ALIASES))
     steps: int = flag(50, "denoising steps")
     seed: int = flag(42, "base seed; pair k's noise depends only on (seed, k)")
     scheduler: str = flag("ddim", "ddim (DDIM, good at 50 steps) | dpm++ (DPM-Solver++, good at 20-25 steps)",
@@ -344,7 +346,8 @@ class GenerateConfig:
             if self.output_dir == GenerateConfig.__dataclass_fields__["output_dir"].default:
                 self.output_dir = join_path(self.runs_root.rstrip("/") + "_preds", self.name, self.savedir)
         if self.png_layout == AUTO:
-            self.png_layout = "numbered" if self.name else "sharded"
+            self.png_layout = "seed" if self.name else "sharded"
+        self.png_layout = PNG_LAYOUT_ALIASES.get(self.png_layout, self.png_layout)
 
     def validate(self) -> None:
         check_finite(self)
@@ -356,7 +359,7 @@ class GenerateConfig:
             if value is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", value):
                 raise ConfigError(f"--{flag_name} {value!r} must be a plain folder name (letters, digits, . _ -)")
         if self.png_layout not in PNG_LAYOUTS:
-            raise ConfigError(f"--png_layout {self.png_layout!r}; choose sharded or numbered")
+            raise ConfigError(f"--png_layout {self.png_layout!r}; choose sharded or seed")
         parse_concurrency(self.concurrency)
         if self.model_batch != AUTO and (not isinstance(self.model_batch, int) or self.model_batch <= 0):
             raise ConfigError(f"--model_batch {self.model_batch!r} must be a positive number or auto")

@@ -56,8 +56,9 @@ def test_actor_pools():
 def test_seed_b_names_resolve_to_the_runs_layout():
     cfg = GenerateConfig(name="exp1", runs_root="results/out_joint", savedir="exp1_noise")
     assert cfg.checkpoint_dir == "results/out_joint/exp1/best_checkpoint"
-    assert cfg.output_dir == "results/out_joint_preds/exp1/exp1_noise" and cfg.png_layout == "numbered"
+    assert cfg.output_dir == "results/out_joint_preds/exp1/exp1_noise" and cfg.png_layout == "seed"
     assert dataclasses.replace(cfg, steps=3).output_dir == cfg.output_dir  # rebuilding keeps it
+    assert GenerateConfig(checkpoint_dir="c", png_layout="numbered").png_layout == "seed"  # the older name
     with pytest.raises(ConfigError, match="--savedir 'a/b'"):
         GenerateConfig(name="exp1", savedir="a/b").validate()
 

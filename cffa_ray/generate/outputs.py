@@ -4,7 +4,7 @@
     generation.json                 the arguments that decide the pixels (checked on every rerun)
     parquet/part-<first>-<last>-n<rows>.parquet   many rows each; a pair counts as made once its row is here
     png/shard_SSSS/pair_PPPPPP/     cf.png fa.png joint.png cf_fa_chessboard.png (at most 1000 pairs a shard)
-      or 1/, 2/, ...                with --png_layout numbered (seed B's layout)
+      or 1/, 2/, ...                with --png_layout seed (seed B's layout)
     summary.json                    counts, arguments, checkpoint, pairs/s
 
 A write task first publishes the PNG folders of its rows, then the parquet shard (temporary name,
@@ -38,8 +38,8 @@ PARQUET_SCHEMA = pa.schema([
 
 
 def pair_folder(output_dir: str, pair_id: int, layout: str = "sharded") -> str:
-    """sharded: png/shard_SSSS/pair_PPPPPP; numbered: <pair_id + 1>/ in the output folder (seed B's 1/, 2/, ...)."""
-    if layout == "numbered":
+    """sharded: png/shard_SSSS/pair_PPPPPP; seed: <pair_id + 1>/ in the output folder (seed B's 1/, 2/, ...)."""
+    if layout == "seed":
         return join_path(output_dir, str(pair_id + 1))
     return join_path(output_dir, PNG_DIR, f"shard_{pair_id // PAIRS_PER_PNG_SHARD:04d}", f"pair_{pair_id:06d}")
 
