@@ -7,11 +7,11 @@ training seed; generates the same pairs (same z0) from each run with `cffa gener
 `--fa_noise` (same: both UNets start from z0, as the research design does; negated: the FA UNet
 starts from -z0); scores them with `cffa evaluate` against held-out synthetic pairs; prints one
 table. Every job runs in one Ray session of this process. `--seeds 0 1` repeats the grid with other
-training seeds (the noise of the measurement).
+training seeds (the noise of the measurement; a seed also draws its own validation split).
 
     python bench/quality.py                       # 4 runs x 2 generations, about 15 minutes on 2 CPU cores
     python bench/quality.py --seeds 0 1 --out /tmp/quality
-    python bench/quality.py --steps 600 --loss_weighting none   # longer training, struct 0.3 vs 0
+    python bench/quality.py --steps 600 --loss_weighting alpha_bar   # longer training, struct 0.3 vs 0
 
 Columns: alignment normalised = (generated - floor) / (real - floor) of the vessel soft Dice (0 =
 unrelated vessel trees, 1 = as aligned as real pairs; floor = mismatched real pairs); Dice of the
@@ -68,6 +68,10 @@ def run_one(args, work: Path, struct: float, weighting: str, seed: int) -> list[
     return rows
 
 
+def _num(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"  # evaluate's normalised score is None when real <= floor
+
+
 def settings(args) -> list[tuple[float, str]]:
     return [(struct, weighting) for struct in args.struct_lambda for weighting in args.loss_weighting]
 
@@ -78,7 +82,7 @@ def table(rows: list[dict], args) -> str:
              "|---:|---|---:|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['struct']:g} | {r['weighting']} | {r['seed']} | {r['fa_noise']} | "
-                     f"**{r['normalised']:.3f}** | {r['dice']:.4f} ({r['dice_std']:.4f}) | {r['own_floor']:.4f} | "
+                     f"**{_num(r['normalised'])}** | {r['dice']:.4f} ({r['dice_std']:.4f}) | {r['own_floor']:.4f} | "
                      f"{r['swd_cf']:.1f} | {r['swd_fa']:.1f} | {r['train_s']:.0f} |")
     if len(args.seeds) > 1:
         import numpy as np
@@ -88,7 +92,7 @@ def table(rows: list[dict], args) -> str:
         for struct, weighting in settings(args):
             for fa_noise in args.fa_noise:
                 sel = [r for r in rows if (r["struct"], r["weighting"], r["fa_noise"]) == (struct, weighting, fa_noise)]
-                norm = np.array([r["normalised"] for r in sel])
+                norm = np.array([np.nan if r["normalised"] is None else r["normalised"] for r in sel])
                 lines.append(f"| {struct:g} | {weighting} | {fa_noise} | {norm.mean():.3f} ± {norm.std(ddof=1):.3f} | "
                              f"{np.mean([r['swd_cf'] for r in sel]):.1f} | {np.mean([r['swd_fa'] for r in sel]):.1f} |")
     first = rows[0]

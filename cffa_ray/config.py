@@ -360,6 +360,8 @@ class GenerateConfig:
                 raise ConfigError(f"--{flag_name} {value!r} must be a plain folder name (letters, digits, . _ -)")
         if self.png_layout not in PNG_LAYOUTS:
             raise ConfigError(f"--png_layout {self.png_layout!r}; choose sharded or seed")
+        if self.fa_noise not in FA_NOISES:
+            raise ConfigError(f"--fa_noise {self.fa_noise!r}; choose same or negated")
         parse_concurrency(self.concurrency)
         if self.model_batch != AUTO and (not isinstance(self.model_batch, int) or self.model_batch <= 0):
             raise ConfigError(f"--model_batch {self.model_batch!r} must be a positive number or auto")

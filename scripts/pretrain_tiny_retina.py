@@ -26,6 +26,9 @@ The committed weights were made in two stages (the defaults, split so the VAE ca
     python scripts/pretrain_tiny_retina.py                       # both stages in one go
     python scripts/pretrain_tiny_retina.py --out /tmp/tr --preview /tmp/tr.png --vae_steps 200 --unet_steps 200
 
+The shipped pretraining.json records the second command's arguments (its --vae_* values were unused:
+--vae_from) and, under "vae", what the first command's VAE stage did (2000 steps, 830 s).
+
 --preview writes real images, their VAE reconstructions and base samples (empty prompt), one row each.
 """
 from __future__ import annotations

@@ -74,3 +74,21 @@ def test_steady_state_rate_is_per_actor_after_its_first_call():
     r = rates(calls, t_start=4.0)
     assert r["startup_s"] == 6.0 and r["gpu_peak_gib"] == 1.0
     assert r["steady_pairs_per_s"] == 16 / 4 + 8 / 4  # a: 16 pairs in 4 s after its first call; b: 8 in 4 s
+
+
+def test_fa_noise_is_checked_and_an_older_layout_name_still_resumes(tmp_path):
+    from cffa_ray.generate.outputs import check_identity, write_identity
+
+    with pytest.raises(ConfigError, match="--fa_noise 'negate'; choose same or negated"):
+        GenerateConfig(checkpoint_dir="c", fa_noise="negate").validate()
+    # a folder made when the seed layout was called `numbered`, holding a finished pair, resumes
+    ident = identity(resolve(GenerateConfig(checkpoint_dir="c", name=None, png_layout="seed"), None), RECORD)
+    write_identity(str(tmp_path), {**ident, "png_layout": "numbered"})
+    (tmp_path / "parquet").mkdir()
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"pair_id": [0]}), tmp_path / "parquet" / "part-000000-000000-n1.parquet")
+    check_identity(str(tmp_path), ident)
+    with pytest.raises(ConfigError, match="holds pairs made with different arguments"):
+        check_identity(str(tmp_path), {**ident, "steps": 3})

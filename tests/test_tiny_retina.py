@@ -31,14 +31,19 @@ def test_preset_is_a_diffusers_folder_of_safetensors_that_ships_with_the_package
         assert any(fnmatch.fnmatch(rel, pattern) for pattern in patterns), f"{rel} is not package data"
 
 
-def test_preset_loads_like_the_folder_it_is():
+def test_preset_loads_the_shipped_weights_in_fp32():
+    from safetensors.torch import load_file
+
     parts = load_base("dual_unet", "", "tiny-retina")
-    same = load_base("dual_unet", str(FOLDER), None)
     assert vae_config("", "tiny-retina")["block_out_channels"] == [16, 32, 64]
-    for a, b in ((parts.unet, same.unet), (parts.vae, same.vae)):
-        assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
-    assert next(parts.unet.parameters()).dtype == torch.float32  # stored fp16, loaded for training in fp32
-    assert parts.prompt_embeds.shape == (1, 77, 32)
+    for module, part in ((parts.unet, "unet"), (parts.vae, "vae")):
+        stored = load_file(FOLDER / part / "diffusion_pytorch_model.safetensors")
+        state = module.state_dict()
+        assert set(stored) == set(state), part
+        assert all(v.dtype == torch.float16 for v in stored.values())  # shipped in fp16 (half the MB)
+        for key, value in stored.items():  # loaded for training in fp32, the very same numbers
+            assert state[key].dtype == torch.float32 and torch.equal(state[key], value.float()), key
+    assert parts.prompt_embeds.dtype == torch.float32 and parts.prompt_embeds.shape == (1, 77, 32)
 
 
 def _psnr(vae, images: torch.Tensor) -> float:

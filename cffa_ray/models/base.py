@@ -134,7 +134,8 @@ def _from_pretrained(base_model: str, family: str) -> BaseParts:
     encoders, ids = [], []
     for enc_dir, tok_dir, cls in names:
         tokenizer = AutoTokenizer.from_pretrained(base_model, subfolder=tok_dir)
-        encoders.append(cls.from_pretrained(base_model, subfolder=enc_dir).eval())
+        # fp32 whatever the folder stores (transformers keeps a stored fp16): the fixed prompt's embeddings
+        encoders.append(cls.from_pretrained(base_model, subfolder=enc_dir, dtype=torch.float32).eval())
         ids.append(tokenizer("", padding="max_length", max_length=tokenizer.model_max_length,
                              truncation=True, return_tensors="pt").input_ids)
     embeds, pooled = _encode_prompt(encoders, ids, family)

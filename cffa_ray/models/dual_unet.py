@@ -54,6 +54,8 @@ class DualUNet(PairModel):
     def noise_to_state(self, noise, fa_noise="same"):
         # negated: the FA UNet starts from -z0. CF vessels are dark and FA vessels bright, and from one z0
         # the two UNets draw vessel trees that avoid each other; from z0 and -z0 they overlap (BENCHMARKS.md)
+        if fa_noise not in self.FA_NOISES:
+            raise ValueError(f"fa_noise {fa_noise!r}: one of {self.FA_NOISES}")
         return torch.stack([noise, noise if fa_noise == "same" else -noise], dim=1)
 
     def encode_pair(self, cf, fa, generator=None, sample=True):

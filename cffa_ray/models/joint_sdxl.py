@@ -79,6 +79,8 @@ class JointSDXL(PairModel):
                 "struct": struct}
 
     def noise_to_state(self, noise, fa_noise="same"):
+        if fa_noise not in self.FA_NOISES:  # one latent for both halves: no FA start noise of its own
+            raise ValueError(f"fa_noise {fa_noise!r}: the joint model takes only {self.FA_NOISES}")
         return noise
 
     def encode_pair(self, cf, fa, generator=None, sample=True):
