@@ -48,9 +48,9 @@ def absolute(path: str) -> str:
     return path if is_uri(path) else os.path.abspath(path)
 
 
-def changed_fields(path: str, new: dict) -> list[str] | None:
+def changed_fields(path: str, new: dict, aliases: dict[str, dict] | None = None) -> list[str] | None:
     """'key old -> new' for each field of the JSON record at `path` that differs from `new`
-    (None when there is no record yet)."""
+    (None when there is no record yet). `aliases`: {key: {older value: its current name}} for the record."""
     import json
 
     text = read_text(path)
@@ -62,6 +62,9 @@ def changed_fields(path: str, new: dict) -> list[str] | None:
         from cffa_ray.config import ConfigError
 
         raise ConfigError(f"{path} is not readable JSON (damaged); delete it or use another folder") from None
+    for key, names in (aliases or {}).items():
+        if old.get(key) in names:
+            old[key] = names[old[key]]
     return [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
 
 

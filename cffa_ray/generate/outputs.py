@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from cffa_ray.config import ConfigError, join_path
+from cffa_ray.config import PNG_LAYOUT_ALIASES, ConfigError, join_path
 from cffa_ray.images import PAIR_FILES, pair_pngs
 from cffa_ray.io import atomic_write_bytes, atomic_write_text, changed_fields, filesystem, publish_dir, staging_dir
 
@@ -51,8 +51,7 @@ def check_identity(output_dir: str, identity: dict) -> None:
 
     A folder with no finished pair (e.g. a run that failed before its first shard) blocks nothing.
     """
-    diffs = changed_fields(join_path(output_dir, IDENTITY_FILE), identity)
-    diffs = [d for d in diffs or [] if d != "png_layout 'numbered' -> 'seed'"]  # one layout, its older name
+    diffs = changed_fields(join_path(output_dir, IDENTITY_FILE), identity, aliases={"png_layout": PNG_LAYOUT_ALIASES})
     if diffs and done_pair_ids(output_dir):
         raise ConfigError(f"--output_dir {output_dir} holds pairs made with different arguments "
                           f"({'; '.join(diffs)}); use another --output_dir or the original arguments")
