@@ -179,7 +179,7 @@ def test_evaluate_job_wrapper_is_the_cli():
 
 def test_undecodable_images_are_named_not_thrown(tmp_path, pairs_dir):
     """A bad file does not fail a Ray task: its row carries the error and the driver names them all at once."""
-    from cffa_ray.data import raise_decode_errors
+    from cffa_ray.decoding import raise_decode_errors
     from cffa_ray.errors import DataError
     from cffa_ray.evaluate.scoring import score_batch
 
