@@ -6,7 +6,9 @@ actor dies at a named point, once, when the environment asks for it.
 
 `once` names a marker file: the fault fires only while it is absent (and creates it), so the restarted
 worker or actor goes on. The process exits at once (os._exit), as a crashed or killed one would. With
-the variable unset (normal use) a check costs one dictionary lookup.
+the variable unset (normal use) a check costs one dictionary lookup. The variable must reach the
+process: a local Ray's workers inherit the driver's environment; on a cluster pass it in the job's
+runtime env (`ray job submit --runtime-env-json '{"env_vars": {"CFFA_INJECT_FAULT": ...}}'`).
 """
 from __future__ import annotations
 

@@ -3,11 +3,28 @@ and one trained tiny run that the generation tests reuse (helpers that are not f
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import MODEL_RECORD, TRAIN_ARGS, assert_ok, run_cli, write_tiny_tokenizer
+from tests.helpers import MODEL_RECORD, SHARED_HEAD_ENV, TRAIN_ARGS, RayHead, assert_ok, run_cli, write_tiny_tokenizer
+
+
+@pytest.fixture(scope="session")
+def ray_head(tmp_path_factory):
+    """One Ray head for the session's `cffa` runs: a test module that asks for it (usefixtures) has its CLI
+    runs join it (helpers.run_cli) instead of each starting and stopping a local Ray. Started on first use."""
+    head = RayHead(tmp_path_factory.mktemp("ray_head"))
+    head.start()
+    os.environ[SHARED_HEAD_ENV] = json.dumps(head.cli_env)
+    try:
+        yield head
+    finally:
+        os.environ.pop(SHARED_HEAD_ENV, None)
+        head.stop()
+    assert subprocess.run(["pgrep", "-f", head.temp_dir], capture_output=True).returncode == 1, "processes left"
 
 
 @pytest.fixture(scope="session")
@@ -41,7 +58,7 @@ def sd15_folder(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def trained_run(tmp_path_factory, pairs_dir):
+def trained_run(tmp_path_factory, pairs_dir, ray_head):
     """The training issue's 'done when' command, run once: (run folder, completed process)."""
     out = tmp_path_factory.mktemp("runs")
     proc = run_cli("train", "--data", pairs_dir, "--output_dir", out, "--name", "t", *TRAIN_ARGS)

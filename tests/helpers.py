@@ -1,37 +1,54 @@
 """Helpers the test modules share (fixtures live in conftest.py): running the real CLI, checking a
-one-line driver error, model and data builders."""
+one-line driver error, model and data builders, a Ray head of the tests' own."""
 from __future__ import annotations
 
+import json
 import os
 import re
+import secrets
+import shutil
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 CLI_TIMEOUT_S = 600  # a hang (e.g. Ray Data starved of CPUs) fails the test instead of blocking CI
+SHARED_HEAD_ENV = "CFFA_TEST_SHARED_RAY"  # set by conftest's `ray_head` fixture: the head's cli_env as JSON
 
 
-def _cli_env(extra: dict | None = None) -> dict:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra or {})}
-    env.pop("RAY_ADDRESS", None) if "RAY_ADDRESS" not in (extra or {}) else None  # each run starts its own Ray
-    return env
+def _cli_env(extra: dict | None, local: bool) -> dict:
+    """The environment of a `cffa` process: the test session's shared Ray head where one runs (unless
+    `local`: then the process starts a local Ray of its own, as a user's first run does)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    shared = env.pop(SHARED_HEAD_ENV, None)
+    if shared and not local:
+        env.update(json.loads(shared))
+    return {**env, **(extra or {})}
 
 
-def run_cli(*args: str, timeout: float = CLI_TIMEOUT_S, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run `cffa <args>` as a user would, in a fresh process (its own local Ray); `env` adds variables."""
+def run_cli(*args: str, timeout: float = CLI_TIMEOUT_S, env: dict | None = None,
+            local: bool = False) -> subprocess.CompletedProcess:
+    """Run `cffa <args>` as a user would, in a fresh process; `env` adds variables. It joins the session's
+    shared Ray head when a test module asked for one (`ray_head`), else (or with `local`) starts its own."""
     return subprocess.run([sys.executable, "-m", "cffa_ray.cli", *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout, cwd=REPO, env=_cli_env(env))
+                          text=True, timeout=timeout, cwd=REPO, env=_cli_env(env, local))
 
 
-def start_cli(*args: str, env: dict | None = None) -> subprocess.Popen:
-    """`cffa <args>` in the background, in its own session so the test can signal it with all of Ray."""
-    return subprocess.Popen([sys.executable, "-m", "cffa_ray.cli", *map(str, args)], cwd=REPO, env=_cli_env(env),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+def start_cli(*args: str, env: dict | None = None, local: bool = False) -> subprocess.Popen:
+    """`cffa <args>` in the background, in its own session so the test can signal it (and a local Ray)."""
+    return subprocess.Popen([sys.executable, "-m", "cffa_ray.cli", *map(str, args)], cwd=REPO,
+                            env=_cli_env(env, local), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
 
 
 def assert_ok(proc: subprocess.CompletedProcess) -> None:
@@ -108,3 +125,104 @@ def odd_pairs(folder):
     grey = np.asarray(Image.open(fa / "synth_00000.png"))
     Image.fromarray(grey.astype(np.uint16) * 257).save(fa / "synth_00000.png")  # 16-bit FA
     return folder
+
+
+# ------------------------------------------------------------------ a Ray head of the tests' own
+
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RayHead:
+    """A Ray head of our own (`ray start --head --block` on 127.0.0.1, token authentication on, free
+    ports, its own temp dir), stopped by its process group only: never `ray stop`, which would end
+    every Ray on the machine. `cli_env` points a `cffa` process at it; the methods drive the jobs CLI."""
+
+    def __init__(self, root: Path, num_cpus: int = 6):
+        self.root = root
+        self.token = root / "auth_token"
+        self.token.write_text(secrets.token_hex(32))
+        self.token.chmod(0o600)
+        self.dashboard = free_port()
+        # the job driver runs `python`: it must be this environment's
+        self.env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(self.token),
+                    "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+        self.env.pop("RAY_ADDRESS", None)
+        self.address = f"http://127.0.0.1:{self.dashboard}"
+        self.gcs_port, self.num_cpus = free_port(), num_cpus
+        # a short temp dir: Ray's unix socket paths must stay under ~107 characters
+        self.temp_dir = tempfile.mkdtemp(prefix="cffa-ray-", dir="/tmp")
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={self.gcs_port}",
+             f"--dashboard-port={self.dashboard}", "--dashboard-host=127.0.0.1",
+             f"--ray-client-server-port={free_port()}", f"--num-cpus={self.num_cpus}", f"--temp-dir={self.temp_dir}"],
+            env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        deadline = time.time() + 120
+        while self.ray("job", "list").returncode != 0:
+            assert self.proc.poll() is None, self.proc.stdout.read()
+            assert time.time() < deadline, "the Ray head did not come up"
+            time.sleep(1)
+
+    @property
+    def cli_env(self) -> dict[str, str]:
+        """What a `cffa` process needs to join this head instead of starting a Ray of its own."""
+        return {"RAY_ADDRESS": f"127.0.0.1:{self.gcs_port}", "RAY_AUTH_MODE": "token",
+                "RAY_AUTH_TOKEN_PATH": str(self.token)}
+
+    def stop(self) -> None:
+        """Stop this cluster only: its `ray start --block` process group (never `ray stop`)."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        left = subprocess.run(["pgrep", "-f", self.temp_dir], capture_output=True, text=True).stdout.split()
+        for pid in left:
+            os.kill(int(pid), signal.SIGKILL)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+    def ray(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run([RAY, *args, "--address", self.address] if args[0] != "job" else
+                              [RAY, args[0], args[1], "--address", self.address, *args[2:]],
+                              env=self.env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+    def submit(self, job_id: str, *entrypoint: str, env_vars: dict[str, str] | None = None) -> None:
+        """`ray job submit` with the project's runtime env file, or that env plus `env_vars`."""
+        env_args = ["--runtime-env", "jobs/runtime_env.yaml"]
+        if env_vars:
+            runtime_env = yaml.safe_load((REPO / "jobs/runtime_env.yaml").read_text())
+            runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), **env_vars}
+            env_args = ["--runtime-env-json", json.dumps(runtime_env)]
+        proc = self.ray("job", "submit", "--submission-id", job_id, "--working-dir", ".", *env_args,
+                        "--no-wait", "--", *entrypoint)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+
+    def status(self, job_id: str) -> str:
+        """RUNNING, PENDING, SUCCEEDED, FAILED or STOPPED, as `ray job status` prints it."""
+        out = re.sub(r"\x1b\[[0-9;]*m", "", self.ray("job", "status", job_id).stdout)
+        if m := re.search(r"Status for job '[^']+': (\w+)", out):
+            return m.group(1)
+        for word, status in (("succeeded", "SUCCEEDED"), ("failed", "FAILED"), ("stopped", "STOPPED")):
+            if f"Job '{job_id}' " in out and word in out:
+                return status
+        return "UNKNOWN"
+
+    def wait(self, job_id: str, timeout: float = 600) -> str:
+        deadline = time.time() + timeout
+        while (status := self.status(job_id)) not in ("SUCCEEDED", "FAILED", "STOPPED", "UNKNOWN"):
+            assert time.time() < deadline, f"{job_id} still {status}"
+            time.sleep(2)
+        return status
+
+    def logs(self, job_id: str) -> str:
+        return self.ray("job", "logs", job_id).stdout

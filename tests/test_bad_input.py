@@ -98,13 +98,14 @@ def test_train_fp16_joint_sdxl_is_refused(capsys, tmp_path, data):
 
 @pytest.mark.slow  # starts Ray
 def test_train_more_gpus_than_the_machine_has(tmp_path, data):
-    proc = run_cli(*train_argv(data, tmp_path / "out", "--use_gpu"), timeout=300)
+    proc = run_cli(*train_argv(data, tmp_path / "out", "--use_gpu"), timeout=300, local=True)  # a local Ray's GPUs
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "--num_workers 2 with --use_gpu needs 2 GPU(s); this machine's Ray has 0" in proc.stderr
     assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow  # starts Ray
+@pytest.mark.usefixtures("ray_head")
 def test_train_undecodable_image_is_named(tmp_path, data):
     """A corrupt, a zero-byte and a truncated PNG: all three named (validation pairs too), in one line."""
     import os
@@ -173,6 +174,7 @@ def test_generate_refuses_to_mix_arguments(capsys, tmp_path, fake_checkpoint):
 
 
 @pytest.mark.slow  # starts Ray
+@pytest.mark.usefixtures("ray_head")
 def test_generate_from_data_undecodable_source_is_named(tmp_path, data, fake_checkpoint):
     (data / "cf/synth_00004.png").write_bytes(b"not an image")
     out = tmp_path / "g"
@@ -240,6 +242,7 @@ def test_default_base_model_offline(capsys, tmp_path, data, offline_hub, monkeyp
 
 
 @pytest.mark.slow  # starts Ray
+@pytest.mark.usefixtures("ray_head")
 def test_default_base_model_offline_real_cli(tmp_path, data):
     """The row as a user meets it: a fresh process, seconds, one line, no Ray started."""
     env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
@@ -399,6 +402,7 @@ def test_one_pair_strict_is_refused_before_ray(capsys, tmp_path):
 
 
 @pytest.mark.slow  # starts Ray
+@pytest.mark.usefixtures("ray_head")
 def test_odd_images_with_strict_are_one_error(tmp_path):
     data = odd_pairs(tmp_path / "odd")
     t0 = time.time()

@@ -42,6 +42,7 @@ def write_generation_output(out: Path, pairs_dir: Path) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("ray_head")
 def test_evaluate_a_from_data_generation_output(pairs_dir, tmp_path):
     gen = write_generation_output(tmp_path / "G", pairs_dir)
     out = tmp_path / "eval"
@@ -110,6 +111,7 @@ def _fidelity_available() -> bool:
 @pytest.mark.slow
 @pytest.mark.skipif(not _fidelity_available(), reason='torch-fidelity not installed: pip install --no-deps '
                                                       '"torch-fidelity>=0.3,<0.5" runs this test')
+@pytest.mark.usefixtures("ray_head")
 def test_evaluate_a_pairs_folder_with_fid(tmp_path):
     from cffa_ray.synth import write_synthetic_pairs
 

@@ -12,9 +12,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from cffa_ray.faults import FAULT_ENV, fired
 from tests.helpers import assert_ok, run_cli, start_cli
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_head")]  # CLI runs join one Ray head
 
 GEN_ARGS = ("--num_samples", 40, "--steps", 4, "--batch_size", 8, "--concurrency", 2)
 
@@ -104,16 +105,21 @@ def test_rerun_adds_nothing(generated, trained_run):
     assert {k: v for k, v in tree_digest(out).items() if k != "summary.json"} == before
 
 
-def test_pairs_do_not_depend_on_batch_size_or_concurrency(generated, trained_run, tmp_path):
+def test_pairs_do_not_depend_on_batch_size_concurrency_or_a_dead_actor(generated, trained_run, tmp_path):
+    """Another batch size, an autoscaling pool of 1 to 2 actors, and a model actor that dies in its
+    2nd call (once): Ray Data restarts it and redoes the call; every pair is made once, as before."""
     out, _ = generated
     run, _ = trained_run
-    # a different batch size and an autoscaling pool of 1 to 2 actors
+    fault = f"generate_batch=2,once={tmp_path / 'fault-fired'}"
     proc = run_cli("generate", "--checkpoint_dir", run / "best_checkpoint", "--output_dir", tmp_path / "g2",
-                   "--num_samples", 12, "--steps", 4, "--batch_size", 3, "--concurrency", "1-2")
+                   "--num_samples", 12, "--steps", 4, "--batch_size", 3, "--concurrency", "1-2",
+                   env={FAULT_ENV: fault}, local=True)  # its own Ray: the actors inherit the fault's variable
     assert_ok(proc)
+    assert fired(fault), "the injected fault did not fire"
     mine, reference = png_digest(tmp_path / "g2"), png_digest(out)
     assert len(mine) == 48
     assert all(reference[k] == v for k, v in mine.items())
+    assert sorted(pd.read_parquet(tmp_path / "g2/parquet").pair_id) == list(range(12))  # none lost, none twice
     # and pairs are not all alike
     assert len({v for k, v in mine.items() if k.endswith("/cf.png")}) == 12
 

@@ -12,7 +12,7 @@ from PIL import Image
 
 from tests.helpers import TRAIN_ARGS, assert_ok, run_cli
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_head")]  # CLI runs join one Ray head
 
 
 def log_steps(path):
@@ -98,7 +98,8 @@ def test_diffusers_folder_base_with_zero3_bf16_and_accumulation(sd15_folder, pai
                    sd15_folder, "--resolution", 64, "--max_steps", 2, "--num_workers", 2, "--zero_stage", 3,
                    "--mixed_precision", "bf16", "--gradient_accumulation_steps", 2, "--batch_size", 1,
                    "--val_every", 2, "--sample_every", 2, "--num_sample_pairs", 1, "--sample_steps", 2,
-                   "--unet_lora_rank", 4, "--max_failures", 0, "--no-cache_latents")
+                   "--unet_lora_rank", 4, "--max_failures", 0, "--no-cache_latents",
+                   local=True)  # the path of a user's first run: a local Ray of its own
     assert_ok(proc)
     assert "pairs decoded at 64px" in proc.stdout and "latent cache" not in proc.stdout
     assert "ZeRO-3" in proc.stdout and "x 2 accumulation = 4 pairs/step" in proc.stdout
