@@ -77,7 +77,7 @@ def check_shared_folder(path: str, flag: str, timeout_s: float = PROBE_TIMEOUT_S
     probe = existing / f".cffa-shared-probe-{token[:12]}"
     probe.write_text(token)
     try:
-        reads = ray.remote(_reads).options(num_cpus=0, max_retries=0)
+        reads = ray.remote(num_cpus=0, max_retries=0)(_reads)
         refs = {reads.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
                 .remote(str(probe), token): n for n in nodes}
         ready, pending = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)

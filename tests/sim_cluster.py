@@ -38,6 +38,12 @@ REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
 OBJECT_STORE_BYTES = 100 * 2**20  # per node: the jobs here move kilobytes; Ray's minimum is 75 MiB
 REPLY = "@@sim-cluster "  # marks the helper's answers on its stdout
+# Ray's switch for clusters on laptops; off, a process without a node takes 127.0.0.1 for its address.
+# (`ray start` of a worker node refuses to run with it off: that one gets --node-ip-address instead.)
+LOCAL_IP = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+# A raylet waits this long for its node's agents (Python processes, slow to start when several nodes
+# start at once on 2 cores) before it gives up and dies; Ray's default is 30 s.
+AGENT_WAIT = {"RAY_agent_register_timeout_ms": "120000"}
 
 
 def free_port() -> int:
@@ -106,8 +112,10 @@ class Ray:
         self.token = self.root / "auth_token"
         self.token.write_text(secrets.token_hex(32))
         self.token.chmod(0o600)
+        # LOCAL_IP: where a process has no node to ask, Ray takes the address that routes to the internet
+        # as this host's; every node, driver and helper here must use loopback instead.
         self.env = {**os.environ, **(env or {}), "RAY_TMPDIR": self.temp_dir, "RAY_AUTH_MODE": "token",
-                    "RAY_AUTH_TOKEN_PATH": str(self.token), "PYTHONUNBUFFERED": "1"}
+                    "RAY_AUTH_TOKEN_PATH": str(self.token), "PYTHONUNBUFFERED": "1", **LOCAL_IP, **AGENT_WAIT}
         for name in ("RAY_ADDRESS", "RAY_AUTH_TOKEN"):
             self.env.pop(name, None)
         self.address: str | None = None  # the GCS address, once a head runs
@@ -167,22 +175,24 @@ class Ray:
         return self.call("actors", class_part=class_part)["actors"]
 
     # ---- the end
-    def __exit__(self, *exc) -> None:
-        self.stop()
+    def __exit__(self, exc_type, *exc) -> None:
+        survivors = self.stop()
+        assert exc_type is not None or not survivors, f"processes of {self.temp_dir} outlived stop(): {survivors}"
 
-    def stop(self) -> None:
-        """Stop what this cluster started (see the module doc); AssertionError if a process survives."""
+    def stop(self) -> list[int]:
+        """Stop what this cluster started (see the module doc); returns the pids still found at the end."""
         helper = getattr(self, "helper", None)
         if helper is not None and helper.poll() is None:
             with contextlib.suppress(Exception):
                 self.call("shutdown", timeout=60)
         for proc in reversed(self.procs):
             kill_group(proc)
-        kill_leftovers(self.temp_dir)
-        time.sleep(0.5)  # a killed raylet's workers exit on their own; catch any that did not
-        left = kill_leftovers(self.temp_dir)
+        survivors = kill_leftovers(self.temp_dir)
+        for _ in range(3):  # workers of a killed raylet exit on their own; catch any that did not
+            time.sleep(0.5)
+            survivors = kill_leftovers(self.temp_dir)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
-        assert not left, f"processes of {self.temp_dir} left after stop: {left}"
+        return survivors
 
 
 class SimCluster(Ray):
@@ -261,27 +271,22 @@ class AutoscalingHead(Ray):
                       "--dashboard-host=127.0.0.1", *ray_start_ports("dashboard-port", "ray-client-server-port")]
 
     def __enter__(self) -> "AutoscalingHead":
-        # The nodes the provider starts (in the autoscaler's process) take the IP Ray finds for this host;
-        # without "clusters" on, that is 127.0.0.1, as for every other node here (loopback only).
-        env = {**self.env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
         with open(self.root / "head.log", "w") as out:
-            self.procs.append(subprocess.Popen(self.start, env=env, stdout=out, stderr=subprocess.STDOUT,
+            self.procs.append(subprocess.Popen(self.start, env=self.env, stdout=out, stderr=subprocess.STDOUT,
                                                start_new_session=True))
         self._start_helper()
         try:
-            wait_for(lambda: self._attached(), 120, "the autoscaling head to come up", every=1)
+            wait_for(self._gcs_listening, 120, "the autoscaling head to come up", every=0.5)
+            self.call("attach", timeout=120, address=self.address)
         except BaseException:
             self.stop()
             raise
         return self
 
-    def _attached(self) -> bool:
+    def _gcs_listening(self) -> bool:
         assert self.procs[0].poll() is None, (self.root / "head.log").read_text()[-3000:]
-        try:
-            self.call("attach", timeout=60, address=self.address)
-            return True
-        except AssertionError:
-            return False
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", int(self.address.rsplit(":", 1)[1]))) == 0
 
 
 def ray_start_ports(*extra: str) -> list[str]:
@@ -303,7 +308,8 @@ def namespaced_node(cluster: Ray, private_disk: Path, mount_over: Path, log: Pat
              *ray_start_ports()]
     script = f"mount --bind {private_disk} {mount_over} && exec " + " ".join(f"'{a}'" for a in start)
     with open(log, "w") as out:
-        proc = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", script], env=cluster.env,
+        proc = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", script],
+                                env={**cluster.env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"},
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     cluster.procs.append(proc)
     return proc
@@ -311,8 +317,14 @@ def namespaced_node(cluster: Ray, private_disk: Path, mount_over: Path, log: Pat
 
 def can_unshare() -> str | None:
     """None when mount namespaces and bind mounts work here, else why not."""
-    probe = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c",
-                            "mount --bind /tmp /mnt && umount /mnt"], capture_output=True, text=True)
+    folder = tempfile.mkdtemp(prefix="cffa-unshare-")
+    try:
+        probe = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c",
+                                f"mount --bind {folder} {folder}"], capture_output=True, text=True, timeout=30)
+    except OSError as e:  # no unshare binary
+        return str(e)
+    finally:
+        os.rmdir(folder)
     return None if probe.returncode == 0 else (probe.stderr.strip() or f"unshare exited {probe.returncode}")
 
 
@@ -327,17 +339,18 @@ def serve() -> None:
 
     replies = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)  # whatever Ray prints goes to the log, not into the answers
-    temp_dir = os.environ["RAY_TMPDIR"]
     cluster = Cluster()
     nodes: dict[str, object] = {}
 
     def node_args(num_cpus: float, resources: dict) -> dict:
+        # fixed free ports: other engineers' and CI's Ray clusters share this machine
         return {"num_cpus": num_cpus, "resources": resources, "object_store_memory": OBJECT_STORE_BYTES,
-                "node_ip_address": "127.0.0.1", "temp_dir": temp_dir, "metrics_export_port": free_port()}
+                "node_ip_address": "127.0.0.1", "metrics_export_port": free_port(), "metrics_agent_port": free_port(),
+                "runtime_env_agent_port": free_port(), "dashboard_agent_listen_port": free_port()}
 
     def start_head(num_cpus: float, resources: dict) -> dict:
         head = cluster.add_node(**node_args(num_cpus, resources), include_dashboard=True, dashboard_host="127.0.0.1",
-                                dashboard_port=free_port(), dashboard_agent_listen_port=free_port())
+                                dashboard_port=free_port())
         ray.init(address=head.gcs_address, logging_level="WARNING", log_to_driver=False)
         return {"address": head.gcs_address}
 

@@ -4,8 +4,10 @@ and an --output_dir that only one node's disk holds.
 
 The jobs run as a user runs them on a cluster: `python -m cffa_ray.cli train|generate` with
 RAY_ADDRESS pointing at the cluster's head, placed on the worker nodes with --worker_resources.
-Nodes are killed when a checkpoint or a pair has appeared, never after a sleep; every test has a
-hard timeout, its own RAY_TMPDIR and ports, and stops only the processes it started.
+"Mid-run" does not depend on the machine's speed: the workers hold at a known point (CFFA_HOLD,
+cffa_ray/hold.py) until the test has made its fault, and a node is killed once a checkpoint or a
+pair is there, never after a sleep. Every test has a hard timeout, its own RAY_TMPDIR and ports,
+and stops only the processes it started.
 """
 from __future__ import annotations
 
@@ -75,24 +77,22 @@ def pairs_by_id(out: Path) -> dict[int, tuple[bytes, bytes]]:
 # ------------------------------------------------------------------ training loses a node
 
 def test_training_loses_the_node_of_rank_1(pairs_dir, tmp_path):
-    """2 workers on 2 nodes; the node of rank 1 is SIGKILLed after the first checkpoint and a new node
-    added: the run resumes from the last checkpoint, redoes at most one interval, and finishes."""
-    every, steps = 8, 24
-    run = tmp_path / "runs/mn"
-    log = tmp_path / "train.log"
-    # Train's controller polls the workers every 0.5 s (default 2 s), and steps take ~0.4 s (128 px, 4
-    # micro-batches), so a checkpoint interval far outlasts the lag before a checkpoint is registered.
-    with hard_timeout(420, "the training node-loss test"), \
-            SimCluster(tmp_path, head_cpus=2, env={"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}) as cluster:
+    """2 workers on 2 nodes, held halfway between two checkpoints; the node of rank 1 is SIGKILLed and a
+    new node added: the run resumes from the last checkpoint, redoes at most one interval, and finishes."""
+    every, held_at, steps = 8, 12, 24
+    run, log, gate = tmp_path / "runs/mn", tmp_path / "train.log", tmp_path / "go"
+    # Train's controller polls the workers every 0.5 s (default 2 s): a lost worker is seen sooner
+    env = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "CFFA_HOLD": f"train:{held_at}:{gate}"}
+    with hard_timeout(420, "the training node-loss test"), SimCluster(tmp_path, head_cpus=2, env=env) as cluster:
         for _ in range(2):
             cluster.add_node(num_cpus=2, resources={ACCELERATOR: 1})
         t0 = time.time()
         proc = cluster.start_cffa(
             log, "train", "--data", pairs_dir, "--output_dir", tmp_path / "runs", "--name", "mn", "--preset", "tiny",
-            "--resolution", 128, "--max_steps", steps, "--num_workers", 2, "--batch_size", 2,
-            "--gradient_accumulation_steps", 4, "--val_every", every, "--sample_every", 1000, "--log_every", 1,
-            "--max_failures", 2, "--worker_resources", ON_WORKERS)
-        wait_for(lambda: running(proc, log) and every in registered_steps(run), 300, "the first registered checkpoint")
+            "--resolution", 64, "--max_steps", steps, "--num_workers", 2, "--batch_size", 2, "--val_every", every,
+            "--sample_every", 1000, "--log_every", 1, "--max_failures", 2, "--worker_resources", ON_WORKERS)
+        wait_for(lambda: running(proc, log) and every in registered_steps(run) and held_at in logged_steps(run),
+                 300, f"step {held_at} and the step-{every} checkpoint")
         workers = cluster.actors("RayTrainWorker")
         assert len(workers) == 2 and len({w["node_id"] for w in workers}) == 2, workers  # one per node
         rank0_pid = int(re.search(r"\(RayTrainWorker pid=(\d+)[^)]*\) \[cffa\] step", log.read_text()).group(1))
@@ -100,6 +100,7 @@ def test_training_loses_the_node_of_rank_1(pairs_dir, tmp_path):
         t_kill = time.time()
         cluster.remove_node(victim)
         last_checkpoint, reached = max(registered_steps(run)), max(logged_steps(run))
+        gate.touch()  # the resumed group goes on past the hold point
         cluster.add_node(num_cpus=2, resources={ACCELERATOR: 1})  # what the autoscaler does after a loss
         resumed = wait_for(lambda: running(proc, log) and re.search(r"resuming at step (\d+)", log.read_text()),
                            240, "the resumed worker group")
@@ -138,14 +139,15 @@ GENERATE = ("--num_samples", 48, "--steps", 10, "--batch_size", 4, "--model_batc
 
 
 def test_generation_loses_a_node_and_nothing_else(trained_run, tmp_path):
-    """Model actors on 3 nodes, one node SIGKILLed once pairs are committed: exactly N pairs, each once,
-    byte-identical to the same job on one node."""
+    """Model actors on 3 nodes, each held after its first call; one node SIGKILLed once pairs are committed:
+    exactly N pairs, each once, byte-identical to the same job on one node."""
     ckpt = trained_run[0] / "best_checkpoint"
-    one_node, out, log = tmp_path / "one_node", tmp_path / "generated", tmp_path / "generate.log"
+    one_node, out, log, gate = tmp_path / "one_node", tmp_path / "generated", tmp_path / "generate.log", tmp_path / "go"
     reference = run_cli("generate", "--checkpoint_dir", ckpt, "--output_dir", one_node, *GENERATE,
                         env={"RAY_TMPDIR": tempfile.mkdtemp(prefix="cffa-1n-", dir="/tmp")})
     assert_ok(reference)
-    with hard_timeout(300, "the generation node-loss test"), SimCluster(tmp_path, head_cpus=2) as cluster:
+    with hard_timeout(300, "the generation node-loss test"), \
+            SimCluster(tmp_path, head_cpus=2, env={"CFFA_HOLD": f"generate:1:{gate}"}) as cluster:
         for _ in range(3):
             cluster.add_node(num_cpus=1, resources={ACCELERATOR: 1})
         t0 = time.time()
@@ -157,6 +159,7 @@ def test_generation_loses_a_node_and_nothing_else(trained_run, tmp_path):
         t_kill = time.time()
         cluster.remove_node(actors[0]["node_id"])
         done_at_kill = len(committed_pair_ids(out))
+        gate.touch()
         output = finished(proc, log, 240)
         t_end = time.time()
     assert proc.returncode == 0, output[-5000:]
@@ -180,14 +183,15 @@ def test_generation_loses_a_node_and_nothing_else(trained_run, tmp_path):
 def test_autoscaler_grows_to_three_nodes_for_generation_and_back(trained_run, tmp_path):
     """The fake autoscaler with cluster.yaml's node types (1 CPU and one fake accelerator each, at most 3,
     idle after 0.5 min): `--concurrency 1-3` on gpu_24gb nodes grows the cluster to 3 worker nodes while
-    work queues, and it shrinks back to the head alone after the job."""
+    work queues (each actor held after its first call until the third node is up), and it shrinks back to
+    the head alone after the job."""
     ckpt = trained_run[0] / "best_checkpoint"
-    out, log = tmp_path / "generated", tmp_path / "generate.log"
-    n = 96
+    out, log, gate = tmp_path / "generated", tmp_path / "generate.log", tmp_path / "go"
+    n = 48
     events: list[tuple[float, str]] = []
     with hard_timeout(420, "the autoscaling test"), \
-            AutoscalingHead(tmp_path, REPO / "cluster.yaml", head_cpus=2, max_workers=3,
-                            idle_timeout_minutes=0.5) as head:
+            AutoscalingHead(tmp_path, REPO / "cluster.yaml", head_cpus=2, max_workers=3, idle_timeout_minutes=0.5,
+                            env={"CFFA_HOLD": f"generate:1:{gate}"}) as head:
         assert head.worker_nodes() == []
         t0 = time.time()
         proc = head.start_cffa(log, "generate", "--checkpoint_dir", ckpt, "--output_dir", out, "--num_samples", n,
@@ -205,6 +209,9 @@ def test_autoscaler_grows_to_three_nodes_for_generation_and_back(trained_run, tm
             if not any("first pair" in e for _, e in events) and committed_pair_ids(out):
                 events.append((time.time() - t0, "first pair"))
             most = max(most, len(workers))
+            if most == 3 and not gate.exists():
+                gate.touch()
+                events.append((time.time() - t0, "3 worker nodes: the actors' hold released"))
             assert time.time() - t0 < 300, log.read_text()[-4000:]
             time.sleep(0.5)
         events.append((time.time() - t0, f"last pair (job exit {proc.returncode})"))
@@ -261,7 +268,8 @@ def test_node_local_output_dir_never_ends_in_success(trained_run, pairs_dir, tmp
         wait_for(lambda: running(proc, log) and "[cffa] generating" in log.read_text(), 120, "the job to start")
         namespaced_node(cluster, private, out, tmp_path / "node2.log", num_cpus=2, resources={ACCELERATOR: 1})
         output = finished(proc, log, 180)
-    assert proc.returncode != 0 and "generated 8 pairs" not in output, output[-4000:]
-    last = output.strip().splitlines()[-1]
-    assert re.search(r"--output_dir .* is not the same folder on every node .* shared", last), output[-4000:]
+    assert proc.returncode == 1 and "generated 8 pairs" not in output, output[-4000:]
+    errors = [line for line in output.splitlines() if line.startswith("cffa generate: error: ")]
+    assert len(errors) == 1, output[-4000:]
+    assert re.search(r"--output_dir .* is not the same folder on every node .* shared", errors[0]), output[-4000:]
     assert not committed_pair_ids(out) and not list((private).rglob("*.png")), "pairs were written"
