@@ -29,7 +29,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cffa_ray.config import AUTO, PRESETS, TrainConfig, auto_or_int  # noqa: E402
+from cffa_ray.config import AUTO, PRESETS, auto_or_int
+from cffa_ray.train.config import TrainConfig
 
 MODEL_OF_PRESET = {preset: model for model, presets in PRESETS.items() for preset in presets}
 PATHS = {"a": "(a) seed-style loop, batch 1, fp32", "a2": "(a2) seed-style loop, batch 1, {precision}",
@@ -81,13 +82,13 @@ def run_path(path: str, args, ckpt: str, work: Path) -> dict:
     import torch
 
     from cffa_ray.models import load_for_generation
-    from cffa_ray.models.inference import DTYPES, prepare_for_sampling, warm_up
-    from cffa_ray.sampling import noise_for, sample_in_fixed_batches
+    from cffa_ray.models.inference import DTYPES, prepare_for_sampling
+    from cffa_ray.sampling import noise_for, sample_in_fixed_batches, warm_up
 
     device = torch.device("cuda" if args.use_gpu else "cpu")
     torch.set_grad_enabled(False)
     if path == "c":
-        from cffa_ray.config import GenerateConfig
+        from cffa_ray.generate.config import GenerateConfig
         from cffa_ray.generate.job import generate
 
         s = generate(GenerateConfig(checkpoint_dir=ckpt, num_samples=args.num_samples, output_dir=str(work / "out"),

@@ -31,7 +31,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cffa_ray.config import EvaluateConfig, GenerateConfig, TrainConfig  # noqa: E402
+from cffa_ray.evaluate.config import EvaluateConfig
+from cffa_ray.generate.config import GenerateConfig
+from cffa_ray.train.config import TrainConfig
 
 TRAIN_DATA_SEED, REAL_DATA_SEED, SIZE = 101, 202, 64
 

@@ -24,10 +24,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cffa_ray.config import PRESETS, TrainConfig  # noqa: E402
+from cffa_ray.config import PRESETS
 from cffa_ray.models import build_model  # noqa: E402
 from cffa_ray.models.inference import DTYPES  # noqa: E402
 from cffa_ray.sampling import autocast  # noqa: E402
+from cffa_ray.train.config import TrainConfig
 
 MODEL_OF_PRESET = {preset: model for model, presets in PRESETS.items() for preset in presets}
 

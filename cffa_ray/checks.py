@@ -7,12 +7,23 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import threading
 import uuid
+import zipfile
+from dataclasses import fields
 from pathlib import Path
 
-from cffa_ray.config import DEFAULT_BASE_MODEL, ConfigError
-from cffa_ray.io import filesystem, is_uri
+from huggingface_hub import HfApi, constants, try_to_load_from_cache
+from huggingface_hub import errors as hub_errors
+from safetensors import safe_open
 
+from cffa_ray.config import BASE_FOLDER_PARTS, DEFAULT_BASE_MODEL, FAMILY, ModelConfig, check_prediction_type
+from cffa_ray.errors import ConfigError
+from cffa_ray.io import filesystem
+from cffa_ray.paths import is_uri
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 HUB_TIMEOUT_S = 15
 PROBE_TIMEOUT_S = 20
 
@@ -51,7 +62,6 @@ def check_output_dir(path: str, flag: str) -> None:
 def _probe_uri(path: str, flag: str) -> None:
     """Write and delete an empty object; in a thread, as a cloud client may wait long for credentials
     that are not there (pyarrow's GCS client asks the metadata server of a GCE machine, for minutes)."""
-    import threading
 
     outcome: list = []
 
@@ -92,7 +102,6 @@ def read_json_file(path: Path, what: str) -> dict:
 
 def check_safetensors(path: Path, what: str) -> None:
     """The file's safetensors header is readable and lists tensors (reads the header only)."""
-    from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -132,7 +141,6 @@ def check_model_folder(folder: Path, components: tuple[str, ...], flag: str) -> 
 
 def check_hub_model(repo_id: str, model: str, required: tuple[str, ...]) -> None:
     """A hub id diffusers can load: complete in the local cache, or listed by a reachable hub."""
-    from huggingface_hub import HfApi, constants, errors, try_to_load_from_cache
 
     what = f"--base_model {repo_id}"
     if repo_id == DEFAULT_BASE_MODEL[model]:
@@ -148,9 +156,9 @@ def check_hub_model(repo_id: str, model: str, required: tuple[str, ...]) -> None
                           f"HF_HUB_OFFLINE is set; {fix}")
     try:
         info = HfApi().model_info(repo_id, timeout=HUB_TIMEOUT_S)
-    except errors.GatedRepoError:
+    except hub_errors.GatedRepoError:
         raise ConfigError(f"{what} is gated: accept its terms on huggingface.co and set HF_TOKEN") from None
-    except errors.RepositoryNotFoundError:
+    except hub_errors.RepositoryNotFoundError:
         raise ConfigError(f"{what} is not a model on the Hugging Face hub (or it is private: set HF_TOKEN); "
                           "check the id or give a local folder") from None
     except Exception as e:  # no network, DNS, proxy, timeout, HTTP 5xx
@@ -164,9 +172,7 @@ def check_hub_model(repo_id: str, model: str, required: tuple[str, ...]) -> None
 
 def check_model_record(record: dict, where: Path, flag: str) -> None:
     """model.json names a design we know and every setting that rebuilds its model, with valid values."""
-    from dataclasses import fields
 
-    from cffa_ray.config import ModelConfig
 
     names = [f.name for f in fields(ModelConfig)]
     # lora_targets came later: older records lack it, and generation reads it from peft's adapter_config
@@ -180,6 +186,28 @@ def check_model_record(record: dict, where: Path, flag: str) -> None:
         raise ConfigError(f"{flag}: {where} holds a bad setting: {_one_line(e)}") from None
 
 
+def check_base_model(base_model: str, model: str) -> None:
+    """Fail early, in the driver, for a --base_model that cannot be a diffusers model of this family."""
+    family = FAMILY[model]
+    path = Path(base_model).expanduser()
+    if path.exists():
+        missing = [p for p in BASE_FOLDER_PARTS[family] if not (path / p).exists()]
+        if not path.is_dir() or missing:
+            raise ConfigError(
+                f"--base_model {base_model} is not a diffusers {family.upper()} folder "
+                f"(missing {', '.join(missing) or 'folder'}); give a folder saved with save_pretrained or a hub id"
+            )
+        scheduler_config = path / "scheduler/scheduler_config.json"
+        if scheduler_config.is_file():
+            check_prediction_type(read_json_file(scheduler_config, "--base_model"), base_model)
+        check_model_folder(path, tuple(p.split("/")[0] for p in BASE_FOLDER_PARTS[family] if p.endswith("/config.json")),
+                           "--base_model")
+        return
+    if not HUB_ID.match(base_model):
+        raise ConfigError(f"--base_model {base_model} is neither an existing folder nor a hub id like org/name")
+    check_hub_model(base_model, model, BASE_FOLDER_PARTS[family])
+
+
 # ------------------------------------------------------------------ a run folder that a rerun resumes
 
 def check_run_folder(run_dir: str) -> None:
@@ -187,7 +215,6 @@ def check_run_folder(run_dir: str) -> None:
 
     Local folders only (object stores would need a download of every checkpoint).
     """
-    import zipfile
 
     root = Path(run_dir)
     if is_uri(run_dir) or not root.is_dir():

@@ -4,8 +4,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cffa_ray.config import (ConfigError, EvaluateConfig, GenerateConfig, Interrupted, RunStopped, TrainConfig,
-                             add_flags, from_namespace)
+from cffa_ray.errors import ConfigError, DataError, Interrupted, RunStopped
+from cffa_ray.evaluate.config import EvaluateConfig
+from cffa_ray.flags import add_flags, from_namespace
+from cffa_ray.generate.config import GenerateConfig
+from cffa_ray.quiet import terminal
+from cffa_ray.train.config import TrainConfig
 
 
 def _synth(ns) -> int:
@@ -108,8 +112,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run one command. Errors that are the input's fault: one line, exit 2; a run stopped on an error
     that no retry heals: one line, exit 1; Ctrl-C: one line saying how to go on, exit 130."""
-    from cffa_ray.data import DataError
-    from cffa_ray.quiet import terminal
 
     ns = build_parser().parse_args(argv)
     try:

@@ -11,27 +11,37 @@ How image modes and bit depths are converted: see pixels.py.
 """
 from __future__ import annotations
 
-import csv
 import hashlib
 import io
 import os
+import sys
 from pathlib import Path, PurePosixPath
 
 import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import ray.data
 from PIL import Image
 
-from cffa_ray.io import filesystem, is_uri
-from cffa_ray.pixels import (WARNINGS, ImageReadError, describe, geometry_warnings, open_image, resize_square,
-                             to_modality)
+from cffa_ray.errors import DataError, first_few
+from cffa_ray.io import filesystem, read_bytes
+from cffa_ray.paths import is_uri
+from cffa_ray.pixels import (
+    WARNINGS,
+    ImageReadError,
+    describe,
+    geometry_warnings,
+    open_image,
+    resize_square,
+    to_modality,
+)
 
 PAIR_ID, CF, FA, CF_PATH, FA_PATH, SPLIT, ERROR = "pair_id", "cf", "fa", "cf_path", "fa_path", "split", "error"
 WARNING = "warning"
 TRAIN, VAL = "train", "val"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
-
-
-class DataError(ValueError):
-    """Bad pairs input; the message names the file(s) and the fix."""
 
 
 # ------------------------------------------------------------------ discovery
@@ -47,16 +57,14 @@ def discover_pairs(data: str) -> list[dict]:
         raise DataError(f"--data {data} holds no pairs; expected cf/ and fa/ images or manifest rows")
     ids = [r[PAIR_ID] for r in records]
     if len(set(ids)) != len(ids):
-        dup = sorted({i for i in ids if ids.count(i) > 1})[:5]
-        raise DataError(f"--data {data}: pair_id repeated: {', '.join(dup)}; pair ids must be unique")
+        dup = sorted({i for i in ids if ids.count(i) > 1})
+        raise DataError(f"--data {data}: pair_id repeated: {first_few(dup, ', ', 5)}; pair ids must be unique")
     return records
 
 
 def _list_images(folder: str) -> dict[str, str]:
     """stem -> path for the image files directly in `folder`."""
     if is_uri(folder):
-        import pyarrow.fs as pafs
-
         fs, p = filesystem(folder)
         infos = fs.get_file_info(pafs.FileSelector(p, allow_not_found=True))
         scheme = folder.split("://", 1)[0]
@@ -91,34 +99,31 @@ def _from_folder(data: str) -> list[dict]:
 
 def _check_matched(lonely: list[str], paths: dict[str, str], have: str, missing: str, folder: str) -> None:
     if lonely:
-        names = ", ".join(paths[s] for s in lonely[:5]) + (" ..." if len(lonely) > 5 else "")
+        names = first_few([paths[s] for s in lonely], ", ", 5)
         raise DataError(f"{len(lonely)} {have} image(s) have no {missing} partner with the same stem "
                         f"in {folder}: {names}")
 
 
 def _read_manifest_rows(data: str) -> list[dict]:
-    import pyarrow as pa
-
     fs, p = filesystem(data)
     if data.lower().endswith(".parquet"):
-        import pyarrow.parquet as pq
-
         try:
             return pq.read_table(p, filesystem=fs).to_pylist()
         except (pa.ArrowException, OSError) as e:
             raise DataError(f"manifest {data} is not a readable parquet file ({_first_line(e)}); "
                             f"write it with pandas.DataFrame.to_parquet or give a .csv") from None
-    problem = None
     try:
         with fs.open_input_stream(p) as f:
             text = f.read().decode("utf-8-sig")
-        problem = "it holds NUL bytes" if "\x00" in text else None
-        rows = list(csv.DictReader(io.StringIO(text)))
-    except (UnicodeDecodeError, csv.Error) as e:
-        problem = _first_line(e)
-    if problem:
-        raise DataError(f"manifest {data} is not a CSV text file ({problem}); it needs a header row "
-                        f"with {CF_PATH},{FA_PATH} and one row per pair, in UTF-8")
+        if "\x00" in text:
+            raise ValueError("it holds NUL bytes")
+        # every cell as text, as written (pair id 007 stays 007), empty cells as ""
+        rows = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False).to_dict("records")
+    except pd.errors.EmptyDataError:
+        return []
+    except (UnicodeDecodeError, ValueError, pd.errors.ParserError) as e:
+        raise DataError(f"manifest {data} is not a CSV text file ({_first_line(e)}); it needs a header row "
+                        f"with {CF_PATH},{FA_PATH} and one row per pair, in UTF-8") from None
     return rows
 
 
@@ -154,7 +159,7 @@ def _from_manifest(data: str) -> list[dict]:
         })
     missing = [p for r in records for p in (r[CF_PATH], r[FA_PATH]) if not is_uri(p) and not Path(p).is_file()]
     if missing:
-        raise DataError(f"manifest {data} names {len(missing)} missing file(s): {', '.join(missing[:5])}")
+        raise DataError(f"manifest {data} names {len(missing)} missing file(s): {first_few(missing, ', ', 5)}")
     return records
 
 
@@ -183,15 +188,6 @@ def assign_split(records: list[dict], val_fraction: float, seed: int) -> list[di
 
 
 # ------------------------------------------------------------------ decoding (Ray Data CPU work)
-
-def read_bytes(path: str) -> bytes:
-    if is_uri(path):
-        fs, p = filesystem(path)
-        with fs.open_input_stream(p) as f:
-            return f.read()
-    with open(path, "rb") as f:
-        return f.read()
-
 
 def read_image(path: str, mode: str) -> tuple[Image.Image, list[str]]:
     """Decode and convert to `mode` (RGB for CF, L for FA; see pixels.py) -> (image, warning kinds)."""
@@ -251,7 +247,6 @@ def decode_batch(batch: dict[str, np.ndarray], resolution: int) -> dict[str, np.
 
 def pairs_dataset(records: list[dict], resolution: int):
     """A Ray Dataset of decoded pairs (lazy); see `decoded_pairs` for the checked, materialised one."""
-    import ray.data
 
     ds = ray.data.from_items([{PAIR_ID: r[PAIR_ID], CF_PATH: r[CF_PATH], FA_PATH: r[FA_PATH]} for r in records],
                              override_num_blocks=max(1, min(len(records), 64)))
@@ -278,10 +273,16 @@ def check_decodable(records: list[dict], resolution: int, strict: bool = False) 
 
 def _check_decoded(ds, resolution: int, strict: bool) -> None:
     table = ds.select_columns([PAIR_ID, ERROR, WARNING]).to_pandas()
-    errors = [e for e in table[ERROR] if e]
-    if errors:
-        raise DataError("; ".join(errors[:3]) + (f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""))
+    raise_decode_errors(table[ERROR])
     report_warnings([w for w in table[WARNING] if w], len(table), resolution, strict)
+
+
+def raise_decode_errors(errors) -> None:
+    """One DataError naming the first three files that would not decode, and how many more (errors: "" or why,
+    per pair)."""
+    errors = [e for e in errors if e]
+    if errors:
+        raise DataError(first_few(errors))
 
 
 def report_warnings(entries: list[str], n_pairs: int, resolution: int, strict: bool) -> None:
@@ -294,7 +295,7 @@ def report_warnings(entries: list[str], n_pairs: int, resolution: int, strict: b
     for kind, (what, meaning) in WARNINGS.items():
         found = by_kind.get(kind, [])
         if found:
-            files = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
+            files = first_few(found, ", ")
             total = n_pairs if kind == "pair_size" else 2 * n_pairs
             line = f"{len(found)} of {total} {what} ({files}): {meaning}"
             lines.append(line.replace("--resolution", f"--resolution {resolution}"))
@@ -305,6 +306,4 @@ def report_warnings(entries: list[str], n_pairs: int, resolution: int, strict: b
 
 
 def warn(message: str) -> None:
-    import sys
-
     print(f"[cffa] warning: {message}", file=sys.stderr, flush=True)

@@ -10,7 +10,12 @@ from __future__ import annotations
 import os
 import time
 
-from cffa_ray.config import GenerateConfig, TrainConfig, join_path
+from cffa_ray.generate.config import GenerateConfig
+from cffa_ray.generate.job import generate
+from cffa_ray.paths import join_path
+from cffa_ray.synth import write_synthetic_pairs
+from cffa_ray.train.config import TrainConfig
+from cffa_ray.train.launch import train
 
 DEMO_PAIRS, DEMO_SIZE, DEMO_STEPS, DEMO_SAMPLES = 16, 64, 40, 32
 # 24 steps at 1e-3 left some CF-UNet samples angiograms (the base makes both); 40 at 3e-3 separated them all
@@ -18,10 +23,6 @@ DEMO_LR = 3e-3
 
 
 def run_demo(out: str) -> dict:
-    from cffa_ray.generate.job import generate
-    from cffa_ray.synth import write_synthetic_pairs
-    from cffa_ray.train.launch import train
-
     t0 = time.time()
     data = join_path(out, "pairs")
     if not os.path.isdir(join_path(data, "fa")):

@@ -1,14 +1,21 @@
 """A generated pair as the PNG files users look at: cf, fa, joint, cf_fa_chessboard."""
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import torch
 from PIL import Image
 
-from cffa_ray.io import png_bytes
-
 PAIR_FILES = ("cf.png", "fa.png", "joint.png", "cf_fa_chessboard.png")
 CHESSBOARD_TILES = 8
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    """The image encoded as PNG."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Atomic file writes and image encoding, for local paths and cloud URIs alike.
+"""Atomic file writes and reads, for local paths and cloud URIs alike (pyarrow file systems).
 
 Nothing is ever visible under its final name half-written: files go to a temporary name in the
 same folder and are renamed (local paths and file:// URIs), or are uploaded in one PUT (object
@@ -6,23 +6,21 @@ stores, where a key only appears once the upload completes).
 """
 from __future__ import annotations
 
-import io
+import json
 import os
 import shutil
 import tempfile
 import uuid
 from pathlib import Path
 
-from PIL import Image
+import pyarrow.fs as pafs
 
-
-def is_uri(path: str | os.PathLike) -> bool:
-    return "://" in str(path)
+from cffa_ray.errors import ConfigError
+from cffa_ray.paths import is_uri
 
 
 def filesystem(path: str):
     """(pyarrow FileSystem, path inside it) for a local path or an s3:// / gs:// URI."""
-    import pyarrow.fs as pafs
 
     if is_uri(path):
         return pafs.FileSystem.from_uri(str(path))
@@ -33,7 +31,6 @@ def local_copy(path: str) -> str:
     """A local folder with the contents of `path`: the path itself, or a download of a URI folder."""
     if not is_uri(path):
         return path
-    import pyarrow.fs as pafs
 
     fs, p = filesystem(path)
     if fs.get_file_info(p).type != pafs.FileType.Directory:
@@ -43,15 +40,9 @@ def local_copy(path: str) -> str:
     return target
 
 
-def absolute(path: str) -> str:
-    """Local paths made absolute (workers may run elsewhere); URIs unchanged."""
-    return path if is_uri(path) else os.path.abspath(path)
-
-
 def changed_fields(path: str, new: dict, aliases: dict[str, dict] | None = None) -> list[str] | None:
     """'key old -> new' for each field of the JSON record at `path` that differs from `new`
     (None when there is no record yet). `aliases`: {key: {older value: its current name}} for the record."""
-    import json
 
     text = read_text(path)
     if text is None:
@@ -59,8 +50,6 @@ def changed_fields(path: str, new: dict, aliases: dict[str, dict] | None = None)
     try:
         old = json.loads(text)
     except ValueError:
-        from cffa_ray.config import ConfigError
-
         raise ConfigError(f"{path} is not readable JSON (damaged); delete it or use another folder") from None
     for key, names in (aliases or {}).items():
         if old.get(key) in names:
@@ -70,13 +59,22 @@ def changed_fields(path: str, new: dict, aliases: dict[str, dict] | None = None)
 
 def read_text(path: str) -> str | None:
     """A small file's text, local or URI; None when it does not exist."""
-    import pyarrow.fs as pafs
 
     fs, p = filesystem(path)
     if fs.get_file_info(p).type == pafs.FileType.NotFound:
         return None
     with fs.open_input_stream(p) as f:
         return f.read().decode()
+
+
+def read_bytes(path: str) -> bytes:
+    """A whole file's bytes, local or URI (OSError when it cannot be read)."""
+    if is_uri(path):
+        fs, p = filesystem(path)
+        with fs.open_input_stream(p) as f:
+            return f.read()
+    with open(path, "rb") as f:
+        return f.read()
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -122,8 +120,6 @@ def publish_dir(staging: str | os.PathLike, final: str | os.PathLike, marker: st
 
 
 def _upload_dir(staging: Path, final: str, marker: str | None) -> None:
-    import pyarrow.fs as pafs
-
     fs, root = filesystem(final)
     before = {i.path for i in fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
               if i.type == pafs.FileType.File}
@@ -143,7 +139,6 @@ def _upload_dir(staging: Path, final: str, marker: str | None) -> None:
 def _put(fs, dest: str, data: bytes) -> None:
     """Write one file through a pyarrow filesystem, all or nothing: object stores PUT the key whole;
     a file:// (shared file system) target is written beside itself and renamed."""
-    import pyarrow.fs as pafs
 
     folder, name = dest.rsplit("/", 1)
     fs.create_dir(folder, recursive=True)  # a no-op on object stores, needed on file://
@@ -161,9 +156,3 @@ def staging_dir(final: str | os.PathLike) -> Path:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
-
-
-def png_bytes(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()

@@ -5,7 +5,8 @@ terminal, a new block every few seconds). A job the user runs from a terminal wa
 pattern: turn Ray's display off, let the last stage of the pipeline emit small rows (ids, numbers,
 never images), and iterate them in the driver, which advances one bar:
 
-    from cffa_ray.progress import Progress, quiet_ray_data
+    from cffa_ray.progress import Progress
+    from cffa_ray.quiet import quiet_ray_data
 
     quiet_ray_data()
     ds = ray.data.from_items(rows).map_batches(work, ...)          # the job, unchanged
@@ -28,19 +29,12 @@ import sys
 import time
 from typing import Iterator, TextIO
 
+import pyarrow as pa
+import ray
+import ray.data
+from tqdm import tqdm
 
-def quiet_ray_data() -> None:
-    """Turn off Ray Data's own progress bars and per-execution banners (this process only)."""
-    import logging
-
-    import ray.data
-
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    # "Progress bars disabled. To enable, ..." is the answer to the line above, not news to the user
-    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+from cffa_ray import internals
 
 
 def _is_terminal(stream) -> bool:
@@ -70,8 +64,6 @@ class Progress:
         self.start = self._last_log = time.monotonic()
         self._bar = None
         if self.tty:
-            from tqdm import tqdm
-
             self._bar = tqdm(total=total, unit=f" {what}", desc=f"[{label}]", file=self.stream,
                              dynamic_ncols=True, smoothing=0.1)
 
@@ -123,15 +115,11 @@ def track(ds, total: int, what: str = "items", label: str = "cffa", count_key: s
 def materialize(ds, total: int, what: str = "items", label: str = "cffa"):
     """`ds.materialize()` with one progress line: the blocks stay in Ray's object store, and the
     returned dataset reads them without running the pipeline again."""
-    import pyarrow as pa
-    import ray
-    import ray.data
-
     refs = []
     with Progress(total, what=what, label=label) as bar:
-        for bundle in ds.iter_internal_ref_bundles():
-            refs.extend(bundle.block_refs)
-            bar.update(bundle.num_rows() or 0)
+        for block_refs, rows in internals.iter_block_bundles(ds):
+            refs.extend(block_refs)
+            bar.update(rows)
     if not refs:
         return ds.materialize()  # an empty result: let Ray Data keep its schema
     is_arrow = isinstance(ray.get(refs[0]), pa.Table)

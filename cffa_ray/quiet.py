@@ -24,8 +24,15 @@ import contextlib
 import logging
 import os
 import re
+import socket
 import sys
 import threading
+import warnings
+
+from cffa_ray import internals
+
+# ray is imported inside the functions below, never at the top: `terminal()` must set RAY_AUTH_MODE
+# before the first import of ray in a CLI process (Ray reads it then).
 
 NOISE = re.compile("|".join([
     # Ray Data / Ray Train actors create actors with arguments in the object store (ray issue 53727)
@@ -75,8 +82,6 @@ def ray_init_kwargs(local: bool) -> dict:
     """
     kwargs = {"logging_level": logging.WARNING} if _active else {}
     if local:
-        import socket
-
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
@@ -87,7 +92,7 @@ def ray_init_kwargs(local: bool) -> dict:
 
 def after_ray_init() -> None:
     """Filter the forwarded worker output and this process's stderr (CLI runs only)."""
-    _mark_said("ray_data_progress_manager_disabled")
+    internals.mark_logged_once("ray_data_progress_manager_disabled")
     if not _active or os.environ.get("CFFA_RAW_LOGS"):
         return
     import ray.data
@@ -95,45 +100,38 @@ def after_ray_init() -> None:
     # One progress bar per Ray Data run on a terminal, not one per operator; elsewhere (logs, pipes)
     # Ray Data would instead log a block of operator states every 10 s.
     ray.data.DataContext.get_current().enable_operator_progress_bars = False
-    _mark_said("ray_data_progress_manager_global")
+    internals.mark_logged_once("ray_data_progress_manager_global")
     logging.getLogger("ray.data").setLevel(logging.WARNING)
-    _filter_worker_logs()
+    internals.filter_worker_lines(lambda line: not is_noise(line))
     _StderrFilter.install()
 
 
-def quiet_worker() -> None:
-    """In processes we run code in (training workers): warnings Ray would print once per process."""
-    _mark_said("ray_data_progress_manager_disabled")
+def quiet_ray_data() -> None:
+    """Turn off Ray Data's own progress bars and per-execution banners (this process only): a job
+    that draws its own progress line (progress.py) calls this first."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    # "Progress bars disabled. To enable, ..." is the answer to the line above, not news to the user
+    logging.getLogger(internals.RAY_DATA_PROGRESS_LOGGER).setLevel(logging.ERROR)
+    internals.mark_logged_once("ray_data_progress_manager_disabled")
+
+
+def quiet_ray() -> None:
+    """In the training driver and workers: Ray Data's per-execution bars and Ray Train's per-report lines
+    drown the run's own log; DeepSpeed's ZeRO gathers warn of a deprecated collective once per step."""
+    quiet_ray_data()
+    for name in ("ray.train", internals.ray_train_report_logger()):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
 
 
 def train_logging():
     """Ray Train's own log level: warnings and errors only."""
-    from ray.train.v2.api.config import LoggingConfig
-
-    return LoggingConfig(log_level="WARNING")
-
-
-def _mark_said(key: str) -> None:
-    from ray.util.debug import log_once
-
-    log_once(key)
-
-
-def _filter_worker_logs() -> None:
-    """Wrap Ray's printer of forwarded worker lines (a private hook: skipped if Ray changed it)."""
-    try:
-        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
-    except ImportError:
-        return
-    with dispatcher._lock:
-        for i, (name, handler) in enumerate(dispatcher.handlers):
-            if name == "ray_print_logs" and not getattr(handler, "_cffa_filtered", False):
-                def filtered(data, handler=handler):
-                    lines = [ln for ln in data.get("lines", []) if ln.strip() and not is_noise(ln)]
-                    if lines:
-                        handler({**data, "lines": lines})
-                filtered._cffa_filtered = True
-                dispatcher.handlers[i] = (name, filtered)
+    return internals.train_logging_config("WARNING")
 
 
 class _StderrFilter:

@@ -17,15 +17,18 @@ import io
 import re
 
 import numpy as np
+import pyarrow.fs as pafs
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from PIL import Image, ImageDraw
 
-from cffa_ray.config import join_path
-from cffa_ray.data import DataError, read_bytes
-from cffa_ray.io import atomic_write_bytes, atomic_write_text, filesystem, read_text
-from cffa_ray.train.run_folder import RUN_RECORD, TRAINING_LOG, VALIDATION_LOG
+from cffa_ray.errors import DataError
+from cffa_ray.io import atomic_write_bytes, atomic_write_text, filesystem, read_bytes, read_text
+from cffa_ray.paths import join_path
+from cffa_ray.run_layout import RUN_RECORD, SAMPLES_DIR, TRAINING_LOG, VALIDATION_LOG
 
 REPORT_HTML, LOSSES_PNG, GALLERY_PNG = "report.html", "report_losses.png", "report_gallery.png"
-SAMPLES_DIR = re.compile(r"^step_(\d{6,})_random_pairs$")
 PAIR_DIR = re.compile(r"^pair_\d+$")
 CELL_FILES = ("cf.png", "fa.png", "cf_fa_chessboard.png")
 NOT_LOSSES = re.compile(r"(^lr$|_per_s$|^gpu_|_gib$)")  # logged beside the losses (rate, memory), not losses
@@ -68,9 +71,6 @@ def loss_panels(train: dict, val: dict) -> dict[str, list[str]]:
 
 def plot_losses(train: dict, val: dict) -> bytes:
     """PNG of one panel per loss term group: training solid, validation dashed with markers."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
 
     panels = loss_panels(train, val)
     cols = min(3, max(1, len(panels)))
@@ -102,8 +102,6 @@ def plot_losses(train: dict, val: dict) -> bytes:
 # ------------------------------------------------------------------ previews -> gallery
 
 def _listdir(path: str) -> list[str]:
-    import pyarrow.fs as pafs
-
     fs, p = filesystem(path)
     infos = fs.get_file_info(pafs.FileSelector(p, allow_not_found=True))
     return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
@@ -224,7 +222,6 @@ def render_html(run_dir: str, train: dict, val: dict, losses: bytes, cells: list
 
 def write_report(run_dir: str) -> str:
     """Write report.html, report_losses.png, report_gallery.png into run_dir; returns the html path."""
-    import pyarrow.fs as pafs
 
     fs, p = filesystem(run_dir)
     if fs.get_file_info(p).type != pafs.FileType.Directory:

@@ -7,18 +7,20 @@ on the batch it lands in.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import time
 
+import diffusers
 import numpy as np
 import torch
 
+from cffa_ray.images import to_uint8
 from cffa_ray.models.interface import PairModel
 
 SCHEDULER_CLASSES = {"ddim": "DDIMScheduler", "dpm++": "DPMSolverMultistepScheduler"}
 
 
 def make_scheduler(name: str, scheduler_config: dict):
-    import diffusers
-
     cls = getattr(diffusers, SCHEDULER_CLASSES[name])
     extra = {"algorithm_type": "dpmsolver++", "solver_order": 2} if name == "dpm++" else {}
     return cls.from_config(scheduler_config, **extra)
@@ -26,7 +28,6 @@ def make_scheduler(name: str, scheduler_config: dict):
 
 def pair_seed(seed: int, pair_id: int) -> int:
     """A 63-bit seed for pair `pair_id`, a pure function of (seed, pair_id)."""
-    import hashlib
 
     digest = hashlib.sha256(f"cffa:{seed}:{pair_id}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
@@ -97,7 +98,6 @@ def sample_in_fixed_batches(model: PairModel, noise: torch.Tensor, model_batch: 
     Returns (cf, fa) float32 [B, 3, R, R] in [-1, 1] on the model's device, or with `as_uint8`
     numpy uint8 [B, R, R, 3] (converted on the device, chunk by chunk: only uint8 crosses to the host).
     """
-    from cffa_ray.images import to_uint8
 
     def padded(x: torch.Tensor, start: int) -> torch.Tensor:
         chunk = x[start:start + model_batch]
@@ -114,3 +114,13 @@ def sample_in_fixed_batches(model: PairModel, noise: torch.Tensor, model_batch: 
     if as_uint8:
         return np.concatenate(cfs), np.concatenate(fas)
     return torch.cat(cfs), torch.cat(fas)
+
+
+def warm_up(model: PairModel, resolution: int, model_batch: int, mixed_precision: str) -> float:
+    """One tiny sampling call at the real shape, so a compiled model compiles now; returns its seconds."""
+    t0 = time.perf_counter()
+    noise = pair_noise(model, resolution, 0, list(range(model_batch)))
+    sample_pairs(model, noise, steps=2, mixed_precision=mixed_precision)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0

@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from cffa_ray.config import ConfigError
-from cffa_ray.io import atomic_write_bytes, png_bytes
+from cffa_ray.errors import ConfigError
+from cffa_ray.images import png_bytes
+from cffa_ray.io import atomic_write_bytes
 
 
 def _vessel_tree(rng: np.random.Generator, size: int, disc: tuple[float, float]) -> Image.Image:

@@ -49,8 +49,15 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from cffa_ray.models.presets import (  # noqa: E402
-    PRESET_SEED, SD_SCHEDULER, TINY_CLIP, TINY_RETINA_FOLDER, TINY_RETINA_SIZE, TINY_RETINA_UNET, TINY_RETINA_VAE,
-    tiny_tokenizer)
+    PRESET_SEED,
+    SD_SCHEDULER,
+    TINY_CLIP,
+    TINY_RETINA_FOLDER,
+    TINY_RETINA_SIZE,
+    TINY_RETINA_UNET,
+    TINY_RETINA_VAE,
+    tiny_tokenizer,
+)
 from cffa_ray.synth import make_pair  # noqa: E402
 
 IMAGE_SEED = 917_331  # synthetic images of the pretraining set; demo, tests and benches use small seeds

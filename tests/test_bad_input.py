@@ -1,16 +1,22 @@
-"""Bad input: a one-line error naming the problem, exit 2, and nothing written.
+"""Bad input: a one-line error naming the problem and the fix, the right exit code, and nothing written.
 
-Most cases fail before Ray starts, so they run in-process through the real CLI entry point; the
-undecodable image is found by Ray Data, so that one runs as a subprocess.
+Most cases fail before Ray starts, so they run in-process through the real CLI entry point
+(helpers.fails_in_driver); the few that Ray Data finds (undecodable images, odd images with
+--strict) run the CLI as a subprocess.
 """
+from __future__ import annotations
+
 import json
+import os
 import shutil
+import sys
+import tempfile
+import time
 
 import pytest
 
-from cffa_ray.cli import main
-from tests.conftest import fails_in_driver as _fails
-from tests.conftest import gen_argv, run_cli, train_argv
+from cffa_ray.cli import build_parser, main
+from tests.helpers import MODEL_RECORD, fails_in_driver, gen_argv, odd_pairs, run_cli, train_argv
 
 
 @pytest.mark.parametrize("extra, pattern", [
@@ -28,26 +34,26 @@ from tests.conftest import gen_argv, run_cli, train_argv
     (("--use_gpu", "--mixed_precision", "fp16", "--zero_stage", 0), r"fp16 with --zero_stage 0: .* use --zero_stage 1"),
 ])
 def test_train_flag_errors(capsys, tmp_path, data, extra, pattern):
-    _fails(capsys, train_argv(data, tmp_path / "out", *extra), pattern, tmp_path / "out")
+    fails_in_driver(capsys, train_argv(data, tmp_path / "out", *extra), pattern, tmp_path / "out")
 
 
 def test_train_missing_data(capsys, tmp_path):
-    _fails(capsys, ["train", "--output_dir", str(tmp_path / "out"), "--preset", "tiny"],
+    fails_in_driver(capsys, ["train", "--output_dir", str(tmp_path / "out"), "--preset", "tiny"],
            r"--data is missing", tmp_path / "out")
 
 
 def test_train_unpaired_images(capsys, tmp_path, data):
     (data / "fa/synth_00003.png").unlink()
-    _fails(capsys, train_argv(data, tmp_path / "out"), r"have no FA partner.*synth_00003\.png", tmp_path / "out")
+    fails_in_driver(capsys, train_argv(data, tmp_path / "out"), r"have no FA partner.*synth_00003\.png", tmp_path / "out")
     (data / "cf/synth_00003.png").unlink()
     (data / "cf/synth_00001.png").unlink()
-    _fails(capsys, train_argv(data, tmp_path / "out"), r"have no CF partner.*fa/synth_00001\.png", tmp_path / "out")
+    fails_in_driver(capsys, train_argv(data, tmp_path / "out"), r"have no CF partner.*fa/synth_00001\.png", tmp_path / "out")
 
 
 def test_train_empty_dataset(capsys, tmp_path):
     (tmp_path / "empty/cf").mkdir(parents=True)
     (tmp_path / "empty/fa").mkdir()
-    _fails(capsys, train_argv(tmp_path / "empty", tmp_path / "out"), r"no images in cf/ and fa/", tmp_path / "out")
+    fails_in_driver(capsys, train_argv(tmp_path / "empty", tmp_path / "out"), r"no images in cf/ and fa/", tmp_path / "out")
 
 
 def test_train_base_model_not_a_diffusers_folder(capsys, tmp_path, data):
@@ -55,7 +61,7 @@ def test_train_base_model_not_a_diffusers_folder(capsys, tmp_path, data):
     (tmp_path / "not_a_model/weights.bin").write_bytes(b"0")
     argv = ["train", "--data", str(data), "--output_dir", str(tmp_path / "out"), "--base_model",
             str(tmp_path / "not_a_model")]
-    _fails(capsys, argv, r"is not a diffusers SD15 folder \(missing unet/config.json", tmp_path / "out")
+    fails_in_driver(capsys, argv, r"is not a diffusers SD15 folder \(missing unet/config.json", tmp_path / "out")
 
 
 def test_train_v_prediction_base_model_is_refused(capsys, tmp_path, data):
@@ -67,7 +73,7 @@ def test_train_v_prediction_base_model_is_refused(capsys, tmp_path, data):
         (base / part).mkdir()
     (base / "scheduler/scheduler_config.json").write_text(json.dumps({"prediction_type": "v_prediction"}))
     argv = ["train", "--data", str(data), "--output_dir", str(tmp_path / "out"), "--base_model", str(base)]
-    _fails(capsys, argv, r"prediction_type 'v_prediction' is not supported; use an epsilon model", tmp_path / "out")
+    fails_in_driver(capsys, argv, r"prediction_type 'v_prediction' is not supported; use an epsilon model", tmp_path / "out")
 
 
 def test_train_refuses_to_resume_with_other_model_settings(capsys, tmp_path, data):
@@ -87,7 +93,7 @@ def test_train_refuses_to_resume_with_other_model_settings(capsys, tmp_path, dat
 def test_train_fp16_joint_sdxl_is_refused(capsys, tmp_path, data):
     argv = ["train", "--data", str(data), "--output_dir", str(tmp_path / "out"), "--model", "joint_sdxl",
             "--preset", "tiny-sdxl", "--use_gpu", "--mixed_precision", "fp16"]
-    _fails(capsys, argv, r"SDXL VAE overflows in fp16; use bf16", tmp_path / "out")
+    fails_in_driver(capsys, argv, r"SDXL VAE overflows in fp16; use bf16", tmp_path / "out")
 
 
 def test_train_more_gpus_than_the_machine_has(tmp_path, data):
@@ -127,26 +133,26 @@ def test_train_undecodable_image_is_named(tmp_path, data):
     (("--steps", 1001), r"--steps 1001 must be in 1..1000"),
 ])
 def test_generate_flag_errors(capsys, tmp_path, fake_checkpoint, extra, pattern):
-    _fails(capsys, gen_argv(fake_checkpoint, tmp_path / "g", *extra), pattern, tmp_path / "g")
+    fails_in_driver(capsys, gen_argv(fake_checkpoint, tmp_path / "g", *extra), pattern, tmp_path / "g")
 
 
 def test_generate_missing_or_foreign_checkpoint(capsys, tmp_path, fake_checkpoint):
-    _fails(capsys, gen_argv(tmp_path / "nope", tmp_path / "g"), r"does not exist", tmp_path / "g")
+    fails_in_driver(capsys, gen_argv(tmp_path / "nope", tmp_path / "g"), r"does not exist", tmp_path / "g")
     (tmp_path / "run").mkdir()
-    _fails(capsys, gen_argv(tmp_path / "run", tmp_path / "g"), r"is not a cffa checkpoint \(no model.json\)",
+    fails_in_driver(capsys, gen_argv(tmp_path / "run", tmp_path / "g"), r"is not a cffa checkpoint \(no model.json\)",
            tmp_path / "g")
     (fake_checkpoint / "unet_cf_lora/adapter_model.safetensors").unlink()  # e.g. a half-uploaded folder
-    _fails(capsys, gen_argv(fake_checkpoint, tmp_path / "g"), r"lacks unet_cf_lora", tmp_path / "g")
+    fails_in_driver(capsys, gen_argv(fake_checkpoint, tmp_path / "g"), r"lacks unet_cf_lora", tmp_path / "g")
     shutil.rmtree(fake_checkpoint / "unet_fa_lora")
-    _fails(capsys, gen_argv(fake_checkpoint, tmp_path / "g"), r"lacks unet_cf_lora, unet_fa_lora", tmp_path / "g")
+    fails_in_driver(capsys, gen_argv(fake_checkpoint, tmp_path / "g"), r"lacks unet_cf_lora, unet_fa_lora", tmp_path / "g")
     (fake_checkpoint / "model.json").write_text(json.dumps({"model": "gan"}))
-    _fails(capsys, gen_argv(fake_checkpoint, tmp_path / "g"), r"model 'gan' .* not a design", tmp_path / "g")
+    fails_in_driver(capsys, gen_argv(fake_checkpoint, tmp_path / "g"), r"model 'gan' .* not a design", tmp_path / "g")
 
 
 def test_generate_refuses_to_mix_arguments(capsys, tmp_path, fake_checkpoint):
     out = tmp_path / "g"
     out.mkdir()
-    from cffa_ray.config import GenerateConfig
+    from cffa_ray.generate.config import GenerateConfig
     from cffa_ray.generate.settings import identity, resolve
 
     cfg = resolve(GenerateConfig(checkpoint_dir=str(fake_checkpoint), steps=50), None)
@@ -173,3 +179,265 @@ def test_generate_from_data_undecodable_source_is_named(tmp_path, data, fake_che
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("cffa generate: error: cannot decode image") and "cf/synth_00004.png" in last
     assert not out.exists()
+
+
+# ------------------------------------------------------------------ (formerly test_errors.py)
+
+# ------------------------------------------------------------------ hyperparameters
+
+@pytest.mark.parametrize("argv, pattern", [
+    (("--lr", "nan"), r"--lr nan must be a finite number"),
+    (("--lr", "inf"), r"--lr inf must be a finite number"),
+    (("--lr", "0"), r"--lr 0.0 must be > 0"),
+    (("--hf_lambda", "nan"), r"--hf_lambda nan must be a finite number"),
+    (("--unet_lora_alpha=-inf",), r"--unet_lora_alpha -inf must be a finite number"),
+])
+def test_train_non_finite_or_non_positive_flags(capsys, tmp_path, data, argv, pattern):
+    fails_in_driver(capsys, train_argv(data, tmp_path / "out", *argv), pattern, tmp_path / "out")
+
+
+def test_generate_non_finite_strength(capsys, tmp_path, fake_checkpoint):
+    fails_in_driver(capsys, gen_argv(fake_checkpoint, tmp_path / "g", "--strength", "nan"),
+                    r"--strength nan must be a finite number", tmp_path / "g")
+
+
+def test_usage_mistakes_are_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--lr", "abc"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1, err
+    assert err == "cffa train: error: argument --lr: invalid float value: 'abc' (see cffa train --help)"
+
+
+# ------------------------------------------------------------------ base models
+
+@pytest.fixture
+def offline_hub(monkeypatch, tmp_path):
+    """An empty Hugging Face cache and a hub endpoint nothing listens on (no network needed or used)."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    return constants
+
+
+def test_unreachable_hub_model(capsys, tmp_path, data, offline_hub):
+    argv = train_argv(data, tmp_path / "out", "--base_model", "cffa-test/no-such-model")
+    argv.remove("--preset"), argv.remove("tiny")
+    fails_in_driver(capsys, argv, r"--base_model cffa-test/no-such-model: the Hugging Face hub cannot be reached "
+                                  r"\(.*\) and the model is not in the local cache .*--preset tiny", tmp_path / "out")
+
+
+def test_default_base_model_offline(capsys, tmp_path, data, offline_hub, monkeypatch):
+    monkeypatch.setattr(offline_hub, "HF_HUB_OFFLINE", True)
+    argv = ["train", "--data", data, "--output_dir", tmp_path / "out"]  # no --base_model, no --preset
+    fails_in_driver(capsys, argv, r"--base_model stable-diffusion-v1-5/stable-diffusion-v1-5 \(the default for "
+                                  r"--model dual_unet\) is not in the local Hugging Face cache .* "
+                                  r"HF_HUB_OFFLINE is set", tmp_path / "out")
+
+
+def test_default_base_model_offline_real_cli(tmp_path, data):
+    """The row as a user meets it: a fresh process, seconds, one line, no Ray started."""
+    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    t0 = time.time()
+    proc = run_cli("train", "--data", data, "--output_dir", tmp_path / "out", env=env, timeout=120)
+    assert time.time() - t0 < 30
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "is not in the local Hugging Face cache" in proc.stderr and not proc.stdout
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("damage, pattern", [
+    ("truncate", r"adapter_model.safetensors is not a readable safetensors file \(.*\); it is truncated or damaged"),
+    ("model_json", r"model.json is not readable JSON"),
+    ("adapter_config", r"unet_fa_lora/adapter_config.json is not readable JSON"),
+    ("record_field", r"model.json lacks unet_lora_rank"),
+])
+def test_damaged_checkpoint_is_named(capsys, tmp_path, fake_checkpoint, damage, pattern):
+    fa = fake_checkpoint / "unet_fa_lora"
+    if damage == "truncate":
+        weights = fa / "adapter_model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:40])
+    elif damage == "model_json":
+        (fake_checkpoint / "model.json").write_text('{"model": "dual_unet", ')
+    elif damage == "adapter_config":
+        (fa / "adapter_config.json").write_bytes(b"\x00\x01")
+    else:
+        record = json.loads((fake_checkpoint / "model.json").read_text())
+        del record["unet_lora_rank"]
+        (fake_checkpoint / "model.json").write_text(json.dumps(record))
+    fails_in_driver(capsys, gen_argv(fake_checkpoint, tmp_path / "g"), pattern, tmp_path / "g")
+
+
+def test_a_folder_with_no_finished_pair_blocks_nothing(tmp_path):
+    """generation.json of a run that made 0 pairs does not refuse other arguments; one with pairs does."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from cffa_ray.errors import ConfigError
+    from cffa_ray.generate.outputs import check_identity
+
+    (tmp_path / "generation.json").write_text(json.dumps({"steps": 50, "checkpoint": "/elsewhere"}))
+    check_identity(str(tmp_path), {"steps": 20, "checkpoint": "/good"})
+    (tmp_path / "parquet").mkdir()
+    pq.write_table(pa.table({"pair_id": [0]}), tmp_path / "parquet/part-000000-000000-n1.parquet")
+    with pytest.raises(ConfigError, match="holds pairs made with different arguments"):
+        check_identity(str(tmp_path), {"steps": 20, "checkpoint": "/good"})
+
+
+# ------------------------------------------------------------------ output paths
+
+@pytest.mark.parametrize("command", ["train", "generate", "synth", "demo"])
+def test_output_dir_that_is_a_file(capsys, tmp_path, data, fake_checkpoint, command):
+    target = tmp_path / "a_file"
+    target.write_text("keep me")
+    argv = {"train": train_argv(data, target), "generate": gen_argv(fake_checkpoint, target),
+            "synth": ["synth", "--out", target, "--pairs", 2], "demo": ["demo", "--out", target]}[command]
+    flag = "--out" if command in ("synth", "demo") else "--output_dir"
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err == f"cffa {command}: error: {flag} {target} is not a folder; give a folder " \
+                                "(it is created if missing)", err
+    assert target.read_text() == "keep me"
+
+
+def test_output_dir_under_a_file_and_uri(capsys, tmp_path, data):
+    (tmp_path / "a_file").write_text("keep me")
+    fails_in_driver(capsys, train_argv(data, tmp_path / "a_file/runs"),
+                    r"--output_dir .*a_file/runs is not a folder \(.*a_file is a file\)", tmp_path / "out")
+    fails_in_driver(capsys, train_argv(data, f"file://{tmp_path}/a_file/runs"),
+                    r"--output_dir file://.*a_file/runs: cannot write there \(.*\); check the URI", tmp_path / "out")
+    assert (tmp_path / "a_file").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("command", ["train", "generate", "synth"])
+def test_output_dir_not_writable(tmp_path, data, fake_checkpoint, command):
+    """The real entry point in a forked process that may not write in the folder: as another user when
+    we are root (root may write anywhere; Python itself lives under /root here, so the fork keeps it
+    loaded), else in a read-only folder. The folder is checked before --data or the checkpoint is read."""
+    locked = tempfile.mkdtemp(prefix="cffa-locked-")
+    try:
+        os.chmod(locked, 0o755 if os.getuid() == 0 else 0o555)
+        out = f"{locked}/out"
+        argv = {"train": train_argv(data, out), "generate": gen_argv(fake_checkpoint, out),
+                "synth": ["synth", "--out", out, "--pairs", 2]}[command]
+        t0 = time.time()
+        code, err = _main_in_fork([str(a) for a in argv], uid=65534 if os.getuid() == 0 else None)
+        assert time.time() - t0 < 30
+        flag = "--out" if command == "synth" else "--output_dir"
+        assert code == 2 and err.strip() == (f"cffa {command}: error: {flag} {out}: cannot write in {locked} "
+                                             "(permission denied or read-only); give a folder you can write to"), err
+        assert os.listdir(locked) == []
+    finally:
+        os.chmod(locked, 0o755)
+        os.rmdir(locked)
+
+
+def _main_in_fork(argv, uid):
+    """(exit code, stderr) of cffa_ray.cli.main(argv) in a forked child, as user `uid` if given.
+
+    What the commands import on their way to the check is imported here first: that user may not
+    read the Python installation.
+    """
+    import importlib
+
+    for module in ("ray.data", "ray.train", "ray.train.torch", "cffa_ray.train.launch", "cffa_ray.train.loop",
+                   "cffa_ray.train.stop", "cffa_ray.quiet", "cffa_ray.checks", "cffa_ray.models.base",
+                   "cffa_ray.generate.job", "cffa_ray.generate.generator", "cffa_ray.generate.outputs",
+                   "cffa_ray.synth", "encodings.raw_unicode_escape"):
+        importlib.import_module(module)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 99
+        try:
+            os.close(read_end)
+            os.dup2(write_end, 2)
+            sys.stderr = os.fdopen(2, "w", buffering=1)
+            if uid is not None:
+                os.setgid(uid)
+                os.setuid(uid)
+            code = main(argv)
+        except BaseException:
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            sys.stderr.flush()
+            os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end) as f:
+        err = f.read()
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), err
+
+
+# ------------------------------------------------------------------ manifests
+
+@pytest.mark.parametrize("name, content, pattern", [
+    ("random.csv", os.urandom(3000), r"manifest .*random.csv is not a CSV text file \(.*\); it needs a header row"),
+    ("nul.csv", b"cf_path,fa_path\n\x00\x00\x00,\x00\n", r"nul.csv is not a CSV text file \(it holds NUL bytes\)"),
+    ("not.parquet", b"PAR1 but not really\n" * 20, r"not.parquet is not a readable parquet file \(.*\); write it"),
+])
+def test_manifest_that_will_not_parse(capsys, tmp_path, name, content, pattern):
+    (tmp_path / name).write_bytes(content)
+    fails_in_driver(capsys, train_argv(tmp_path / name, tmp_path / "out"), pattern, tmp_path / "out")
+
+
+# ------------------------------------------------------------------ odd images, too few pairs
+
+def test_one_pair_strict_is_refused_before_ray(capsys, tmp_path):
+    from cffa_ray.synth import write_synthetic_pairs
+
+    write_synthetic_pairs(tmp_path / "one", 1, 32)
+    argv = train_argv(tmp_path / "one", tmp_path / "out", "--num_workers", 1, "--strict")
+    fails_in_driver(capsys, argv, r"no validation pairs \(1 pair\(s\), --val_fraction 0.1\): validation scores "
+                                  r"training pairs.* \(--strict\)", tmp_path / "out")
+
+
+def test_odd_images_with_strict_are_one_error(tmp_path):
+    data = odd_pairs(tmp_path / "odd")
+    t0 = time.time()
+    proc = run_cli(*train_argv(data, tmp_path / "out", "--resolution", 64, "--strict"), timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    err = proc.stderr.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err + proc.stdout, err
+    for part in ("1 of 6 pairs whose CF and FA differ in size or shape (fa/synth_00003.png 96x96 vs its partner's "
+                 "64x64)", "2 of 12 images that are not square (cf/synth_00004.png 64x48, fa/synth_00004.png 64x48)",
+                 "2 of 12 images much smaller than --resolution 64", "1 of 12 CF images that are greyscale",
+                 "1 of 12 images with transparent pixels (fa/synth_00002.png", "(--strict)"):
+        assert part in err, part
+    assert "synth_00000" not in err  # 16-bit is read faithfully, nothing to warn about
+    assert not (tmp_path / "out").exists()
+    print(f"odd images --strict: {time.time() - t0:.1f}s")
+
+
+# ------------------------------------------------------------------ --help
+
+@pytest.mark.parametrize("command", ["train", "generate", "evaluate", "report", "synth", "demo"])
+def test_help_says_each_default_once_in_plain_words(command):
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices[command]
+    for action in sub._actions:
+        text = action.help or ""
+        assert text.count("default:") <= 1, (action.dest, text)
+        assert "(default: None)" not in text and "seed B" not in text and "the seed's" not in text, text
+    required = {"train": ["--data"], "generate": ["--checkpoint_dir"], "synth": ["--out", "--pairs"],
+                "evaluate": ["--generated", "--real", "--output"]}.get(command, [])
+    for flag in required:
+        action = next(a for a in sub._actions if flag in a.option_strings)
+        assert action.help.endswith("(required)") and "default" not in action.help, action.help
+
+
+def test_fa_noise_negated_needs_the_dual_unet(capsys, tmp_path, fake_checkpoint):
+    """The joint model has one UNet and one latent: there is no FA start noise to negate."""
+    import torch
+    from safetensors.torch import save_file
+
+    joint = tmp_path / "joint_ckpt"
+    (joint / "unet_lora").mkdir(parents=True)
+    (joint / "unet_lora" / "adapter_config.json").write_text("{}")
+    save_file({"lora_A.weight": torch.zeros(4, 4)}, str(joint / "unet_lora" / "adapter_model.safetensors"))
+    (joint / "model.json").write_text(json.dumps({**MODEL_RECORD, "model": "joint_sdxl", "preset": "tiny-sdxl"}))
+    fails_in_driver(capsys, gen_argv(joint, tmp_path / "out", "--fa_noise", "negated"),
+                    r"--fa_noise negated needs the two UNets of dual_unet; this checkpoint is joint_sdxl, .*"
+                    r"drop --fa_noise", tmp_path / "out")

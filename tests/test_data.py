@@ -6,8 +6,19 @@ import pandas as pd
 import pytest
 from PIL import Image, ImageFilter
 
-from cffa_ray.data import (CF_PATH, FA_PATH, PAIR_ID, SPLIT, TRAIN, VAL, DataError, assign_split, decode_batch,
-                           discover_pairs, load_image)
+from cffa_ray.data import (
+    CF_PATH,
+    FA_PATH,
+    PAIR_ID,
+    SPLIT,
+    TRAIN,
+    VAL,
+    assign_split,
+    decode_batch,
+    discover_pairs,
+    load_image,
+)
+from cffa_ray.errors import DataError
 from cffa_ray.synth import make_pair, write_synthetic_pairs
 
 

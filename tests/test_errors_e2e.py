@@ -11,8 +11,7 @@ import pytest
 
 from cffa_ray.quiet import NOISE
 from cffa_ray.train.run_folder import RunFolder
-from tests.conftest import assert_ok, run_cli, start_cli
-from tests.test_errors import odd_pairs
+from tests.helpers import assert_ok, odd_pairs, run_cli, start_cli
 
 pytestmark = pytest.mark.slow
 

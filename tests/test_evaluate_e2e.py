@@ -11,8 +11,7 @@ import pytest
 from PIL import Image
 
 from cffa_ray.cli import main
-from tests.conftest import assert_ok, run_cli
-from tests.test_bad_input import _fails
+from tests.helpers import assert_ok, fails_in_driver, run_cli
 
 N_GENERATED, SHIFT = 8, 3
 
@@ -97,7 +96,7 @@ def random_inception_weights(path: Path) -> Path:
 
 
 def _fidelity_available() -> bool:
-    from cffa_ray.config import ConfigError
+    from cffa_ray.errors import ConfigError
     from cffa_ray.evaluate.inception import inception_class
 
     try:
@@ -137,14 +136,14 @@ def _argv(gen, real, out, *extra):
 
 def test_evaluate_bad_input(capsys, tmp_path, pairs_dir):
     out = tmp_path / "eval"
-    _fails(capsys, ["evaluate", "--real", str(pairs_dir), "--output", str(out)], r"--generated is missing", out)
-    _fails(capsys, ["evaluate", "--generated", str(pairs_dir), "--output", str(out)], r"--real is missing", out)
-    _fails(capsys, ["evaluate", "--generated", str(pairs_dir), "--real", str(pairs_dir)], r"--output is missing", out)
-    _fails(capsys, _argv(tmp_path / "nope", pairs_dir, out), r"--generated .*nope does not exist", out)
+    fails_in_driver(capsys, ["evaluate", "--real", str(pairs_dir), "--output", str(out)], r"--generated is missing", out)
+    fails_in_driver(capsys, ["evaluate", "--generated", str(pairs_dir), "--output", str(out)], r"--real is missing", out)
+    fails_in_driver(capsys, ["evaluate", "--generated", str(pairs_dir), "--real", str(pairs_dir)], r"--output is missing", out)
+    fails_in_driver(capsys, _argv(tmp_path / "nope", pairs_dir, out), r"--generated .*nope does not exist", out)
     (tmp_path / "empty").mkdir()
-    _fails(capsys, _argv(tmp_path / "empty", pairs_dir, out), r"--generated .*empty holds no generated pairs", out)
-    _fails(capsys, _argv(pairs_dir, tmp_path / "nope", out), r"--real .*nope does not exist", out)
-    _fails(capsys, _argv(pairs_dir, pairs_dir, out, "--batch_size", 0), r"--batch_size 0 must be > 0", out)
+    fails_in_driver(capsys, _argv(tmp_path / "empty", pairs_dir, out), r"--generated .*empty holds no generated pairs", out)
+    fails_in_driver(capsys, _argv(pairs_dir, tmp_path / "nope", out), r"--real .*nope does not exist", out)
+    fails_in_driver(capsys, _argv(pairs_dir, pairs_dir, out, "--batch_size", 0), r"--batch_size 0 must be > 0", out)
 
 
 def test_evaluate_needs_two_real_pairs_and_a_folder_output(capsys, tmp_path, pairs_dir):
@@ -152,19 +151,19 @@ def test_evaluate_needs_two_real_pairs_and_a_folder_output(capsys, tmp_path, pai
 
     write_synthetic_pairs(tmp_path / "one", 1, 32)
     out = tmp_path / "eval"
-    _fails(capsys, _argv(pairs_dir, tmp_path / "one", out), r"--real .*one has 1 pair; .* at least 2", out)
+    fails_in_driver(capsys, _argv(pairs_dir, tmp_path / "one", out), r"--real .*one has 1 pair; .* at least 2", out)
     (tmp_path / "file").write_text("x")
-    err = _fails(capsys, _argv(pairs_dir, pairs_dir, tmp_path / "file"), r"--output .*file is a file", out)
+    err = fails_in_driver(capsys, _argv(pairs_dir, pairs_dir, tmp_path / "file"), r"--output .*file is a file", out)
     assert "Traceback" not in err
 
 
 def test_evaluate_bad_inception_weights(capsys, tmp_path, pairs_dir):
     out = tmp_path / "eval"
-    _fails(capsys, _argv(pairs_dir, pairs_dir, out, "--inception_weights", tmp_path / "none.pth"),
+    fails_in_driver(capsys, _argv(pairs_dir, pairs_dir, out, "--inception_weights", tmp_path / "none.pth"),
            r"--inception_weights .*none.pth is not a file", out)
     (tmp_path / "junk.pth").write_bytes(b"not a state dict")
     expected = r"is not an InceptionV3 FID state dict" if _fidelity_available() else r"needs torch-fidelity"
-    _fails(capsys, _argv(pairs_dir, pairs_dir, out, "--inception_weights", tmp_path / "junk.pth"), expected, out)
+    fails_in_driver(capsys, _argv(pairs_dir, pairs_dir, out, "--inception_weights", tmp_path / "junk.pth"), expected, out)
 
 
 def test_evaluate_job_wrapper_is_the_cli():
@@ -177,8 +176,9 @@ def test_evaluate_job_wrapper_is_the_cli():
 
 def test_undecodable_images_are_named_not_thrown(tmp_path, pairs_dir):
     """A bad file does not fail a Ray task: its row carries the error and the driver names them all at once."""
-    from cffa_ray.data import DataError
-    from cffa_ray.evaluate.job import raise_decode_errors, score_batch
+    from cffa_ray.data import raise_decode_errors
+    from cffa_ray.errors import DataError
+    from cffa_ray.evaluate.scoring import score_batch
 
     bad = tmp_path / "bad_cf.png"
     bad.write_bytes(b"not a png")

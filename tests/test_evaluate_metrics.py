@@ -1,4 +1,6 @@
 """The evaluation's math on CPU, without Ray: vessel alignment, SWD, FID/KID, SSIM/PSNR."""
+import importlib.util
+
 import numpy as np
 import pytest
 
@@ -103,6 +105,7 @@ def test_swd_of_grey_images_and_descriptor_budget():
     assert metrics.descriptors_per_image(1000) == 33
 
 
+@pytest.mark.skipif(importlib.util.find_spec("torch_fidelity") is None, reason="needs torch-fidelity (the [fid] extra)")
 def test_fid_and_kid():
     rng = np.random.default_rng(0)
     a = rng.normal(0, 1, (600, 8))

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from tests.conftest import assert_ok, run_cli, start_cli
+from tests.helpers import assert_ok, run_cli, start_cli
 
 pytestmark = pytest.mark.slow
 

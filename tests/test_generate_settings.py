@@ -3,7 +3,9 @@ import dataclasses
 
 import pytest
 
-from cffa_ray.config import ConfigError, GenerateConfig, parse_concurrency
+from cffa_ray.config import parse_concurrency
+from cffa_ray.errors import ConfigError
+from cffa_ray.generate.config import GenerateConfig
 from cffa_ray.generate.job import rates
 from cffa_ray.generate.settings import actor_pool, identity, resolve
 

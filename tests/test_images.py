@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cffa_ray.data import DataError, decode_batch, load_image, load_pair, report_warnings
+from cffa_ray.data import decode_batch, load_image, load_pair, report_warnings
+from cffa_ray.errors import DataError
 from cffa_ray.pixels import open_image, to_modality
 
 
@@ -89,7 +90,7 @@ def test_warnings_are_counted_and_strict_makes_them_one_error(capsys):
     assert len(err) == 2
     assert err[0].startswith("[cffa] warning: 1 of 10 pairs whose CF and FA differ")
     assert "5 of 20 images much smaller than --resolution 64" in err[1]
-    assert "cf/p0.png 8x8, cf/p1.png 8x8, cf/p2.png 8x8, ..." in err[1] and "--strict makes this an error" in err[1]
+    assert "cf/p0.png 8x8, cf/p1.png 8x8, cf/p2.png 8x8 (and 2 more)" in err[1] and "--strict makes this an error" in err[1]
     with pytest.raises(DataError, match=r"^1 of 10 pairs .*; 5 of 20 images .* \(--strict\)$"):
         report_warnings(entries, 10, 64, strict=True)
 

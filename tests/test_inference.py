@@ -8,6 +8,7 @@ from cffa_ray.generate.memory import choose_model_batch
 from cffa_ray.models import build_model
 from cffa_ray.models.inference import prepare_for_sampling
 from cffa_ray.sampling import pair_noise, sample_pairs
+from tests.helpers import randomise_lora
 
 GIB = 2**30
 
@@ -16,11 +17,7 @@ def trained_like(model_name="dual_unet", preset="tiny"):
     """A model with non-zero LoRA weights (a fresh adapter is the identity), separate base weights."""
     torch.manual_seed(0)
     model = build_model(ModelConfig(model=model_name, preset=preset, resolution=32), share_base=False).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
-    return model
+    return randomise_lora(model, 0.05, seed=None)
 
 
 def sample(model, steps=3):

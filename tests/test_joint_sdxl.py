@@ -11,7 +11,7 @@ from cffa_ray.config import ModelConfig
 from cffa_ray.models import build_model
 from cffa_ray.models.base import load_base
 from cffa_ray.models.joint_sdxl import DIFFUSERS_LORA_FILE, joint, sdxl_time_ids, split
-from tests.conftest import assert_ok, run_cli, write_tiny_tokenizer
+from tests.helpers import assert_ok, randomise_lora, run_cli, write_tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -19,11 +19,7 @@ def model():
     torch.manual_seed(0)
     m = build_model(ModelConfig(model="joint_sdxl", preset="tiny-sdxl", resolution=64, unet_lora_rank=4,
                                 unet_lora_alpha=8), struct_lambda=0.5)
-    with torch.no_grad():
-        for n, p in m.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.1)
-    return m
+    return randomise_lora(m, 0.1, seed=None)
 
 
 def test_time_ids_use_the_real_non_square_size(model):
@@ -84,7 +80,7 @@ def test_base_model_from_an_sdxl_folder(tmp_path):
     parts = load_base("joint_sdxl", "", "tiny-sdxl")
     pipe = _sdxl_pipeline(parts, write_tiny_tokenizer(tmp_path / "tok"))
     pipe.save_pretrained(tmp_path / "sdxl")
-    from cffa_ray.models.base import check_base_model
+    from cffa_ray.checks import check_base_model
 
     check_base_model(str(tmp_path / "sdxl"), "joint_sdxl")
     loaded = load_base("joint_sdxl", str(tmp_path / "sdxl"), None)

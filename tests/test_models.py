@@ -4,9 +4,12 @@ import pytest
 import torch
 from peft import PeftModel
 
-from cffa_ray.config import ConfigError, ModelConfig
+from cffa_ray.checks import check_base_model
+from cffa_ray.config import ModelConfig
+from cffa_ray.errors import ConfigError
 from cffa_ray.models import build_model
-from cffa_ray.models.base import check_base_model, load_base
+from cffa_ray.models.base import load_base
+from tests.helpers import randomise_lora
 
 
 @pytest.fixture(scope="module")
@@ -67,10 +70,7 @@ def test_fixed_generator_gives_a_reproducible_validation_loss(model):
 
 
 def test_saved_lora_loads_with_peft_and_changes_the_unet(model, tmp_path):
-    with torch.no_grad():
-        for n, p in model.unet_cf.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.5)
+    randomise_lora(model.unet_cf, 0.5, seed=None)
     model.unet_cf.save_pretrained(tmp_path / "unet_cf_lora")
     assert (tmp_path / "unet_cf_lora/adapter_config.json").is_file()
     assert (tmp_path / "unet_cf_lora/adapter_model.safetensors").is_file()
@@ -135,10 +135,7 @@ def test_gradient_checkpointing_keeps_loss_and_gradients():
     def loss_and_grads(checkpointing):
         torch.manual_seed(0)
         m = build_model(ModelConfig(preset="tiny", resolution=64, unet_lora_rank=4))
-        with torch.no_grad():
-            for n, p in m.named_parameters():
-                if "lora_B" in n:
-                    p.normal_(0, 0.1)
+        randomise_lora(m, 0.1, seed=None)
         if checkpointing:
             m.enable_gradient_checkpointing()
             assert m.unet_cf.base_model.model.is_gradient_checkpointing

@@ -12,7 +12,7 @@ from PIL import Image
 
 from cffa_ray.cli import main
 from cffa_ray.report import GALLERY_PNG, LOSSES_PNG, REPORT_HTML, loss_panels, parse_log, pick_rows
-from tests.test_bad_input import _fails
+from tests.helpers import fails_in_driver
 
 CHROMIUM = "/usr/bin/chromium"
 STEPS, PAIRS = (0, 6, 12), 2
@@ -21,8 +21,9 @@ STEPS, PAIRS = (0, 6, 12), 2
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     """A run folder as `cffa train` writes it: both logs and three step_XXXXXX_random_pairs/."""
+    from cffa_ray.run_layout import TRAINING_LOG, VALIDATION_LOG, log_line
     from cffa_ray.synth import make_pair
-    from cffa_ray.train.run_folder import TRAINING_LOG, VALIDATION_LOG, RunFolder, log_line
+    from cffa_ray.train.run_folder import RunFolder
 
     root = tmp_path_factory.mktemp("run") / "r"
     run = RunFolder(str(root))
@@ -76,9 +77,9 @@ def test_gallery_rows_are_evenly_spaced_with_first_and_last():
 
 
 def test_report_bad_run_dir(capsys, tmp_path):
-    _fails(capsys, ["report", str(tmp_path / "nope")], r"RUN_DIR .*nope is not a folder", tmp_path / "nope")
+    fails_in_driver(capsys, ["report", str(tmp_path / "nope")], r"RUN_DIR .*nope is not a folder", tmp_path / "nope")
     (tmp_path / "empty").mkdir()
-    _fails(capsys, ["report", str(tmp_path / "empty")], r"has no training_log.txt", tmp_path / "empty" / REPORT_HTML)
+    fails_in_driver(capsys, ["report", str(tmp_path / "empty")], r"has no training_log.txt", tmp_path / "empty" / REPORT_HTML)
 
 
 @pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} not installed (apt-get install chromium)")

@@ -5,17 +5,14 @@ import torch
 from cffa_ray.config import ModelConfig
 from cffa_ray.models import build_model
 from cffa_ray.sampling import pair_noise, pair_seed, sample_in_fixed_batches, sample_pairs
+from tests.helpers import randomise_lora
 
 
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
     m = build_model(ModelConfig(preset="tiny", resolution=32, unet_lora_rank=4), share_base=False)
-    with torch.no_grad():  # give the adapters an effect, as after training
-        for n, p in m.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.2)
-    return m.eval()
+    return randomise_lora(m, 0.2, seed=None).eval()  # the adapters have an effect, as after training
 
 
 def test_pair_seed_depends_on_seed_and_pair_only(model):

@@ -10,7 +10,7 @@ import torch
 from peft import PeftModel
 from PIL import Image
 
-from tests.conftest import TRAIN_ARGS, assert_ok, run_cli
+from tests.helpers import TRAIN_ARGS, assert_ok, run_cli
 
 pytestmark = pytest.mark.slow
 

@@ -6,19 +6,17 @@ torch-fidelity is an optional extra (`pip install "cffa-ray[fid]"`): it declares
 PyPI's torchvision needs a matching torch build. Its package `__init__` imports torchvision for the
 CLIP/VGG/DINOv2 extractors, but the InceptionV3 extractor itself uses torch alone; where torchvision
 is missing or cannot load beside this torch, that one module is loaded without the package
-`__init__` (see `inception_class`).
+`__init__` (internals.import_torch_fidelity).
 """
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import os
-import sys
-import types
 
 import numpy as np
+import torch
 
-from cffa_ray.config import ConfigError
+from cffa_ray import internals
+from cffa_ray.errors import ConfigError
 
 FEATURES = "2048"  # the pool features FID and KID are defined on
 FEATURE_DIM = 2048
@@ -29,33 +27,11 @@ INSTALL_HINT = ('--inception_weights needs torch-fidelity: pip install "cffa-ray
 def inception_class():
     """torch-fidelity's FeatureExtractorInceptionV3 class (ConfigError with the install line if absent)."""
     try:
-        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-        return FeatureExtractorInceptionV3
+        return internals.import_torch_fidelity("feature_extractor_inceptionv3").FeatureExtractorInceptionV3
     except ModuleNotFoundError as e:
-        if e.name and e.name.split(".")[0] == "torch_fidelity":
+        if (e.name or "").split(".")[0] == internals.TORCH_FIDELITY:
             raise ConfigError(INSTALL_HINT) from None
-        if not (e.name or "").startswith("torchvision"):
-            raise
-    except RuntimeError as e:  # a torchvision built for another torch fails while registering its ops
-        if "torchvision" not in str(e):
-            raise
-    spec = importlib.util.find_spec("torch_fidelity")
-    if spec is None or not spec.submodule_search_locations:
-        raise ConfigError(INSTALL_HINT)
-    # A bare package object stands in for torch_fidelity's __init__ while the extractor module and the
-    # two helpers it imports (torch-only) load; it is removed again so nothing else sees it.
-    saved = sys.modules.get("torch_fidelity")
-    package = types.ModuleType("torch_fidelity")
-    package.__path__ = list(spec.submodule_search_locations)
-    sys.modules["torch_fidelity"] = package
-    try:
-        module = importlib.import_module("torch_fidelity.feature_extractor_inceptionv3")
-    finally:
-        if saved is None:
-            sys.modules.pop("torch_fidelity", None)
-        else:
-            sys.modules["torch_fidelity"] = saved
-    return module.FeatureExtractorInceptionV3
+        raise
 
 
 def load_inception(weights: str):
@@ -74,7 +50,6 @@ def load_inception(weights: str):
 
 def as_rgb_uint8_nchw(images: np.ndarray):
     """uint8 [B, H, W] or [B, H, W, C] -> torch uint8 [B, 3, H, W] (grey replicated)."""
-    import torch
 
     if images.ndim == 3:
         images = images[..., None]
@@ -91,8 +66,6 @@ class InceptionFeatures:
     """
 
     def __init__(self, weights: str, use_gpu: bool, chunk: int = 16):
-        import torch
-
         torch.set_grad_enabled(False)
         self.device = torch.device("cuda" if use_gpu else "cpu")
         self.model = load_inception(weights).to(self.device)

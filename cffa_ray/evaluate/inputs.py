@@ -4,14 +4,18 @@ images are read by the Ray Data tasks.
 """
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import dataclass, field
 
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from PIL import Image
 
-from cffa_ray.config import ConfigError, join_path
-from cffa_ray.data import CF_PATH, FA_PATH, PAIR_ID, DataError, discover_pairs
-from cffa_ray.io import filesystem, is_uri, read_text
+from cffa_ray.data import CF_PATH, FA_PATH, PAIR_ID, discover_pairs
+from cffa_ray.errors import ConfigError, DataError
+from cffa_ray.io import filesystem, read_bytes, read_text
+from cffa_ray.paths import is_uri, join_path
 
 GENERATED, REAL = "generated", "real"
 META_COLUMNS = ("pair_id", "mode", "steps", "scheduler", "strength", "source_pair_id", "checkpoint", "model",
@@ -67,7 +71,6 @@ def _exists(path: str) -> bool:
 
 def read_generated(path: str) -> GeneratedSet:
     """Pairs to evaluate from --generated: its parquet/ if it has one, else cf/ + fa/ images."""
-    import pyarrow.parquet as pq
 
     if not _exists(path):
         raise DataError(f"--generated {path} does not exist; give a `cffa generate` output folder "
@@ -111,11 +114,8 @@ def generated_resolution(generated: GeneratedSet) -> int:
     """The side of the generated images: from the parquet rows, else the first CF image's size."""
     if generated.from_parquet and generated.rows[0].get("resolution"):
         return int(generated.rows[0]["resolution"])
-    import io
 
-    from PIL import Image
 
-    from cffa_ray.data import read_bytes
 
     first = generated.rows[0][CF_PATH]
     try:

@@ -11,115 +11,25 @@ from __future__ import annotations
 
 import dataclasses
 import time
-import zlib
 
 import numpy as np
+import ray.data
 
-from cffa_ray.config import EvaluateConfig
-from cffa_ray.data import CF_PATH, FA_PATH, PAIR_ID, DataError, load_image
-from cffa_ray.evaluate import metrics
+from cffa_ray.data import CF_PATH, FA_PATH, PAIR_ID, raise_decode_errors
+from cffa_ray.evaluate import inputs, metrics
+from cffa_ray.evaluate.config import EvaluateConfig
+from cffa_ray.evaluate.inception import InceptionFeatures, load_inception
 from cffa_ray.evaluate.inputs import GENERATED, REAL, GeneratedSet
-from cffa_ray.evaluate.vessels import alignments_with_floor
-
-SCORE_COLUMNS = ("dice", "dice_mismatched", "ssim_cf", "ssim_fa", "psnr_cf", "psnr_fa")
-
-
-# ------------------------------------------------------------------ per-batch work (Ray Data tasks)
-
-def _decode_png(data: bytes, resolution: int, mode: str) -> np.ndarray:
-    """A PNG that `cffa generate` wrote (8-bit RGB or L) -> uint8 [R, R, 3] or [R, R]."""
-    import io
-
-    from PIL import Image
-
-    image = Image.open(io.BytesIO(data)).convert(mode)
-    if image.size != (resolution, resolution):
-        image = image.resize((resolution, resolution), Image.Resampling.BICUBIC)
-    return np.asarray(image, dtype=np.uint8)
-
-
-def _images(batch: dict, resolution: int) -> tuple[list[np.ndarray], list[np.ndarray], list[str]]:
-    """CF uint8 [R, R, 3], FA uint8 [R, R] and an error ("" or why) per row, from PNG bytes (parquet) or
-    file paths. A row that will not decode gets black images (its scores come out NaN) and its error,
-    so the driver can name every bad file at once."""
-    cfs, fas, errors = [], [], []
-    for i, pid in enumerate(batch[PAIR_ID]):
-        cf, fa = np.zeros((resolution, resolution, 3), np.uint8), np.zeros((resolution, resolution), np.uint8)
-        error = ""
-        try:
-            if "cf_png" in batch:
-                cf = _decode_png(batch["cf_png"][i], resolution, "RGB")
-                fa = _decode_png(batch["fa_png"][i], resolution, "L")
-            else:
-                cf = load_image(batch[CF_PATH][i], resolution, "RGB")
-                fa = load_image(batch[FA_PATH][i], resolution, "L")[..., 0]
-        except DataError as e:
-            error = str(e)
-        except Exception as e:  # PIL raises many types for corrupt PNG bytes
-            error = f"cannot decode generated pair {pid}: {e}"
-        cfs.append(cf)
-        fas.append(fa)
-        errors.append(error)
-    return cfs, fas, errors
-
-
-def _fidelity(cf: np.ndarray, fa: np.ndarray, source: list[str] | None, resolution: int) -> list[float]:
-    """[ssim_cf, ssim_fa, psnr_cf, psnr_fa] of a generated pair against its source pair (NaN: none)."""
-    if not source:
-        return [float("nan")] * 4
-    try:
-        src_cf, src_fa = load_image(source[0], resolution, "RGB"), load_image(source[1], resolution, "L")[..., 0]
-    except DataError:
-        return [float("nan")] * 4  # the source is a real pair too: its own row reports the bad file
-    return [metrics.ssim(cf, src_cf), metrics.ssim(fa, src_fa), metrics.psnr(cf, src_cf), metrics.psnr(fa, src_fa)]
-
-
-def raise_decode_errors(errors) -> None:
-    """One DataError naming the first three files that would not decode, and how many more."""
-    errors = [e for e in errors if e]
-    if errors:
-        more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
-        raise DataError("; ".join(errors[:3]) + more)
-
-
-def score_batch(batch: dict, set_name: str, resolution: int, per_image: int, seed: int,
-                sources: dict[str, list[str]], keep_images: bool) -> dict:
-    """Ray Data map_batches fn for the pairs of one set.
-
-    In:  pair_id [B] and either cf_png/fa_png bytes [B] (+ source_pair_id) or cf_path/fa_path [B].
-    Out: set, pair_id str [B]; SCORE_COLUMNS float64 [B] (NaN where they do not apply); error str [B];
-         swd_cf, swd_fa bytes [B] (float16 descriptors [levels, per_image, 7*7*C], C = 3 / 1);
-         with keep_images: cf_u8 uint8 [B, R, R, 3], fa_u8 uint8 [B, R, R].
-    dice_mismatched scores CF i against FA i+1 of the batch: for real rows (sorted by pair id) the floor;
-    for generated rows the same floor made of the model's own images.
-    """
-    cfs, fas, errors = _images(batch, resolution)
-    ids = [str(p) for p in batch[PAIR_ID]]
-    registered, mismatched = alignments_with_floor(cfs, fas)
-    src_ids = batch.get("source_pair_id", [None] * len(ids))
-    fidelity = np.array([_fidelity(cf, fa, sources.get(s) if s else None, resolution)
-                         for cf, fa, s in zip(cfs, fas, src_ids)], dtype=np.float64).reshape(len(ids), 4)
-    swd_cf, swd_fa = [], []
-    for pid, cf, fa in zip(ids, cfs, fas):
-        rng = np.random.default_rng([seed, zlib.crc32(f"{set_name}/{pid}".encode())])
-        swd_cf.append(metrics.swd_descriptors(cf, per_image, rng).astype(np.float16).tobytes())
-        swd_fa.append(metrics.swd_descriptors(fa, per_image, rng).astype(np.float16).tobytes())
-    out = {"set": np.array([set_name] * len(ids), dtype=object), PAIR_ID: np.array(ids, dtype=object),
-           "dice": np.array(registered, np.float64), "dice_mismatched": np.array(mismatched, np.float64),
-           "ssim_cf": fidelity[:, 0], "ssim_fa": fidelity[:, 1], "psnr_cf": fidelity[:, 2],
-           "psnr_fa": fidelity[:, 3],
-           "swd_cf": np.array(swd_cf, dtype=object), "swd_fa": np.array(swd_fa, dtype=object),
-           "error": np.array(errors, dtype=object)}
-    if keep_images:
-        out["cf_u8"], out["fa_u8"] = np.stack(cfs), np.stack(fas)
-    return out
-
+from cffa_ray.evaluate.report_files import build_evaluation, print_summary, write_outputs
+from cffa_ray.evaluate.scoring import SCORE_COLUMNS, score_batch
+from cffa_ray.paths import absolute
+from cffa_ray.progress import track
+from cffa_ray.quiet import quiet_ray_data
+from cffa_ray.runtime import init_ray
 
 # ------------------------------------------------------------------ the pipeline (driver)
 
 def _set_dataset(set_name: str, generated: GeneratedSet | None, records: list[dict] | None, batch_size: int):
-    import ray.data
-
     if generated is not None and generated.from_parquet:
         return ray.data.read_parquet(generated.shards, columns=[PAIR_ID, "cf_png", "fa_png", "source_pair_id"])
     rows = [{PAIR_ID: r[PAIR_ID], CF_PATH: r[CF_PATH], FA_PATH: r[FA_PATH]} for r in records]
@@ -130,10 +40,7 @@ def run_pipeline(cfg: EvaluateConfig, generated: GeneratedSet, real: list[dict],
                  sources: dict[str, list[str]]) -> dict[str, dict]:
     """Score every pair with Ray Data; returns {set: {"rows": [per-pair dicts], "swd_cf": [levels, N, D],
     "swd_fa": ..., "inception_cf": [N, 2048] | None, "inception_fa": ...}}."""
-    import ray.data
 
-    from cffa_ray.evaluate.inception import InceptionFeatures
-    from cffa_ray.progress import track
 
     levels = len(metrics.pyramid_sizes(resolution))
     counts = {GENERATED: len(generated.rows), REAL: len(real)}
@@ -179,11 +86,6 @@ def run_pipeline(cfg: EvaluateConfig, generated: GeneratedSet, real: list[dict],
 
 def evaluate(cfg: EvaluateConfig) -> dict:
     """Evaluate cfg.generated against cfg.real; writes cfg.output/evaluation.{json,md}, pairs.csv."""
-    from cffa_ray.evaluate import inputs
-    from cffa_ray.evaluate.report_files import build_evaluation, print_summary, write_outputs
-    from cffa_ray.io import absolute
-    from cffa_ray.progress import quiet_ray_data
-    from cffa_ray.train.launch import init_ray
 
     cfg.validate()
     cfg = dataclasses.replace(cfg, output=absolute(cfg.output), generated=absolute(cfg.generated),
@@ -195,8 +97,6 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     resolution = cfg.resolution or inputs.generated_resolution(generated)
     sources, missing_sources = inputs.source_paths(generated, real)
     if cfg.inception_weights:
-        from cffa_ray.evaluate.inception import load_inception
-
         load_inception(cfg.inception_weights)  # a bad file or a missing package: one line, before Ray starts
     init_ray(cfg.concurrency + 1 if cfg.inception_weights else 1)
     quiet_ray_data()

@@ -1,4 +1,4 @@
-"""Pure numpy math of the evaluation: realism (SWD, FID, KID), fidelity (SSIM, PSNR), summaries.
+"""The math of the evaluation: realism (SWD; FID and KID by torch-fidelity), fidelity (SSIM, PSNR), summaries.
 
 No Ray, no files: every function takes arrays and returns numbers, and is unit-tested on CPU.
 
@@ -15,6 +15,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from scipy.ndimage import convolve1d
+from skimage.metrics import structural_similarity
+
+from cffa_ray import internals
 
 NHOOD = 7                    # neighbourhood side (pixels) of an SWD descriptor
 MIN_LEVEL_SIZE = 16          # the coarsest pyramid level
@@ -34,8 +38,6 @@ def pyramid_sizes(size: int) -> list[int]:
 
 
 def _blur(image: np.ndarray, gain: float = 1.0) -> np.ndarray:
-    from scipy.ndimage import convolve1d
-
     k = _BINOMIAL * gain
     return convolve1d(convolve1d(image, k, axis=0, mode="mirror"), k, axis=1, mode="mirror")
 
@@ -125,44 +127,38 @@ def descriptors_per_image(n_images: int, budget: int = 32768, most: int = 128, l
 # ------------------------------------------------------------------ FID, KID (Inception pool features)
 
 def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
-    """FID between feature sets [N, D] and [M, D] (torch-fidelity's formula: trace sqrt by eigenvalues)."""
-    mu_a, mu_b = feats_a.mean(axis=0), feats_b.mean(axis=0)
-    sigma_a = np.atleast_2d(np.cov(feats_a.astype(np.float64), rowvar=False))
-    sigma_b = np.atleast_2d(np.cov(feats_b.astype(np.float64), rowvar=False))
-    diff = mu_a - mu_b
-    tr_covmean = np.sum(np.sqrt(np.linalg.eigvals(sigma_a @ sigma_b).astype(np.complex128)).real)
-    fid = float(diff @ diff + np.trace(sigma_a) + np.trace(sigma_b) - 2 * tr_covmean)
-    return max(fid, 0.0)  # >= 0 in exact arithmetic; round-off gives -1e-12 for identical sets
+    """FID between feature sets [N, D] and [M, D]: torch-fidelity's own statistics and formula (float64).
 
+    Clamped at 0: round-off gives -1e-12 for identical sets. Needs torch-fidelity (the [fid] extra).
+    """
+    import torch  # here, not at the top: the scoring tasks that import this module never need torch
 
-def _mmd2_unbiased(x: np.ndarray, y: np.ndarray) -> float:
-    d = x.shape[1]
-    kxx, kyy, kxy = ((p @ q.T / d + 1.0) ** 3 for p, q in ((x, x), (y, y), (x, y)))
-    m = len(x)
-    return float((kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)) / (m * (m - 1)) - 2 * kxy.mean())
+    fid = internals.import_torch_fidelity("metric_fid")
+    stats = [fid.fid_features_to_statistics(torch.from_numpy(f.astype(np.float64))) for f in (feats_a, feats_b)]
+    return max(float(fid.fid_statistics_to_metric(*stats, verbose=False)[fid.KEY_METRIC_FID]), 0.0)
 
 
 def kernel_inception_distance(feats_a: np.ndarray, feats_b: np.ndarray, seed: int, subsets: int = 100,
                               subset_size: int = 1000) -> tuple[float, float]:
-    """KID (mean, std over subsets): unbiased MMD^2 with the cubic polynomial kernel, as torch-fidelity.
-
-    The subset size shrinks to the smaller set (at least 2 samples each).
-    """
+    """KID (mean, std over `subsets` random subsets): torch-fidelity's unbiased MMD^2 with its cubic polynomial
+    kernel, subsets drawn with `seed`. The subset size shrinks to the smaller set; NaN below 2 samples.
+    Needs torch-fidelity (the [fid] extra)."""
     size = min(subset_size, len(feats_a), len(feats_b))
     if size < 2:
         return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    a, b = feats_a.astype(np.float64), feats_b.astype(np.float64)
-    mmds = [_mmd2_unbiased(a[rng.choice(len(a), size, replace=False)], b[rng.choice(len(b), size, replace=False)])
-            for _ in range(subsets)]
-    return float(np.mean(mmds)), float(np.std(mmds))
+    import torch  # (see frechet_distance)
+
+    kid = internals.import_torch_fidelity("metric_kid")
+    out = kid.kid_features_to_metric(torch.from_numpy(feats_a.astype(np.float64)),
+                                     torch.from_numpy(feats_b.astype(np.float64)),
+                                     kid_subsets=subsets, kid_subset_size=size, rng_seed=seed, verbose=False)
+    return float(out[kid.KEY_METRIC_KID_MEAN]), float(out[kid.KEY_METRIC_KID_STD])
 
 
 # ------------------------------------------------------------------ fidelity to a source pair (from_data)
 
 def ssim(a: np.ndarray, b: np.ndarray) -> float:
     """Structural similarity of two uint8 images [H, W] or [H, W, C] (data range 255)."""
-    from skimage.metrics import structural_similarity
 
     channel_axis = -1 if a.ndim == 3 else None
     win = min(7, min(a.shape[:2]) // 2 * 2 - 1)  # odd, and no larger than the image

@@ -22,10 +22,12 @@ import math
 
 import numpy as np
 
-from cffa_ray.config import EvaluateConfig, join_path
 from cffa_ray.evaluate import metrics
+from cffa_ray.evaluate.config import EvaluateConfig
 from cffa_ray.evaluate.inputs import GENERATED, REAL, GeneratedSet
+from cffa_ray.evaluate.scoring import SCORE_COLUMNS
 from cffa_ray.io import atomic_write_text
+from cffa_ray.paths import join_path
 
 EVALUATION_JSON, EVALUATION_MD, PAIRS_CSV = "evaluation.json", "evaluation.md", "pairs.csv"
 CHANNELS = {"cf": 3, "fa": 1}
@@ -154,8 +156,6 @@ def markdown(ev: dict) -> str:
 
 
 def pairs_csv(collected: dict) -> str:
-    from cffa_ray.evaluate.job import SCORE_COLUMNS
-
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(["set", "pair_id", *SCORE_COLUMNS])

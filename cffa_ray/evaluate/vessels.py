@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 from scipy import ndimage as ndi
+from skimage.filters import frangi
 
 BASE_SIGMAS = (1.0, 2.0, 3.0, 4.0)  # Frangi scales in pixels at 512 px (retinal vessels: 2-15 px wide)
 FUNDUS_THRESHOLD = 0.04             # of the image's 99th percentile: darker is the border outside the eye
@@ -48,7 +49,6 @@ def fundus_mask(image: np.ndarray, rim: int) -> np.ndarray:
 
 def vessel_map(channel: np.ndarray, dark_vessels: bool, mask: np.ndarray, sigmas) -> np.ndarray:
     """Frangi vesselness of one channel [H, W], zero outside `mask`, scaled to [0, 1]."""
-    from skimage.filters import frangi
 
     v = frangi(channel.astype(np.float32) / 255.0, sigmas=sigmas, black_ridges=dark_vessels)
     v = np.where(mask, v, 0.0)

@@ -21,6 +21,12 @@ import time
 import numpy as np
 import torch
 
+from cffa_ray.faults import maybe_fail
+from cffa_ray.io import local_copy
+from cffa_ray.models import load_for_generation
+from cffa_ray.models.inference import prepare_for_sampling
+from cffa_ray.sampling import sample_in_fixed_batches, warm_up
+
 OOM_HINT = "--model_batch"
 
 
@@ -30,10 +36,6 @@ class ModelBatchTooLarge(RuntimeError):
 
 class PairGenerator:
     def __init__(self, checkpoint_dir: str, cfg: dict):
-        from cffa_ray.io import local_copy
-        from cffa_ray.models import load_for_generation
-        from cffa_ray.models.inference import prepare_for_sampling, warm_up
-
         torch.set_grad_enabled(False)
         self.cfg = cfg
         self.device = torch.device("cuda" if cfg["use_gpu"] else "cpu")
@@ -41,14 +43,15 @@ class PairGenerator:
         self.model = prepare_for_sampling(model, self.device, cfg["mixed_precision"], cfg["compile"])
         self.resolution = record["resolution"]
         self.actor = f"{os.getpid()}@{socket.gethostname()}"
+        self.calls = 0
         if cfg["compile"]:
             seconds = warm_up(self.model, self.resolution, cfg["model_batch"], cfg["mixed_precision"])
             print(f"[cffa] UNets compiled in {seconds:.0f}s (once per actor)", flush=True)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from cffa_ray.sampling import sample_in_fixed_batches
-
         cfg = self.cfg
+        self.calls += 1
+        maybe_fail("generate_batch", self.calls)
         sources = None
         if cfg["mode"] == "from_data":
             sources = (torch.from_numpy(batch["src_cf"]), torch.from_numpy(batch["src_fa"]))

@@ -13,16 +13,46 @@ import dataclasses
 import time
 from pathlib import Path
 
-from cffa_ray.config import ConfigError, GenerateConfig, to_dict
+import ray.data
+
+from cffa_ray import internals
+from cffa_ray.checks import (
+    check_base_model,
+    check_checkpoint_files,
+    check_model_record,
+    check_output_dir,
+    read_json_file,
+)
+from cffa_ray.config import DEFAULT_BASE_MODEL
 from cffa_ray.data import PAIR_ID, check_decodable, discover_pairs
-from cffa_ray.io import absolute, local_copy
+from cffa_ray.errors import ConfigError
+from cffa_ray.flags import to_dict
+from cffa_ray.generate.config import GenerateConfig
+from cffa_ray.generate.generator import ModelBatchTooLarge, PairGenerator
+from cffa_ray.generate.outputs import (
+    check_identity,
+    done_pair_ids,
+    encode_pngs,
+    parquet_shards,
+    remove_leftovers,
+    write_identity,
+    write_pair_shard,
+    write_summary,
+)
+from cffa_ray.generate.settings import actor_pool, identity, min_actors, needs_calibration, recorded_identity, resolve
+from cffa_ray.generate.stages import add_noise, load_sources, pair_rows
+from cffa_ray.io import local_copy
+from cffa_ray.models import adapter_folders, design_class
+from cffa_ray.models.base import vae_config
+from cffa_ray.paths import absolute
+from cffa_ray.progress import Progress
+from cffa_ray.quiet import quiet_ray_data
+from cffa_ray.run_layout import MODEL_RECORD
+from cffa_ray.runtime import check_resources, init_ray
 
 
 def check_checkpoint(checkpoint_dir: str, expected_model: str | None = None) -> dict:
     """The checkpoint's model record; a clear error for a missing or foreign folder."""
-    from cffa_ray.checks import check_checkpoint_files, check_model_record, read_json_file
-    from cffa_ray.models import adapter_folders
-    from cffa_ray.models.interface import MODEL_RECORD
 
     try:
         path = Path(local_copy(checkpoint_dir))
@@ -51,16 +81,11 @@ def check_checkpoint(checkpoint_dir: str, expected_model: str | None = None) -> 
     check_model_record(record, path / MODEL_RECORD, f"--checkpoint_dir {checkpoint_dir}")
     check_checkpoint_files(path, folders, f"--checkpoint_dir {checkpoint_dir}")
     if not record.get("preset"):
-        from cffa_ray.config import DEFAULT_BASE_MODEL
-        from cffa_ray.models.base import check_base_model
-
         check_base_model(record.get("base_model") or DEFAULT_BASE_MODEL[record["model"]], record["model"])
     return record
 
 
 def check_fa_noise(fa_noise: str, model: str) -> None:
-    from cffa_ray.models import design_class
-
     if fa_noise not in design_class(model).FA_NOISES:
         raise ConfigError(f"--fa_noise {fa_noise} needs the two UNets of dual_unet; this checkpoint is {model}, "
                           "whose one UNet denoises CF and FA together: drop --fa_noise")
@@ -68,9 +93,6 @@ def check_fa_noise(fa_noise: str, model: str) -> None:
 
 def noise_shape(record: dict) -> tuple[int, ...]:
     """The z0 shape of the checkpoint's model, from its base VAE's config (no weights loaded)."""
-    from cffa_ray.config import DEFAULT_BASE_MODEL
-    from cffa_ray.models import design_class
-    from cffa_ray.models.base import vae_config
 
     base = record.get("base_model") or DEFAULT_BASE_MODEL[record["model"]]
     return design_class(record["model"]).noise_shape_for(vae_config(base, record.get("preset")), record["resolution"])
@@ -84,12 +106,7 @@ def row_constants(cfg: GenerateConfig, record: dict, ident: dict) -> dict:
 
 def pipeline(cfg: GenerateConfig, record: dict, ident: dict, todo: list[int], sources: list[dict] | None):
     """The lazy Ray Data job (see the module docstring); iterating it does the work."""
-    import ray.data
 
-    from cffa_ray.generate.generator import PairGenerator
-    from cffa_ray.generate.outputs import encode_pngs, write_pair_shard
-    from cffa_ray.generate.settings import actor_pool
-    from cffa_ray.generate.stages import add_noise, load_sources, pair_rows
 
     low, high = actor_pool(cfg.concurrency, cfg.use_gpu)
     ds = ray.data.from_items(pair_rows(cfg.seed, todo, sources),
@@ -114,7 +131,6 @@ def pipeline(cfg: GenerateConfig, record: dict, ident: dict, todo: list[int], so
 
 def run_with_progress(ds, total: int) -> list[dict]:
     """Iterate the job, one progress line (pairs, rate, ETA); returns the per-model-call rows."""
-    from cffa_ray.progress import Progress
 
     done_calls = []
     with Progress(total, what="pairs", label="cffa generate") as bar:
@@ -142,24 +158,8 @@ def rates(calls: list[dict], t_start: float) -> dict:
             "gpu_peak_gib": round(max(int(c["gpu_peak"]) for c in calls) / 2**30, 3)}
 
 
-def model_batch_error(error: BaseException) -> str | None:
-    """The message of a ModelBatchTooLarge an actor raised, from Ray's wrapping of it (None: not one).
-
-    Ray Data re-raises a UDF's error as RayTaskError(UserCodeException), whose traceback text is
-    all that is left of the original exception, so the message is read from that text.
-    """
-    import re
-
-    from cffa_ray.generate.generator import ModelBatchTooLarge
-
-    found = re.search(rf"{ModelBatchTooLarge.__name__}: (.+)", str(error))
-    return found.group(1).strip() if found else None
-
-
 def start_ray(cfg: GenerateConfig) -> None:
     """Join or start Ray, and refuse (on a local machine) more GPUs than it has."""
-    from cffa_ray.generate.settings import min_actors
-    from cffa_ray.train.launch import check_resources, init_ray
 
     low = min_actors(cfg.concurrency)
     init_ray(low * cfg.cpus_per_actor)
@@ -168,11 +168,6 @@ def start_ray(cfg: GenerateConfig) -> None:
 
 def generate(cfg: GenerateConfig) -> dict:
     """Make the missing pairs of 0..N-1 under cfg.output_dir; returns the summary dict."""
-    from cffa_ray.checks import check_output_dir
-    from cffa_ray.generate.outputs import (check_identity, done_pair_ids, parquet_shards, remove_leftovers,
-                                           write_identity, write_summary)
-    from cffa_ray.generate.settings import identity, needs_calibration, recorded_identity, resolve
-    from cffa_ray.progress import quiet_ray_data
 
     cfg.validate()
     check_output_dir(cfg.output_dir, "--output_dir")
@@ -203,7 +198,7 @@ def generate(cfg: GenerateConfig) -> dict:
         try:
             calls = run_with_progress(pipeline(cfg, record, ident, todo, sources), len(todo))
         except Exception as e:  # Ray wraps an actor's error in its own exception types
-            too_large = model_batch_error(e)
+            too_large = internals.user_exception_message(e, ModelBatchTooLarge)
             if too_large is None:
                 raise
             raise ConfigError(too_large) from None

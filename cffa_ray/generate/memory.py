@@ -6,6 +6,13 @@ measured calls, at batch 1 and batch 2, give both parts; `choose_model_batch` is
 """
 from __future__ import annotations
 
+import torch
+
+from cffa_ray.io import local_copy
+from cffa_ray.models import load_for_generation
+from cffa_ray.models.inference import prepare_for_sampling
+from cffa_ray.sampling import pair_noise, sample_pairs
+
 GIB = 2**30
 CPU_MODEL_BATCH = 8  # on CPU memory is not the limit; 8 amortises per-call costs well
 MAX_AUTO_MODEL_BATCH = 16  # larger batches barely raise GPU throughput (B=16 vs 32: 25.0% vs 26.6% of peak)
@@ -25,9 +32,7 @@ def measure_sampling_memory(model, resolution: int, mixed_precision: str) -> tup
 
     One denoising step and the decode: peak memory does not grow with the number of steps.
     """
-    import torch
 
-    from cffa_ray.sampling import pair_noise, sample_pairs
 
     peaks = []
     for batch in (1, 2):
@@ -44,11 +49,7 @@ def measure_sampling_memory(model, resolution: int, mixed_precision: str) -> tup
 
 def calibrate(checkpoint_dir: str, mixed_precision: str) -> dict:
     """Runs on one GPU (a Ray task): load the checkpoint as an actor would, measure, choose."""
-    import torch
 
-    from cffa_ray.io import local_copy
-    from cffa_ray.models import load_for_generation
-    from cffa_ray.models.inference import prepare_for_sampling
 
     model, record = load_for_generation(local_copy(checkpoint_dir))
     prepare_for_sampling(model, "cuda", mixed_precision)

@@ -13,16 +13,21 @@ pairs, which the rerun makes again, byte for byte, and replaces.
 """
 from __future__ import annotations
 
+import io
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from cffa_ray.config import PNG_LAYOUT_ALIASES, ConfigError, join_path
+from cffa_ray.config import PNG_LAYOUT_ALIASES
+from cffa_ray.errors import ConfigError
 from cffa_ray.images import PAIR_FILES, pair_pngs
 from cffa_ray.io import atomic_write_bytes, atomic_write_text, changed_fields, filesystem, publish_dir, staging_dir
+from cffa_ray.paths import join_path
 
 PARQUET_DIR, PNG_DIR = "parquet", "png"
 IDENTITY_FILE, SUMMARY_FILE = "generation.json", "summary.json"
@@ -93,8 +98,6 @@ def remove_leftovers(output_dir: str) -> int:
 
     Local folders and file:// only: object stores never show a key before its upload completes.
     """
-    import shutil
-    from pathlib import Path
 
     fs, root = filesystem(output_dir)
     if not isinstance(fs, pafs.LocalFileSystem):
@@ -156,8 +159,6 @@ def write_pair_shard(batch: pa.Table, output_dir: str, constants: dict, layout: 
 
 
 def _write_parquet_atomic(table: pa.Table, path: str) -> None:
-    import io
-
     buf = io.BytesIO()
     pq.write_table(table, buf)
     atomic_write_bytes(path, buf.getvalue())

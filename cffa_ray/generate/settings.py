@@ -10,15 +10,19 @@ import dataclasses
 import json
 import os
 
-from cffa_ray.config import AUTO, GenerateConfig, join_path, parse_concurrency
-from cffa_ray.io import absolute, read_text
+import ray
+
+from cffa_ray.config import AUTO, parse_concurrency
+from cffa_ray.generate.config import GenerateConfig
+from cffa_ray.generate.memory import CPU_MODEL_BATCH, calibrate
+from cffa_ray.generate.outputs import IDENTITY_FILE
+from cffa_ray.io import read_text
+from cffa_ray.paths import absolute, join_path
 
 GPU_PRECISION = "bf16"  # every GPU class cluster.yaml offers (Ampere and newer) runs bf16 at full rate
 
 
 def recorded_identity(output_dir: str) -> dict | None:
-    from cffa_ray.generate.outputs import IDENTITY_FILE
-
     text = read_text(join_path(output_dir, IDENTITY_FILE))
     return json.loads(text) if text else None
 
@@ -45,9 +49,7 @@ def needs_calibration(cfg: GenerateConfig, recorded: dict | None) -> bool:
 
 def auto_model_batch(cfg: GenerateConfig) -> int:
     """On CPU a fixed 8; on GPU the largest batch that fits, measured by a one-GPU Ray task."""
-    import ray
 
-    from cffa_ray.generate.memory import CPU_MODEL_BATCH, calibrate
 
     if not cfg.use_gpu:
         return CPU_MODEL_BATCH
@@ -67,7 +69,6 @@ def actor_pool(concurrency: str, use_gpu: bool) -> tuple[int, float]:
     """(min, max) model actors. auto: with GPUs, 1 up to every GPU this local machine has, or without
     bound on a cluster (RAY_ADDRESS set), where Ray Data asks the autoscaler for GPU nodes as work
     queues up; on CPU one actor."""
-    import ray
 
     bounds = parse_concurrency(concurrency)
     if bounds != AUTO:

@@ -4,18 +4,20 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from cffa_ray.config import ConfigError, ModelConfig
+from cffa_ray.config import ModelConfig
+from cffa_ray.errors import ConfigError
 from cffa_ray.models.base import load_base
-from cffa_ray.models.interface import MODEL_RECORD, PairModel, read_model_record
+from cffa_ray.models.dual_unet import DualUNet
+from cffa_ray.models.interface import PairModel
+from cffa_ray.models.joint_sdxl import JointSDXL
+from cffa_ray.run_layout import MODEL_RECORD
 
 
 def design_class(name: str) -> type[PairModel]:
     """The PairModel subclass of design `name` (also for class-level hooks such as `cache_moments`)."""
     if name == "dual_unet":
-        from cffa_ray.models.dual_unet import DualUNet
         return DualUNet
     if name == "joint_sdxl":
-        from cffa_ray.models.joint_sdxl import JointSDXL
         return JointSDXL
     raise ConfigError(f"--model {name!r} is unknown; choose dual_unet or joint_sdxl")
 
@@ -41,7 +43,7 @@ def load_for_generation(checkpoint_dir: str | Path) -> tuple[PairModel, dict]:
     The UNets get separate base weights here, so each LoRA can be merged into its own copy
     (`models.inference.prepare_for_sampling`).
     """
-    record = read_model_record(checkpoint_dir)
+    record = json.loads((Path(checkpoint_dir) / MODEL_RECORD).read_text())
     if "lora_targets" not in record:  # checkpoints from before --lora_targets: peft's own record says
         adapter = json.loads((Path(checkpoint_dir) / design_class(record["model"]).ADAPTERS[0]
                               / "adapter_config.json").read_text())

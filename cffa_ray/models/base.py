@@ -5,22 +5,15 @@ what the model keeps is the embedding tensor.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from cffa_ray.config import ConfigError
+from cffa_ray.config import FAMILY, check_prediction_type
 from cffa_ray.models.presets import PRESET_SEED, PRESETS, SD_SCHEDULER
-
-FAMILY = {"dual_unet": "sd15", "joint_sdxl": "sdxl"}
-REQUIRED = {
-    "sd15": ("unet/config.json", "vae/config.json", "text_encoder/config.json", "tokenizer", "scheduler"),
-    "sdxl": ("unet/config.json", "vae/config.json", "text_encoder/config.json", "text_encoder_2/config.json",
-             "tokenizer", "tokenizer_2", "scheduler"),
-}
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 @dataclass
@@ -30,37 +23,6 @@ class BaseParts:
     scheduler_config: dict                      # the base's training noise schedule
     prompt_embeds: torch.Tensor                 # [1, L, D] fixed-prompt embedding
     pooled_prompt_embeds: torch.Tensor | None   # [1, D2] (SDXL only)
-
-
-def check_base_model(base_model: str, model: str) -> None:
-    """Fail early, in the driver, for a --base_model that cannot be a diffusers model of this family."""
-    from cffa_ray.checks import check_hub_model, check_model_folder, read_json_file
-
-    family = FAMILY[model]
-    path = Path(base_model).expanduser()
-    if path.exists():
-        missing = [p for p in REQUIRED[family] if not (path / p).exists()]
-        if not path.is_dir() or missing:
-            raise ConfigError(
-                f"--base_model {base_model} is not a diffusers {family.upper()} folder "
-                f"(missing {', '.join(missing) or 'folder'}); give a folder saved with save_pretrained or a hub id"
-            )
-        scheduler_config = path / "scheduler/scheduler_config.json"
-        if scheduler_config.is_file():
-            check_prediction_type(read_json_file(scheduler_config, "--base_model"), base_model)
-        check_model_folder(path, tuple(p.split("/")[0] for p in REQUIRED[family] if p.endswith("/config.json")),
-                           "--base_model")
-        return
-    if not HUB_ID.match(base_model):
-        raise ConfigError(f"--base_model {base_model} is neither an existing folder nor a hub id like org/name")
-    check_hub_model(base_model, model, REQUIRED[family])
-
-
-def check_prediction_type(scheduler_config: dict, base_model: str) -> None:
-    """The losses and samplers assume a noise-predicting (epsilon) UNet."""
-    if scheduler_config.get("prediction_type", "epsilon") != "epsilon":
-        raise ConfigError(f"--base_model {base_model}: prediction_type "
-                          f"{scheduler_config['prediction_type']!r} is not supported; use an epsilon model")
 
 
 def _text_ids(config: dict) -> torch.Tensor:
@@ -101,15 +63,10 @@ def preset_source(base_model: str, preset: str | None) -> tuple[str, str | None]
 
 
 def _preset_vae(preset: str):
-    from diffusers import AutoencoderKL
-
     return _seeded(lambda: AutoencoderKL(**PRESETS[preset]["vae"]), 1)
 
 
 def _from_preset(preset: str) -> BaseParts:
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
     spec = PRESETS[preset]
     unet = _seeded(lambda: UNet2DConditionModel(**spec["unet"]), 0)
     encoders = []
@@ -122,9 +79,6 @@ def _from_preset(preset: str) -> BaseParts:
 
 
 def _from_pretrained(base_model: str, family: str) -> BaseParts:
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
-
     unet = UNet2DConditionModel.from_pretrained(base_model, subfolder="unet")
     vae = AutoencoderKL.from_pretrained(base_model, subfolder="vae")
     scheduler_config = dict(DDPMScheduler.load_config(base_model, subfolder="scheduler"))
@@ -144,7 +98,6 @@ def _from_pretrained(base_model: str, family: str) -> BaseParts:
 
 def vae_config(base_model: str, preset: str | None) -> dict:
     """The VAE's config (latent channels, blocks) without its weights."""
-    from diffusers import AutoencoderKL
 
     base_model, preset = preset_source(base_model, preset)
     return dict(PRESETS[preset]["vae"] if preset else AutoencoderKL.load_config(base_model, subfolder="vae"))
@@ -152,7 +105,6 @@ def vae_config(base_model: str, preset: str | None) -> dict:
 
 def load_vae(base_model: str, preset: str | None):
     """Only the frozen VAE of a base (the latent cache needs nothing else)."""
-    from diffusers import AutoencoderKL
 
     base_model, preset = preset_source(base_model, preset)
     vae = _preset_vae(preset) if preset else AutoencoderKL.from_pretrained(base_model, subfolder="vae")

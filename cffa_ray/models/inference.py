@@ -13,8 +13,6 @@ What changes against the training form, and why:
 """
 from __future__ import annotations
 
-import time
-
 import torch
 
 from cffa_ray.models.interface import PairModel
@@ -59,15 +57,3 @@ def prepare_for_sampling(model: PairModel, device: torch.device | str, mixed_pre
         for name in model.UNETS:
             setattr(model, name, torch.compile(getattr(model, name), backend=compile_backend, dynamic=False))
     return model
-
-
-def warm_up(model: PairModel, resolution: int, model_batch: int, mixed_precision: str) -> float:
-    """One tiny sampling call at the real shape, so a compiled model compiles now; returns its seconds."""
-    from cffa_ray.sampling import pair_noise, sample_pairs
-
-    t0 = time.perf_counter()
-    noise = pair_noise(model, resolution, 0, list(range(model_batch)))
-    sample_pairs(model, noise, steps=2, mixed_precision=mixed_precision)
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0

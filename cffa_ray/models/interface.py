@@ -11,13 +11,13 @@ A training batch comes in one of two forms, and `forward` takes either:
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
-MODEL_RECORD = "model.json"
+from cffa_ray.config import DESIGN_LOSS_DEFAULTS, LOSS_DEFAULTS
+from cffa_ray.models.vae import noise_schedule, vae_scale
 
 
 class PairModel(nn.Module):
@@ -27,23 +27,20 @@ class PairModel(nn.Module):
     CACHE_COLUMNS: tuple[str, ...] = ()  # the latent cache's columns for this design
     LATENT_WIDTH_FACTOR = 1  # latent width / height (the joint design's latent is twice as wide)
     FA_NOISES: tuple[str, ...] = ("same",)  # generation's --fa_noise values this design can start from
-    # the loss settings (TrainConfig's flags of the same names) and the design's defaults for them
-    LOSS_DEFAULTS = {"hf_lambda": 0.5, "struct_lambda": 0.3, "offset_noise_strength": 0.1,
-                     "loss_weighting": "alpha_bar"}  # chosen by measurement (BENCHMARKS.md#quality)
 
     def _hold_base(self, parts, **loss) -> None:
-        """What every design keeps of the frozen base, and its loss settings (LOSS_DEFAULTS' keys)."""
-        from cffa_ray.models.vae import noise_schedule
+        """What every design keeps of the frozen base, and its loss settings (config.LOSS_DEFAULTS' keys;
+        those not given take the design's defaults, config.DESIGN_LOSS_DEFAULTS)."""
 
         self.vae = parts.vae
         self.register_buffer("prompt_embeds", parts.prompt_embeds, persistent=False)
         self._scheduler_config = parts.scheduler_config
         # a plain attribute, not a buffer: DeepSpeed would cast a buffer to bf16/fp16
         self._alphas_cumprod = noise_schedule(parts.scheduler_config)
-        unknown = set(loss) - set(self.LOSS_DEFAULTS)
+        unknown = set(loss) - set(LOSS_DEFAULTS)
         if unknown:
             raise TypeError(f"unknown loss settings: {sorted(unknown)}")
-        for key, value in {**self.LOSS_DEFAULTS, **loss}.items():
+        for key, value in {**DESIGN_LOSS_DEFAULTS[self.name], **loss}.items():
             setattr(self, key, value)
 
     @property
@@ -61,7 +58,6 @@ class PairModel(nn.Module):
     @classmethod
     def noise_shape_for(cls, vae_config, resolution: int) -> tuple[int, ...]:
         """noise_shape from the VAE's config alone (the generation driver has no model)."""
-        from cffa_ray.models.vae import vae_scale
 
         side = resolution // vae_scale(vae_config)
         return (vae_config["latent_channels"], side, side * cls.LATENT_WIDTH_FACTOR)
@@ -135,7 +131,3 @@ class PairModel(nn.Module):
     @property
     def alphas_cumprod(self) -> torch.Tensor:
         return self._alphas_cumprod
-
-
-def read_model_record(checkpoint_dir: str | Path) -> dict:
-    return json.loads((Path(checkpoint_dir) / MODEL_RECORD).read_text())

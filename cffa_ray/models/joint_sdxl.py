@@ -8,6 +8,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from diffusers.loaders import StableDiffusionXLLoraLoaderMixin
+from diffusers.utils import convert_state_dict_to_diffusers
+from peft.utils import get_peft_model_state_dict
 
 from cffa_ray import diffusion as D
 from cffa_ray.models.base import BaseParts
@@ -40,8 +43,6 @@ class JointSDXL(PairModel):
     UNETS = ("unet",)
     CACHE_COLUMNS = ("joint_moments",)
     LATENT_WIDTH_FACTOR = 2
-
-    LOSS_DEFAULTS = {**PairModel.LOSS_DEFAULTS, "struct_lambda": 0.0}  # seed B had no structure term
 
     def __init__(self, parts: BaseParts, rank: int, alpha: float, *, resolution: int,
                  lora_targets: tuple[str, ...] = LORA_TARGETS, share_base: bool = True, **loss):
@@ -94,14 +95,11 @@ class JointSDXL(PairModel):
 
     def save_extra(self, folder: Path, states: dict | None = None) -> None:
         """The LoRA in diffusers' format too: StableDiffusionXLPipeline.load_lora_weights(folder) takes it."""
-        from diffusers import StableDiffusionXLPipeline
-        from diffusers.utils import convert_state_dict_to_diffusers
-        from peft.utils import get_peft_model_state_dict
 
         state = get_peft_model_state_dict(self.unet, state_dict=(states or {}).get("unet_lora"))
         state = {k.removeprefix("base_model.model."): v.detach().float().cpu().contiguous() for k, v in state.items()}
         config = self.unet.peft_config["default"].to_dict()
         config["target_modules"] = sorted(config["target_modules"])  # a set is not JSON
-        StableDiffusionXLPipeline.save_lora_weights(
+        StableDiffusionXLLoraLoaderMixin.save_lora_weights(  # what StableDiffusionXLPipeline.save_lora_weights is
             str(folder), unet_lora_layers=convert_state_dict_to_diffusers(state), weight_name=DIFFUSERS_LORA_FILE,
             unet_lora_adapter_metadata=config)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 

@@ -9,6 +9,11 @@ LoRA was trained on. Random weights can never make an image that looks like anyt
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+from transformers import CLIPTokenizer
+
 SD_SCHEDULER = {
     "_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
     "beta_schedule": "scaled_linear", "prediction_type": "epsilon", "steps_offset": 1, "clip_sample": False,
@@ -103,10 +108,7 @@ PRESET_SEED = 1234
 def tiny_tokenizer(folder, max_length: int = TINY_CLIP["max_position_embeddings"]):
     """A real CLIPTokenizer for the tiny text encoders (a handful of tokens, made offline; saved like a
     hub tokenizer by save_pretrained). `folder` holds its vocabulary files only while it is built."""
-    import json
-    from pathlib import Path
 
-    from transformers import CLIPTokenizer
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,8 @@ and the base's noise schedule."""
 from __future__ import annotations
 
 import torch
+from diffusers import DDPMScheduler
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 
 def vae_scale(vae_config) -> int:
@@ -32,7 +34,6 @@ def sample_latents(vae, moments: torch.Tensor, generator: torch.Generator | None
     draw is float32 whatever the moments' dtype, so cached fp16 moments and freshly encoded ones
     consume the same random numbers from `generator`.
     """
-    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
     dist = DiagonalGaussianDistribution(moments.float())
     latents = dist.sample(generator) if sample else dist.mode()
@@ -56,6 +57,5 @@ def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
 
 def noise_schedule(scheduler_config: dict) -> torch.Tensor:
     """alpha_bar_t [T] (float32) of the base's training scheduler."""
-    from diffusers import DDPMScheduler
 
     return DDPMScheduler.from_config(scheduler_config).alphas_cumprod.float().clone()

@@ -8,9 +8,12 @@ Columns the workers see: the design's CACHE_COLUMNS (float16 moments) or cf, fa 
 from __future__ import annotations
 
 import numpy as np
+from ray.data.expressions import col
 
-from cffa_ray.config import TrainConfig
 from cffa_ray.data import CF, FA, PAIR_ID, decoded_pairs
+from cffa_ray.models import design_class
+from cffa_ray.train.config import TrainConfig
+from cffa_ray.train.latent_cache import cache_latents
 
 MIN_ROWS_PER_PASS = 2048  # a pass restarts a streaming split (~0.1 s): amortise it over many batches
 PASS_BYTES = 512 * 2**20  # but hold at most this much of repeated pairs in the object store
@@ -37,15 +40,12 @@ def shuffled_epochs(table, copies: int, seed: int):
 
 
 def model_columns(model_name: str, cached: bool) -> list[str]:
-    from cffa_ray.models import design_class
-
     return list(design_class(model_name).CACHE_COLUMNS) if cached else [CF, FA]
 
 
 def training_datasets(cfg: TrainConfig, train_records: list[dict], val_records: list[dict]):
     """(train, val, shuffle_buffer): materialised Ray Datasets; shuffle_buffer is the rows each worker
     mixes locally (0 when the passes are already shuffled epochs)."""
-    from cffa_ray.train.latent_cache import cache_latents
 
     by_id = {r[PAIR_ID]: r for r in train_records + val_records}
     pairs = decoded_pairs(list(by_id.values()), cfg.resolution, cfg.strict)
@@ -54,8 +54,6 @@ def training_datasets(cfg: TrainConfig, train_records: list[dict], val_records: 
     columns = model_columns(cfg.model, cfg.cache_latents)
 
     def subset(records):
-        from ray.data.expressions import col
-
         return pairs.filter(expr=col(PAIR_ID).is_in([r[PAIR_ID] for r in records])).select_columns(columns).materialize()
 
     train, val = subset(train_records), subset(val_records)

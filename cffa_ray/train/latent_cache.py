@@ -13,10 +13,15 @@ Rows out:  pair_id, and the design's CACHE_COLUMNS, float16 [2C, h, w']: mean an
 from __future__ import annotations
 
 import numpy as np
+import ray.data
 import torch
 
-from cffa_ray.config import TrainConfig
 from cffa_ray.data import CF, FA, PAIR_ID
+from cffa_ray.models import design_class
+from cffa_ray.models.base import load_vae
+from cffa_ray.models.inference import DTYPES, cast
+from cffa_ray.progress import materialize
+from cffa_ray.train.config import TrainConfig
 
 ENCODE_BATCH = 8  # images per VAE call: enough to fill a GPU, small enough for any 24 GB card at 1024 px
 
@@ -25,10 +30,6 @@ class MomentEncoder:
     """Ray Data actor: the base's VAE, loaded once, in the dtype training runs it in."""
 
     def __init__(self, model: str, base_model: str, preset: str | None, mixed_precision: str, use_gpu: bool):
-        from cffa_ray.models import design_class
-        from cffa_ray.models.base import load_vae
-        from cffa_ray.models.inference import DTYPES, cast
-
         torch.set_grad_enabled(False)
         self.design = design_class(model)
         self.device = torch.device("cuda" if use_gpu else "cpu")
@@ -43,9 +44,7 @@ class MomentEncoder:
 
 def cache_latents(pixels, cfg: TrainConfig):
     """Decoded pairs -> their posterior moments (materialised in the object store)."""
-    import ray.data
 
-    from cffa_ray.progress import materialize
 
     gpus = int(ray.cluster_resources().get("GPU", 0)) if cfg.use_gpu else 0
     actors = max(1, min(cfg.num_workers, gpus)) if cfg.use_gpu else 1

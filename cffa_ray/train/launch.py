@@ -5,15 +5,28 @@ import dataclasses
 import os
 import time
 
-from cffa_ray.config import ConfigError, Interrupted, RunStopped, TrainConfig, join_path, to_dict
-from cffa_ray.data import TRAIN, VAL, DataError, assign_split, discover_pairs, warn
-from cffa_ray.io import absolute, is_uri
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from cffa_ray.checks import check_base_model, check_output_dir, check_run_folder
+from cffa_ray.data import TRAIN, VAL, assign_split, discover_pairs, warn
+from cffa_ray.errors import ConfigError, DataError, Interrupted, RunStopped
+from cffa_ray.flags import to_dict
+from cffa_ray.io import changed_fields
+from cffa_ray.paths import absolute, is_uri, join_path
+from cffa_ray.quiet import quiet_ray, train_logging
+from cffa_ray.report import write_report
+from cffa_ray.run_layout import RAY_DIR, RUN_RECORD
+from cffa_ray.runtime import check_resources, init_ray
+from cffa_ray.train.config import TrainConfig
+from cffa_ray.train.datasets import training_datasets
+from cffa_ray.train.loop import train_loop_per_worker
+from cffa_ray.train.run_folder import RunFolder
+from cffa_ray.train.stop import STOPPED
 
 
 def check(cfg: TrainConfig) -> list[dict]:
     """Every check that needs no Ray: flags, base model, pairs. Returns split pair records."""
-    from cffa_ray.checks import check_output_dir, check_run_folder
-    from cffa_ray.models.base import check_base_model
 
     cfg.validate()
     check_output_dir(cfg.output_dir, "--output_dir")
@@ -41,50 +54,11 @@ def check(cfg: TrainConfig) -> list[dict]:
 
 def check_resumable(cfg: TrainConfig) -> None:
     """A rerun resumes the run folder; refuse settings its checkpoints cannot be resumed with."""
-    from cffa_ray.io import changed_fields
-    from cffa_ray.train.run_folder import RUN_RECORD
 
     diffs = changed_fields(join_path(cfg.run_dir, RUN_RECORD), cfg.resume_record())
     if diffs:
         raise ConfigError(f"run {cfg.run_dir} was started with other settings ({'; '.join(diffs)}); "
                           "rerun with those to resume it, or pick a new --name")
-
-
-def check_resources(use_gpu: bool, count: int, what: str, accelerator_type: str | None) -> None:
-    """On a local cluster (no autoscaler to add nodes), ask for what exists instead of waiting forever."""
-    import ray
-
-    if os.environ.get("RAY_ADDRESS"):
-        return  # a cluster may scale up to meet the request
-    have = ray.cluster_resources()
-    if use_gpu and have.get("GPU", 0) < count:
-        raise ConfigError(f"{what} {count} with --use_gpu needs {count} GPU(s); this machine's Ray has "
-                          f"{int(have.get('GPU', 0))}: lower {what} or drop --use_gpu")
-    if accelerator_type and not any(k == f"accelerator_type:{accelerator_type}" for k in have):
-        kinds = sorted(k.split(":", 1)[1] for k in have if k.startswith("accelerator_type:"))
-        raise ConfigError(f"--accelerator_type {accelerator_type} is not on this machine "
-                          f"(it has: {', '.join(kinds) or 'none'})")
-
-
-def init_ray(num_cpus_needed: float) -> None:
-    """Join the cluster named by RAY_ADDRESS (set inside `ray job submit` jobs), else start a local one.
-
-    On a small machine, training workers holding every CPU would leave Ray Data none and the job
-    would wait forever, so a local cluster advertises at least the workers' CPUs plus two.
-    """
-    import ray
-
-    from cffa_ray import quiet
-
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True, **quiet.ray_init_kwargs(local=False))
-    else:
-        # The dashboard also serves the state API that Train's placement-group cleaner polls.
-        ray.init(num_cpus=max(os.cpu_count() or 1, int(num_cpus_needed + 0.999) + 2), log_to_driver=True,
-                 **quiet.ray_init_kwargs(local=True))
-    quiet.after_ray_init()
 
 
 def worker_env(use_gpu: bool) -> dict:
@@ -105,14 +79,7 @@ def absolute_paths(cfg: TrainConfig) -> TrainConfig:
 
 def train(cfg: TrainConfig):
     """Train; returns the Ray Train Result. Raises ConfigError / DataError before any work."""
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
-    from cffa_ray.quiet import train_logging
-    from cffa_ray.train.datasets import training_datasets
-    from cffa_ray.train.loop import quiet_ray, train_loop_per_worker
-    from cffa_ray.train.run_folder import RAY_DIR, RUN_RECORD, RunFolder
-    from cffa_ray.train.stop import STOPPED
 
     cfg = absolute_paths(cfg)
     records = check(cfg)
@@ -152,7 +119,6 @@ def train(cfg: TrainConfig):
     if "step" not in outcome:  # the train function did not finish: Ctrl-C stopped the run
         raise Interrupted(resume_hint(cfg))
     try:  # the run is done: a report that cannot be drawn is a warning, never a failed run
-        from cffa_ray.report import write_report
 
         print(f"[cffa] report: {write_report(cfg.run_dir)}", flush=True)
     except Exception as e:
@@ -162,11 +128,8 @@ def train(cfg: TrainConfig):
 
 
 def resume_hint(cfg: TrainConfig) -> str:
-    from cffa_ray.train.run_folder import RunFolder
-
     step = RunFolder(cfg.run_dir).resumable_step()
     where = f"from step {step}, its last checkpoint" if step else "from the start (no checkpoint was saved yet)"
     return f"training interrupted; rerun the same command to resume {where}"
 
 
-__all__ = ["train", "check", "init_ray", "ConfigError", "DataError"]

@@ -1,13 +1,4 @@
-"""The run folder a user of the seed recognises, written by rank 0 only.
-
-<output_dir>/<name>/
-    training_log.txt                     one line per --log_every steps
-    validation_log.txt                   one line per --val_every steps
-    step_XXXXXX_random_pairs/pair_NN/    cf.png fa.png joint.png cf_fa_chessboard.png
-    best_checkpoint/                     lowest validation loss so far
-    latest_checkpoints/step_XXXXXX/      the --keep_latest most recent
-    ray_train/                           Ray Train's resumable DeepSpeed checkpoints (all ranks)
-    run.json                             the model settings, checked when a rerun resumes
+"""The run folder (layout and names: run_layout.py), written by rank 0 only.
 
 Every LoRA checkpoint folder holds one peft `save_pretrained` folder per adapter plus model.json,
 the record generation needs to rebuild the model. Folders appear complete or not at all.
@@ -17,25 +8,24 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 
-from cffa_ray.config import join_path
+import pyarrow.fs as pafs
+
 from cffa_ray.images import pair_pngs
-from cffa_ray.io import atomic_write_text, filesystem, is_uri, publish_dir, read_text, staging_dir
-from cffa_ray.models.interface import MODEL_RECORD
-
-TRAINING_LOG, VALIDATION_LOG = "training_log.txt", "validation_log.txt"
-BEST, LATEST = "best_checkpoint", "latest_checkpoints"
-RAY_DIR = "ray_train"
-RUN_RECORD = "run.json"
-STEP_LINE = re.compile(r"^step=(\d+)\b")
-
-
-def step_name(step: int) -> str:
-    return f"step_{step:06d}"
-
-
-def log_line(step: int, values: dict[str, float]) -> str:
-    return " ".join([f"step={step:06d}"] + [f"{k}={v:.6g}" for k, v in values.items()])
+from cffa_ray.io import atomic_write_text, filesystem, publish_dir, read_text, staging_dir
+from cffa_ray.paths import is_uri, join_path
+from cffa_ray.run_layout import (
+    BEST,
+    LATEST,
+    MODEL_RECORD,
+    RAY_DIR,
+    STEP_LINE,
+    TRAINING_LOG,
+    VALIDATION_LOG,
+    samples_dir,
+    step_name,
+)
 
 
 class RunFolder:
@@ -69,7 +59,7 @@ class RunFolder:
     # ---- sample pairs
     def write_samples(self, step: int, cf, fa) -> str:
         """uint8 arrays [N, H, W, 3] -> step_XXXXXX_random_pairs/pair_NN/*.png."""
-        final = self.path(f"{step_name(step)}_random_pairs")
+        final = self.path(samples_dir(step))
         stage = staging_dir(final)
         for i in range(len(cf)):
             (stage / f"pair_{i:02d}").mkdir()
@@ -121,16 +111,12 @@ class RunFolder:
             return 0
 
     def latest_steps(self) -> list[str]:
-        import pyarrow.fs as pafs
-
         fs, p = filesystem(self.path(LATEST))
         infos = fs.get_file_info(pafs.FileSelector(p, allow_not_found=True))
         names = [i.base_name for i in infos if i.type == pafs.FileType.Directory]
         return sorted((n for n in names if re.fullmatch(r"step_\d{6,}", n)), key=lambda n: int(n[5:]))
 
     def _prune_latest(self, keep: int) -> None:
-        import shutil
-
         for name in self.latest_steps()[:-keep]:
             target = self.path(LATEST, name)
             if is_uri(target):

@@ -9,13 +9,14 @@ Failures on some ranks only (a lost node, out of memory) still raise and are ret
 """
 from __future__ import annotations
 
+import torch
+import torch.distributed as dist
+
 STOPPED = "stopped"  # key of the dict rank 0 returns when the run stopped early
 
 
 def agreed_error(local: str) -> str:
     """The first rank's error message ("" when no rank has one), the same on every rank. Collective."""
-    import torch.distributed as dist
-
     if not dist.is_initialized():
         return local
     messages: list = [None] * dist.get_world_size()
@@ -51,3 +52,12 @@ def nonfinite_message(bad_step: int, start_step: int, cfg, what: str = "loss") -
     else:
         kept = "no checkpoint was written before it"
     return f"training stopped: the {what} became NaN or infinite at step {bad_step}, {cause}; {kept}"
+
+
+def agreed_min(value: float, device) -> float:
+    """The smallest of every rank's `value`, on every rank (decisions that gate collectives must agree)."""
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return float(t.item())

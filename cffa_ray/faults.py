@@ -1,0 +1,51 @@
+"""Deterministic fault injection, for the tests of fault tolerance: a training worker or a generation
+actor dies at a named point, once, when the environment asks for it.
+
+    CFFA_INJECT_FAULT="train_step=6,rank=1,once=/tmp/x/fired"   worker of rank 1 dies before step 6
+    CFFA_INJECT_FAULT="generate_batch=2,once=/tmp/x/fired"       a model actor dies in its 2nd call
+
+`once` names a marker file: the fault fires only while it is absent (and creates it), so the restarted
+worker or actor goes on. The process exits at once (os._exit), as a crashed or killed one would. With
+the variable unset (normal use) a check costs one dictionary lookup.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+FAULT_ENV = "CFFA_INJECT_FAULT"
+
+
+def parse(spec: str) -> dict[str, str]:
+    """'train_step=6,rank=1,once=/p' -> {'train_step': '6', 'rank': '1', 'once': '/p'}."""
+    return dict(part.split("=", 1) for part in spec.split(",") if "=" in part)
+
+
+def maybe_fail(point: str, index: int, rank: int = 0) -> None:
+    """Exit this process if CFFA_INJECT_FAULT asks for `point` at `index` (and `rank`), once.
+
+    Args:
+        point: "train_step" or "generate_batch".
+        index: the step about to run, or the 1-based call of this actor.
+        rank: the training worker's rank (generation actors: 0, and the spec's rank is ignored).
+    """
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    fault = parse(spec)
+    if fault.get(point) != str(index) or (point == "train_step" and int(fault.get("rank", 0)) != rank):
+        return
+    marker = fault.get("once")
+    if marker:
+        try:  # O_EXCL: of two processes reaching the point together, one fires
+            os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return
+    print(f"[cffa] injected fault: {point} {index} (rank {rank}), exiting", flush=True)
+    os._exit(1)
+
+
+def fired(spec: str) -> bool:
+    """Whether the fault of `spec` has fired (its `once` marker exists)."""
+    marker = parse(spec).get("once")
+    return bool(marker) and Path(marker).exists()

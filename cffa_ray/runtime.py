@@ -1,0 +1,57 @@
+"""Ray start-up and resource checks, shared by every job (train, generate, evaluate).
+
+A job joins the cluster named by RAY_ADDRESS (set inside `ray job submit` jobs and on cluster nodes)
+or starts a local Ray sized so that it cannot starve its own Ray Data stages; on a local cluster a
+request for resources the machine does not have is an error instead of an endless wait.
+"""
+from __future__ import annotations
+
+import os
+
+import ray
+
+from cffa_ray import quiet
+from cffa_ray.errors import ConfigError
+
+
+def init_ray(num_cpus_needed: float) -> None:
+    """Join the cluster named by RAY_ADDRESS, else start a local one (no-op when Ray already runs).
+
+    On a small machine, actors and training workers holding every CPU would leave Ray Data none and
+    the job would wait forever, so a local cluster advertises at least the jobs' CPUs plus two.
+
+    Args:
+        num_cpus_needed: the CPUs the job's workers or actors reserve (local clusters only).
+    """
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True, **quiet.ray_init_kwargs(local=False))
+    else:
+        # The dashboard also serves the state API that Train's placement-group cleaner polls.
+        ray.init(num_cpus=max(os.cpu_count() or 1, int(num_cpus_needed + 0.999) + 2), log_to_driver=True,
+                 **quiet.ray_init_kwargs(local=True))
+    quiet.after_ray_init()
+
+
+def check_resources(use_gpu: bool, count: int, what: str, accelerator_type: str | None) -> None:
+    """On a local cluster (no autoscaler to add nodes), ask for what exists instead of waiting forever.
+
+    Args:
+        use_gpu: whether each of the `count` workers/actors needs one GPU.
+        count: how many the job starts at least.
+        what: the flag that set `count`, named in the error (e.g. "--num_workers").
+        accelerator_type: the Ray accelerator type asked for, or None.
+    Raises:
+        ConfigError: the local machine cannot provide them.
+    """
+    if os.environ.get("RAY_ADDRESS"):
+        return  # a cluster may scale up to meet the request
+    have = ray.cluster_resources()
+    if use_gpu and have.get("GPU", 0) < count:
+        raise ConfigError(f"{what} {count} with --use_gpu needs {count} GPU(s); this machine's Ray has "
+                          f"{int(have.get('GPU', 0))}: lower {what} or drop --use_gpu")
+    if accelerator_type and not any(k == f"accelerator_type:{accelerator_type}" for k in have):
+        kinds = sorted(k.split(":", 1)[1] for k in have if k.startswith("accelerator_type:"))
+        raise ConfigError(f"--accelerator_type {accelerator_type} is not on this machine "
+                          f"(it has: {', '.join(kinds) or 'none'})")
