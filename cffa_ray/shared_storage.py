@@ -19,8 +19,11 @@ import os
 import uuid
 from pathlib import Path
 
-from cffa_ray.config import ConfigError
-from cffa_ray.io import is_uri
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from cffa_ray.errors import ConfigError
+from cffa_ray.paths import is_uri
 
 PROBE_TIMEOUT_S = 60  # a node starts a worker process for the probe: seconds on a busy machine
 FIX = "use storage that every node shares: s3://, gs://, or a file system mounted at the same path on every node"
@@ -63,9 +66,6 @@ def check_shared_folder(path: str, flag: str, timeout_s: float = PROBE_TIMEOUT_S
     Nodes that do not answer within `timeout_s` are named in a warning; their writes are still
     checked by `check_driver_record`.
     """
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
     folder = local_folder(path)
     nodes = [n for n in ray.nodes() if n["Alive"]]
     if folder is None or len(nodes) < 2:
@@ -92,25 +92,16 @@ def check_shared_folder(path: str, flag: str, timeout_s: float = PROBE_TIMEOUT_S
               f"within {timeout_s:.0f} s; a node that writes there without seeing it stops the job", flush=True)
 
 
-def check_driver_record(record: str, flag: str, path: str) -> None:
-    """On a worker about to write into `path`: NotShared unless `record`, which the driver wrote
-    there before the job started, is visible on this node."""
+def unseen_record(record: str, flag: str, path: str) -> str:
+    """On a worker about to write into `path`: "" when `record`, which the driver wrote there before
+    the job started, is visible on this node, else the one-line message that says it is not."""
     local = local_folder(record)
     if local is None or os.path.exists(local):
-        return
-    import ray
-
-    ctx = ray.get_runtime_context()
-    raise NotShared(message(flag, path, _node_name(ctx.get_node_id(), ray.util.get_node_ip_address())))
+        return ""
+    return message(flag, path, _node_name(ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address()))
 
 
-def not_shared_error(error: BaseException) -> str | None:
-    """The message of a NotShared a worker raised, from Ray's wrapping of it (None: not one).
-
-    Ray re-raises a task's error as its own exception type, whose traceback text is all that is
-    left of the original, so the message is read from that text.
-    """
-    import re
-
-    found = re.search(rf"{NotShared.__name__}: (.+)", str(error))
-    return found.group(1).strip() if found else None
+def check_driver_record(record: str, flag: str, path: str) -> None:
+    """`unseen_record`, raised as NotShared (in Ray Data tasks, whose error reaches the driver)."""
+    if problem := unseen_record(record, flag, path):
+        raise NotShared(problem)

@@ -4,8 +4,8 @@ and an --output_dir that only one node's disk holds.
 
 The jobs run as a user runs them on a cluster: `python -m cffa_ray.cli train|generate` with
 RAY_ADDRESS pointing at the cluster's head, placed on the worker nodes with --worker_resources.
-"Mid-run" does not depend on the machine's speed: the workers hold at a known point (CFFA_HOLD,
-cffa_ray/hold.py) until the test has made its fault, and a node is killed once a checkpoint or a
+"Mid-run" does not depend on the machine's speed: the workers hold at a known point (the `hold` of
+CFFA_INJECT_FAULT, cffa_ray/faults.py) until the test has made its fault, and a node is killed once a checkpoint or a
 pair is there, never after a sleep. Every test has a hard timeout, its own RAY_TMPDIR and ports,
 and stops only the processes it started.
 """
@@ -22,7 +22,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tests.conftest import REPO, assert_ok, run_cli
+from tests.helpers import REPO, assert_ok, run_cli
 from tests.sim_cluster import (AutoscalingHead, SimCluster, can_unshare, hard_timeout, kill_group, namespaced_node,
                                wait_for)
 
@@ -82,7 +82,7 @@ def test_training_loses_the_node_of_rank_1(pairs_dir, tmp_path):
     every, held_at, steps = 8, 12, 24
     run, log, gate = tmp_path / "runs/mn", tmp_path / "train.log", tmp_path / "go"
     # Train's controller polls the workers every 0.5 s (default 2 s): a lost worker is seen sooner
-    env = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "CFFA_HOLD": f"train:{held_at}:{gate}"}
+    env = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "CFFA_INJECT_FAULT": f"train_step={held_at + 1},hold={gate}"}
     with hard_timeout(420, "the training node-loss test"), SimCluster(tmp_path, head_cpus=2, env=env) as cluster:
         for _ in range(2):
             cluster.add_node(num_cpus=2, resources={ACCELERATOR: 1})
@@ -147,7 +147,7 @@ def test_generation_loses_a_node_and_nothing_else(trained_run, tmp_path):
                         env={"RAY_TMPDIR": tempfile.mkdtemp(prefix="cffa-1n-", dir="/tmp")})
     assert_ok(reference)
     with hard_timeout(300, "the generation node-loss test"), \
-            SimCluster(tmp_path, head_cpus=2, env={"CFFA_HOLD": f"generate:1:{gate}"}) as cluster:
+            SimCluster(tmp_path, head_cpus=2, env={"CFFA_INJECT_FAULT": f"generate_batch=2,hold={gate}"}) as cluster:
         for _ in range(3):
             cluster.add_node(num_cpus=1, resources={ACCELERATOR: 1})
         t0 = time.time()
@@ -191,7 +191,7 @@ def test_autoscaler_grows_to_three_nodes_for_generation_and_back(trained_run, tm
     events: list[tuple[float, str]] = []
     with hard_timeout(420, "the autoscaling test"), \
             AutoscalingHead(tmp_path, REPO / "cluster.yaml", head_cpus=2, max_workers=3, idle_timeout_minutes=0.5,
-                            env={"CFFA_HOLD": f"generate:1:{gate}"}) as head:
+                            env={"CFFA_INJECT_FAULT": f"generate_batch=2,hold={gate}"}) as head:
         assert head.worker_nodes() == []
         t0 = time.time()
         proc = head.start_cffa(log, "generate", "--checkpoint_dir", ckpt, "--output_dir", out, "--num_samples", n,
