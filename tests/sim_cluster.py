@@ -226,7 +226,8 @@ def fake_cluster_config(cluster_yaml: Path, gcs_address: str, head_cpus: float, 
     """cluster.yaml's node types scaled down for the fake multi-node provider.
 
     Each worker type keeps its custom resources (the accelerator names `--worker_resources` asks for;
-    GPU is left out, there is none) with 1 CPU and a small object store, at most `max_workers` nodes.
+    GPU is left out, there is none) with 1 CPU and a small object store, at most `max_workers` nodes of
+    it; the cluster as a whole at most cluster.yaml's max_workers or the types' sum, whichever is less.
     """
     import yaml
 
@@ -239,8 +240,9 @@ def fake_cluster_config(cluster_yaml: Path, gcs_address: str, head_cpus: float, 
         types[name] = {"resources": {"CPU": 1, **accelerators, "object_store_memory": OBJECT_STORE_BYTES},
                        "node_config": {}, "min_workers": 0,
                        "max_workers": min(node_type.get("max_workers", max_workers), max_workers)}
+    total = min(raw.get("max_workers", 10**6), sum(t["max_workers"] for t in types.values()))
     return {
-        "cluster_name": "cffa-fake", "max_workers": max_workers, "upscaling_speed": raw.get("upscaling_speed", 1.0),
+        "cluster_name": "cffa-fake", "max_workers": total, "upscaling_speed": raw.get("upscaling_speed", 1.0),
         "idle_timeout_minutes": idle_timeout_minutes,
         "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
                      "disable_launch_config_check": True, "gcs_address": gcs_address},
@@ -300,16 +302,14 @@ def namespaced_node(cluster: Ray, private_disk: Path, mount_over: Path, log: Pat
                     resources: dict | None = None) -> subprocess.Popen:
     """A worker node of `cluster` in its own mount namespace, where `mount_over` shows `private_disk`.
 
-    Returns the `ray start --block` process (its own process group). Needs root (unshare, mount).
+    Returns the node's process (its own process group). Needs root (unshare, mount). The node is started
+    as Ray's fake autoscaler starts its nodes (`serve_node`): `ray start --address=127.0.0.1:...` would
+    swap loopback for the host's routable address, which the GCS does not listen on here.
     """
-    start = [RAY, "start", f"--address={cluster.address}", "--block", "--node-ip-address=127.0.0.1",
-             f"--num-cpus={num_cpus}", f"--resources={json.dumps(resources or {})}",
-             f"--object-store-memory={OBJECT_STORE_BYTES}", "--min-worker-port=0", "--max-worker-port=0",
-             *ray_start_ports()]
+    start = [sys.executable, __file__, "node", cluster.address, str(num_cpus), json.dumps(resources or {})]
     script = f"mount --bind {private_disk} {mount_over} && exec " + " ".join(f"'{a}'" for a in start)
     with open(log, "w") as out:
-        proc = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", script],
-                                env={**cluster.env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"},
+        proc = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", script], env=cluster.env,
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     cluster.procs.append(proc)
     return proc
@@ -396,5 +396,25 @@ def serve() -> None:
             break
 
 
+def serve_node(address: str, num_cpus: str, resources: str) -> None:
+    """One worker node of the cluster at `address`, until SIGTERM: what the fake autoscaler's provider
+    does for each node it starts (ray/autoscaler/_private/fake_multi_node/node_provider.py)."""
+    import ray._private.node
+    import ray._private.parameter
+
+    params = ray._private.parameter.RayParams(
+        gcs_address=address, redis_address=address, node_ip_address="127.0.0.1", num_cpus=float(num_cpus),
+        resources=json.loads(resources), object_store_memory=OBJECT_STORE_BYTES, min_worker_port=0,
+        max_worker_port=0, dashboard_agent_listen_port=free_port(), metrics_agent_port=free_port(),
+        runtime_env_agent_port=free_port(), metrics_export_port=free_port())
+    node = ray._private.node.Node(params, head=False, shutdown_at_exit=True, spawn_reaper=True)
+    signal.signal(signal.SIGTERM, lambda *_: (node.kill_all_processes(check_alive=False, allow_graceful=True),
+                                               sys.exit(0)))
+    while True:
+        time.sleep(1)
+
+
 if __name__ == "__main__" and sys.argv[1:] == ["serve"]:
     serve()
+elif __name__ == "__main__" and sys.argv[1:2] == ["node"]:
+    serve_node(*sys.argv[2:5])

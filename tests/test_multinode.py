@@ -83,7 +83,7 @@ def test_training_loses_the_node_of_rank_1(pairs_dir, tmp_path):
     run, log, gate = tmp_path / "runs/mn", tmp_path / "train.log", tmp_path / "go"
     # Train's controller polls the workers every 0.5 s (default 2 s): a lost worker is seen sooner
     env = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "CFFA_INJECT_FAULT": f"train_step={held_at + 1},hold={gate}"}
-    with hard_timeout(420, "the training node-loss test"), SimCluster(tmp_path, head_cpus=2, env=env) as cluster:
+    with hard_timeout(900, "the training node-loss test"), SimCluster(tmp_path, head_cpus=2, env=env) as cluster:
         for _ in range(2):
             cluster.add_node(num_cpus=2, resources={ACCELERATOR: 1})
         t0 = time.time()
@@ -92,7 +92,7 @@ def test_training_loses_the_node_of_rank_1(pairs_dir, tmp_path):
             "--resolution", 64, "--max_steps", steps, "--num_workers", 2, "--batch_size", 2, "--val_every", every,
             "--sample_every", 1000, "--log_every", 1, "--max_failures", 2, "--worker_resources", ON_WORKERS)
         wait_for(lambda: running(proc, log) and every in registered_steps(run) and held_at in logged_steps(run),
-                 300, f"step {held_at} and the step-{every} checkpoint")
+                 600, f"step {held_at} and the step-{every} checkpoint")
         workers = cluster.actors("RayTrainWorker")
         assert len(workers) == 2 and len({w["node_id"] for w in workers}) == 2, workers  # one per node
         rank0_pid = int(re.search(r"\(RayTrainWorker pid=(\d+)[^)]*\) \[cffa\] step", log.read_text()).group(1))
@@ -181,56 +181,60 @@ def test_generation_loses_a_node_and_nothing_else(trained_run, tmp_path):
 # ------------------------------------------------------------------ the autoscaler
 
 def test_autoscaler_grows_to_three_nodes_for_generation_and_back(trained_run, tmp_path):
-    """The fake autoscaler with cluster.yaml's node types (1 CPU and one fake accelerator each, at most 3,
-    idle after 0.5 min): `--concurrency 1-3` on gpu_24gb nodes grows the cluster to 3 worker nodes while
-    work queues (each actor held after its first call until the third node is up), and it shrinks back to
-    the head alone after the job."""
+    """The fake autoscaler with cluster.yaml's node types (1 CPU and one fake accelerator each, at most 3
+    of a type, idle after 0.5 min): `--concurrency 1-3 --worker_resources '{"gpu_24gb": 1}'` grows the
+    cluster to 3 gpu_24gb nodes while work queues (each actor held after its first call until the third
+    is up), and it shrinks back to the head alone after the job. (Ray Data may also ask for CPUs, which
+    the autoscaler meets with `cpu` nodes, as on the real cluster; the timeline shows them.)"""
     ckpt = trained_run[0] / "best_checkpoint"
     out, log, gate = tmp_path / "generated", tmp_path / "generate.log", tmp_path / "go"
     n = 48
     events: list[tuple[float, str]] = []
     with hard_timeout(420, "the autoscaling test"), \
-            AutoscalingHead(tmp_path, REPO / "cluster.yaml", head_cpus=2, max_workers=3, idle_timeout_minutes=0.5,
+            AutoscalingHead(tmp_path, REPO / "cluster.yaml", head_cpus=4, max_workers=3, idle_timeout_minutes=0.5,
                             env={"CFFA_INJECT_FAULT": f"generate_batch=2,hold={gate}"}) as head:
         assert head.worker_nodes() == []
         t0 = time.time()
         proc = head.start_cffa(log, "generate", "--checkpoint_dir", ckpt, "--output_dir", out, "--num_samples", n,
                                "--steps", 10, "--batch_size", 4, "--model_batch", 4, "--rows_per_shard", 4,
                                "--concurrency", "1-3", "--worker_resources", json.dumps({"gpu_24gb": 1}))
-        known: set[str] = set()
-        most = 0
+        known: dict[str, str] = {}  # node id -> its type
+        most = 0  # gpu_24gb nodes at once
         while proc.poll() is None:
             workers = head.worker_nodes()
             for node in workers:
                 if node["node_id"] not in known:
-                    known.add(node["node_id"])
-                    kind = "gpu_24gb" if "gpu_24gb" in node["resources"] else sorted(node["resources"])
-                    events.append((time.time() - t0, f"node added ({kind}), {len(workers)} worker node(s)"))
+                    known[node["node_id"]] = kind = node_type(node["resources"])
+                    events.append((time.time() - t0, f"node added: {kind} ({len(workers)} worker nodes)"))
             if not any("first pair" in e for _, e in events) and committed_pair_ids(out):
                 events.append((time.time() - t0, "first pair"))
-            most = max(most, len(workers))
+            most = max(most, sum(known[n["node_id"]] == "gpu_24gb" for n in workers))
             if most == 3 and not gate.exists():
                 gate.touch()
-                events.append((time.time() - t0, "3 worker nodes: the actors' hold released"))
+                events.append((time.time() - t0, "3 gpu_24gb nodes: the actors' hold released"))
             assert time.time() - t0 < 300, log.read_text()[-4000:]
             time.sleep(0.5)
         events.append((time.time() - t0, f"last pair (job exit {proc.returncode})"))
         output = log.read_text()
         assert proc.returncode == 0, output[-5000:]
-        left = len(head.worker_nodes())
+        left = {n["node_id"] for n in head.worker_nodes()}
         while left:
-            now = len(head.worker_nodes())
-            if now < left:
-                events.append((time.time() - t0, f"node removed, {now} worker node(s) left"))
+            now = {n["node_id"] for n in head.worker_nodes()}
+            for gone in sorted(left - now):
+                events.append((time.time() - t0, f"node removed: {known.get(gone)} ({len(now)} worker nodes left)"))
             left = now
             assert time.time() - t0 < 400, "the idle nodes were not removed"
             time.sleep(0.5)
     print("\n[multinode] autoscaling timeline (s since `cffa generate` started):")
     for at, what in events:
         print(f"  {at:6.1f}  {what}")
-    assert most == 3 and len(known) >= 3, events
-    assert all("gpu_24gb" in e for _, e in events if "node added" in e), events
-    assert sorted(committed_pair_ids(out)) == list(range(n))
+    assert most == 3, events  # scaled up to the pool's MAX on nodes of the type asked for
+    assert sorted(committed_pair_ids(out)) == list(range(n))  # and back to 0 worker nodes (the loop above)
+
+
+def node_type(resources: dict) -> str:
+    """The cluster.yaml type of a fake node, by the custom resource it offers (`cpu`: none)."""
+    return next((k for k in ("gpu_24gb", "gpu_48gb") if k in resources), "cpu")
 
 
 # ------------------------------------------------------------------ an output folder on one node's disk
