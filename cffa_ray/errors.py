@@ -6,6 +6,8 @@
 """
 from __future__ import annotations
 
+import sys
+
 
 class ConfigError(ValueError):
     """A bad flag value; the message names the flag and how to fix it."""
@@ -28,3 +30,8 @@ def first_few(items: list[str], sep: str = "; ", most: int = 3) -> str:
     what may be a long list (bad files, warnings)."""
     more = f" (and {len(items) - most} more)" if len(items) > most else ""
     return sep.join(items[:most]) + more
+
+
+def warn(message: str) -> None:
+    """One warning line on stderr: '[cffa] warning: ...'."""
+    print(f"[cffa] warning: {message}", file=sys.stderr, flush=True)

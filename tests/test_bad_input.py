@@ -96,6 +96,7 @@ def test_train_fp16_joint_sdxl_is_refused(capsys, tmp_path, data):
     fails_in_driver(capsys, argv, r"SDXL VAE overflows in fp16; use bf16", tmp_path / "out")
 
 
+@pytest.mark.slow  # starts Ray
 def test_train_more_gpus_than_the_machine_has(tmp_path, data):
     proc = run_cli(*train_argv(data, tmp_path / "out", "--use_gpu"), timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
@@ -103,6 +104,7 @@ def test_train_more_gpus_than_the_machine_has(tmp_path, data):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow  # starts Ray
 def test_train_undecodable_image_is_named(tmp_path, data):
     """A corrupt, a zero-byte and a truncated PNG: all three named (validation pairs too), in one line."""
     import os
@@ -170,6 +172,7 @@ def test_generate_refuses_to_mix_arguments(capsys, tmp_path, fake_checkpoint):
     assert sorted(p.name for p in out.iterdir()) == before
 
 
+@pytest.mark.slow  # starts Ray
 def test_generate_from_data_undecodable_source_is_named(tmp_path, data, fake_checkpoint):
     (data / "cf/synth_00004.png").write_bytes(b"not an image")
     out = tmp_path / "g"
@@ -236,6 +239,7 @@ def test_default_base_model_offline(capsys, tmp_path, data, offline_hub, monkeyp
                                   r"HF_HUB_OFFLINE is set", tmp_path / "out")
 
 
+@pytest.mark.slow  # starts Ray
 def test_default_base_model_offline_real_cli(tmp_path, data):
     """The row as a user meets it: a fresh process, seconds, one line, no Ray started."""
     env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
@@ -394,6 +398,7 @@ def test_one_pair_strict_is_refused_before_ray(capsys, tmp_path):
                                   r"training pairs.* \(--strict\)", tmp_path / "out")
 
 
+@pytest.mark.slow  # starts Ray
 def test_odd_images_with_strict_are_one_error(tmp_path):
     data = odd_pairs(tmp_path / "odd")
     t0 = time.time()

@@ -6,18 +6,8 @@ import pandas as pd
 import pytest
 from PIL import Image, ImageFilter
 
-from cffa_ray.data import (
-    CF_PATH,
-    FA_PATH,
-    PAIR_ID,
-    SPLIT,
-    TRAIN,
-    VAL,
-    assign_split,
-    decode_batch,
-    discover_pairs,
-    load_image,
-)
+from cffa_ray.data import CF_PATH, FA_PATH, PAIR_ID, SPLIT, TRAIN, VAL, assign_split, discover_pairs
+from cffa_ray.decoding import decode_batch, load_image
 from cffa_ray.errors import DataError
 from cffa_ray.synth import make_pair, write_synthetic_pairs
 

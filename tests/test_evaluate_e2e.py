@@ -2,6 +2,8 @@
 --generated, FID/KID with a randomly initialised InceptionV3 file, and bad input (one line, exit 2)."""
 import csv
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,8 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from cffa_ray.cli import main
-from tests.helpers import assert_ok, fails_in_driver, run_cli
+from tests.helpers import REPO, assert_ok, fails_in_driver, run_cli
 
 N_GENERATED, SHIFT = 8, 3
 
@@ -167,16 +168,18 @@ def test_evaluate_bad_inception_weights(capsys, tmp_path, pairs_dir):
 
 
 def test_evaluate_job_wrapper_is_the_cli():
-    text = (Path(__file__).resolve().parents[1] / "jobs" / "evaluate.py").read_text()
-    assert 'main(["evaluate", *sys.argv[1:]])' in text
-    with pytest.raises(SystemExit) as e:
-        main(["evaluate", "--help"])
-    assert e.value.code == 0
+    """`python jobs/evaluate.py` (what `ray job submit` runs) is `cffa evaluate`: the same help, the same flags."""
+    job = subprocess.run([sys.executable, "jobs/evaluate.py", "--help"], cwd=REPO, capture_output=True, text=True,
+                         timeout=120)
+    cli = subprocess.run([sys.executable, "-m", "cffa_ray.cli", "evaluate", "--help"], cwd=REPO, capture_output=True,
+                         text=True, timeout=120)
+    assert job.returncode == cli.returncode == 0, job.stderr + cli.stderr
+    assert job.stdout == cli.stdout and "--inception_weights" in job.stdout
 
 
 def test_undecodable_images_are_named_not_thrown(tmp_path, pairs_dir):
     """A bad file does not fail a Ray task: its row carries the error and the driver names them all at once."""
-    from cffa_ray.data import raise_decode_errors
+    from cffa_ray.decoding import raise_decode_errors
     from cffa_ray.errors import DataError
     from cffa_ray.evaluate.scoring import score_batch
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cffa_ray.data import decode_batch, load_image, load_pair, report_warnings
+from cffa_ray.decoding import decode_batch, load_image, load_pair, report_warnings
 from cffa_ray.errors import DataError
 from cffa_ray.pixels import open_image, to_modality
 

@@ -5,6 +5,7 @@ import fnmatch
 from pathlib import Path
 
 import numpy as np
+import pytest
 import tomllib
 import torch
 
@@ -72,6 +73,7 @@ def _colourfulness(images: torch.Tensor) -> torch.Tensor:
     return torch.stack([(im[0][m] - im[2][m]).mean() for im, m in zip(images, inside)])
 
 
+@pytest.mark.slow  # trains 40 steps and samples 32 pairs: minutes on 2 cores
 def test_a_few_dozen_lora_steps_on_the_retina_base_make_the_cf_unet_draw_fundi_and_the_fa_unet_angiograms():
     """The base makes both modalities from the empty prompt; the demo's recipe (40 steps, lr 3e-3,
     4 pairs a step) must teach each UNet's LoRA its own. Before training some CF samples are grey."""

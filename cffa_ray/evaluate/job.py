@@ -15,7 +15,8 @@ import time
 import numpy as np
 import ray.data
 
-from cffa_ray.data import CF_PATH, FA_PATH, PAIR_ID, raise_decode_errors
+from cffa_ray.data import CF_PATH, FA_PATH, PAIR_ID
+from cffa_ray.decoding import raise_decode_errors
 from cffa_ray.evaluate import inputs, metrics
 from cffa_ray.evaluate.config import EvaluateConfig
 from cffa_ray.evaluate.inception import InceptionFeatures, load_inception

@@ -9,7 +9,8 @@ import zlib
 import numpy as np
 from PIL import Image
 
-from cffa_ray.data import CF_PATH, FA_PATH, PAIR_ID, load_image
+from cffa_ray.data import CF_PATH, FA_PATH, PAIR_ID
+from cffa_ray.decoding import load_image
 from cffa_ray.errors import DataError
 from cffa_ray.evaluate import metrics
 from cffa_ray.evaluate.vessels import alignments_with_floor

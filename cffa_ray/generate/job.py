@@ -24,7 +24,8 @@ from cffa_ray.checks import (
     read_json_file,
 )
 from cffa_ray.config import DEFAULT_BASE_MODEL
-from cffa_ray.data import PAIR_ID, check_decodable, discover_pairs
+from cffa_ray.data import PAIR_ID, discover_pairs
+from cffa_ray.decoding import check_decodable
 from cffa_ray.errors import ConfigError, RunStopped
 from cffa_ray.flags import to_dict
 from cffa_ray.generate.config import GenerateConfig

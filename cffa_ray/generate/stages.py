@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from cffa_ray.data import CF_PATH, FA_PATH, PAIR_ID, channels_first, load_image
+from cffa_ray.data import CF_PATH, FA_PATH, PAIR_ID
+from cffa_ray.decoding import channels_first, load_image
 from cffa_ray.sampling import noise_for, pair_seed
 
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import numpy as np
 from ray.data.expressions import col
 
-from cffa_ray.data import CF, FA, PAIR_ID, decoded_pairs
+from cffa_ray.data import CF, FA, PAIR_ID
+from cffa_ray.decoding import decoded_pairs
 from cffa_ray.models import design_class
 from cffa_ray.train.config import TrainConfig
 from cffa_ray.train.latent_cache import cache_latents

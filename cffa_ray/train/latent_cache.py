@@ -4,7 +4,7 @@ The VAE is frozen, so its posterior for a pair never changes: a Ray Data pass of
 GPU each with --use_gpu) computes the posterior's parameters once, and training samples
 `latent_dist.sample()` from them on every step, as the seeds did from freshly encoded images.
 
-Rows in:   pair_id, cf, fa uint8 [3, R, R]  (data.decoded_pairs)
+Rows in:   pair_id, cf, fa uint8 [3, R, R]  (decoding.decoded_pairs)
 Rows out:  pair_id, and the design's CACHE_COLUMNS, float16 [2C, h, w']: mean and log-variance
            (dual_unet: cf_moments, fa_moments [8, R/8, R/8]; joint_sdxl: joint_moments [8, R/8, R/4]),
            held in Ray's object store: 64 KiB a modality at 512 px against 768 KiB of uint8 pixels

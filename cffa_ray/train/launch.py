@@ -9,8 +9,8 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 
 from cffa_ray.checks import check_base_model, check_output_dir, check_run_folder
-from cffa_ray.data import TRAIN, VAL, assign_split, discover_pairs, warn
-from cffa_ray.errors import ConfigError, DataError, Interrupted, RunStopped
+from cffa_ray.data import TRAIN, VAL, assign_split, discover_pairs
+from cffa_ray.errors import ConfigError, DataError, Interrupted, RunStopped, warn
 from cffa_ray.flags import to_dict
 from cffa_ray.io import changed_fields
 from cffa_ray.paths import absolute, is_uri, join_path
