@@ -9,6 +9,7 @@ in `validate()`, and raises `ConfigError` with a message that names the flag.
 """
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass, fields
@@ -74,6 +75,44 @@ def parse_concurrency(value: str | int) -> tuple[int, int | None] | str:
     if bounds[0] <= 0 or bounds[1] < bounds[0]:
         raise ConfigError(f"--concurrency {value!r}: need 1 <= MIN <= MAX, e.g. 1-8")
     return bounds
+
+
+RESOURCE_FLAGS = {"CPU": "--cpus_per_worker / --cpus_per_actor", "GPU": "--use_gpu"}
+RESOURCES_HELP = ("custom Ray resources {who} asks for, as JSON: '{{\"gpu_24gb\": 1}}' places {them} on the nodes "
+                  "of cluster.yaml's gpu_24gb type, whose `resources` offer it (on an autoscaling cluster such nodes "
+                  "are started on demand)")
+
+
+def parse_resources(flag_name: str, text: str | None) -> dict[str, float]:
+    """--worker_resources: a JSON object of custom Ray resources -> {name: amount}.
+
+    Args:
+        flag_name: the flag, named in errors.
+        text: the flag's value (None: no custom resources).
+    Returns:
+        {resource name: amount}; CPU and GPU have flags of their own, amounts follow Ray's rule (a
+        fraction up to 1, whole numbers above).
+    Raises:
+        ConfigError: not a JSON object of custom resources with such amounts.
+    """
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict) or not value:
+        raise ConfigError(f"--{flag_name} {text!r}: give a JSON object of custom Ray resources, e.g. "
+                          "'{\"gpu_24gb\": 1}'")
+    for name, amount in value.items():
+        if name in RESOURCE_FLAGS or name in ("memory", "object_store_memory") or ":" in name:
+            fix = f"use {RESOURCE_FLAGS[name]}" if name in RESOURCE_FLAGS else "give custom resources only"
+            raise ConfigError(f"--{flag_name}: {name} is not a custom resource of a node type; {fix}")
+        if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not math.isfinite(amount) \
+                or amount <= 0 or (amount > 1 and amount != int(amount)):
+            raise ConfigError(f"--{flag_name}: {name} {amount!r} must be a fraction up to 1 or a whole number "
+                              "(Ray's rule for resource amounts)")
+    return {str(k): float(v) for k, v in value.items()}
 
 
 STRICT_HELP = ("stop with an error instead of a warning for pairs whose CF and FA differ in size or shape, "

@@ -9,11 +9,21 @@ worker or actor goes on. The process exits at once (os._exit), as a crashed or k
 the variable unset (normal use) a check costs one dictionary lookup. The variable must reach the
 process: a local Ray's workers inherit the driver's environment; on a cluster pass it in the job's
 runtime env (`ray job submit --runtime-env-json '{"env_vars": {"CFFA_INJECT_FAULT": ...}}'`).
+
+`hold` names a file to wait for instead: the job stops at the point, from there on, until the test
+creates the file, so that a fault the test makes itself (a node killed) lands mid-run whatever the
+machine's speed:
+
+    CFFA_INJECT_FAULT="train_step=13,hold=/tmp/x/go"      every rank waits before step 13 (12 is done)
+    CFFA_INJECT_FAULT="generate_batch=2,hold=/tmp/x/go"   every model actor waits before its 2nd call
 """
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
+
+HOLD_POLL_S = 0.05
 
 FAULT_ENV = "CFFA_INJECT_FAULT"
 
@@ -24,7 +34,8 @@ def parse(spec: str) -> dict[str, str]:
 
 
 def maybe_fail(point: str, index: int, rank: int = 0) -> None:
-    """Exit this process if CFFA_INJECT_FAULT asks for `point` at `index` (and `rank`), once.
+    """Exit this process if CFFA_INJECT_FAULT asks for `point` at `index` (and `rank`), once; with
+    `hold`, wait there (and at every later index) until the hold file exists instead.
 
     Args:
         point: "train_step" or "generate_batch".
@@ -35,6 +46,9 @@ def maybe_fail(point: str, index: int, rank: int = 0) -> None:
     if not spec:
         return
     fault = parse(spec)
+    if "hold" in fault:
+        _hold(fault, point, index, rank)
+        return
     if fault.get(point) != str(index) or (point == "train_step" and int(fault.get("rank", 0)) != rank):
         return
     marker = fault.get("once")
@@ -45,6 +59,14 @@ def maybe_fail(point: str, index: int, rank: int = 0) -> None:
             return
     print(f"[cffa] injected fault: {point} {index} (rank {rank}), exiting", flush=True)
     os._exit(1)
+
+
+def _hold(fault: dict[str, str], point: str, index: int, rank: int) -> None:
+    """Wait while the `hold` file is absent, at `point` from its index on (every rank, or the spec's `rank`)."""
+    if point not in fault or index < int(fault[point]) or ("rank" in fault and int(fault["rank"]) != rank):
+        return
+    while not os.path.exists(fault["hold"]):
+        time.sleep(HOLD_POLL_S)
 
 
 def fired(spec: str) -> bool:

@@ -34,7 +34,8 @@ def init_ray(num_cpus_needed: float) -> None:
     quiet.after_ray_init()
 
 
-def check_resources(use_gpu: bool, count: int, what: str, accelerator_type: str | None) -> None:
+def check_resources(use_gpu: bool, count: int, what: str, accelerator_type: str | None,
+                    custom: dict[str, float] | None = None) -> None:
     """On a local cluster (no autoscaler to add nodes), ask for what exists instead of waiting forever.
 
     Args:
@@ -42,6 +43,7 @@ def check_resources(use_gpu: bool, count: int, what: str, accelerator_type: str 
         count: how many the job starts at least.
         what: the flag that set `count`, named in the error (e.g. "--num_workers").
         accelerator_type: the Ray accelerator type asked for, or None.
+        custom: --worker_resources, the custom resources each of them asks for.
     Raises:
         ConfigError: the local machine cannot provide them.
     """
@@ -55,3 +57,9 @@ def check_resources(use_gpu: bool, count: int, what: str, accelerator_type: str 
         kinds = sorted(k.split(":", 1)[1] for k in have if k.startswith("accelerator_type:"))
         raise ConfigError(f"--accelerator_type {accelerator_type} is not on this machine "
                           f"(it has: {', '.join(kinds) or 'none'})")
+    short = {k: v * count for k, v in (custom or {}).items() if have.get(k, 0) < v * count}
+    if short:
+        name, need = next(iter(short.items()))
+        raise ConfigError(f"--worker_resources: {what} {count} needs {need:g} {name}, this machine's Ray has "
+                          f"{have.get(name, 0):g}; such resources are offered by a cluster's node types "
+                          "(cluster.yaml): drop the flag here, or run on that cluster")

@@ -11,6 +11,7 @@ from cffa_ray.config import (
     MODELS,
     PNG_LAYOUT_ALIASES,
     PNG_LAYOUTS,
+    RESOURCES_HELP,
     SCHEDULERS,
     STRICT_HELP,
     auto_or_int,
@@ -19,6 +20,7 @@ from cffa_ray.config import (
     check_positive,
     check_sampling_steps,
     parse_concurrency,
+    parse_resources,
 )
 from cffa_ray.errors import ConfigError
 from cffa_ray.flags import flag
@@ -80,6 +82,8 @@ class GenerateConfig:
     cpus_per_actor: float = flag(1.0, "CPUs reserved per model actor")
     accelerator_type: str | None = flag(None, "only GPUs of this Ray accelerator type, e.g. A10G or L40S",
                                         default_text="any")
+    worker_resources: str | None = flag(None, RESOURCES_HELP.format(who="each model actor", them="the actors"),
+                                        default_text="none")
     strict: bool = flag(False, STRICT_HELP)
 
     def __post_init__(self) -> None:
@@ -123,3 +127,9 @@ class GenerateConfig:
             raise ConfigError(f"--mixed_precision {self.mixed_precision!r}; choose auto, no, fp16 or bf16")
         if self.mixed_precision == "fp16" and not self.use_gpu:
             raise ConfigError("--mixed_precision fp16 needs --use_gpu; on CPU use bf16 or no")
+        parse_resources("worker_resources", self.worker_resources)
+
+    @property
+    def custom_resources(self) -> dict[str, float]:
+        """--worker_resources as {resource: amount} (validated by `validate`)."""
+        return parse_resources("worker_resources", self.worker_resources)

@@ -26,7 +26,7 @@ from cffa_ray.checks import (
 from cffa_ray.config import DEFAULT_BASE_MODEL
 from cffa_ray.data import PAIR_ID, discover_pairs
 from cffa_ray.decoding import check_decodable
-from cffa_ray.errors import ConfigError
+from cffa_ray.errors import ConfigError, RunStopped
 from cffa_ray.flags import to_dict
 from cffa_ray.generate.config import GenerateConfig
 from cffa_ray.generate.generator import ModelBatchTooLarge, PairGenerator
@@ -50,6 +50,8 @@ from cffa_ray.progress import Progress
 from cffa_ray.quiet import quiet_ray_data
 from cffa_ray.run_layout import MODEL_RECORD
 from cffa_ray.runtime import check_resources, init_ray
+from cffa_ray.shared_storage import FIX as SHARED_FIX
+from cffa_ray.shared_storage import NotShared, check_shared_folder
 
 
 def check_checkpoint(checkpoint_dir: str, expected_model: str | None = None) -> dict:
@@ -123,7 +125,8 @@ def pipeline(cfg: GenerateConfig, record: dict, ident: dict, todo: list[int], so
         # two calls in flight: Ray batches the next inputs and ships the last outputs while the GPU works
         compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high, max_concurrent_calls_per_actor=2),
         num_gpus=1 if cfg.use_gpu else 0, num_cpus=cfg.cpus_per_actor,
-        **({"accelerator_type": cfg.accelerator_type} if cfg.accelerator_type else {}))
+        **({"accelerator_type": cfg.accelerator_type} if cfg.accelerator_type else {}),
+        **({"resources": cfg.custom_resources} if cfg.custom_resources else {}))
     ds = ds.map_batches(encode_pngs, batch_format="numpy", batch_size=cfg.batch_size)
     return ds.map_batches(write_pair_shard, batch_size=cfg.rows_per_shard, batch_format="pyarrow",
                           fn_kwargs={"output_dir": cfg.output_dir, "constants": row_constants(cfg, record, ident),
@@ -160,11 +163,13 @@ def rates(calls: list[dict], t_start: float) -> dict:
 
 
 def start_ray(cfg: GenerateConfig) -> None:
-    """Join or start Ray, and refuse (on a local machine) more GPUs than it has."""
+    """Join or start Ray; refuse (on a local machine) more GPUs or custom resources than it has, and
+    (on a cluster) an --output_dir that is not the same folder on every node."""
 
     low = min_actors(cfg.concurrency)
     init_ray(low * cfg.cpus_per_actor)
-    check_resources(cfg.use_gpu, low, "--concurrency", cfg.accelerator_type)
+    check_resources(cfg.use_gpu, low, "--concurrency", cfg.accelerator_type, cfg.custom_resources)
+    check_shared_folder(cfg.output_dir, "--output_dir")
 
 
 def generate(cfg: GenerateConfig) -> dict:
@@ -199,10 +204,16 @@ def generate(cfg: GenerateConfig) -> dict:
         try:
             calls = run_with_progress(pipeline(cfg, record, ident, todo, sources), len(todo))
         except Exception as e:  # Ray wraps an actor's error in its own exception types
+            if not_shared := internals.user_exception_message(e, NotShared):
+                raise RunStopped(not_shared) from None
             too_large = internals.user_exception_message(e, ModelBatchTooLarge)
             if too_large is None:
                 raise
             raise ConfigError(too_large) from None
+        missing = set(todo) - done_pair_ids(cfg.output_dir)
+        if missing:  # the writers committed them, somewhere this driver cannot see
+            raise RunStopped(f"{len(missing)} of the {len(todo)} pairs made are not in --output_dir {cfg.output_dir} "
+                             f"as this driver sees it: they were written on another node's disk; {SHARED_FIX}")
     seconds = time.time() - t0
     made = len(todo)
     summary = {

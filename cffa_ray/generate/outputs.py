@@ -28,6 +28,7 @@ from cffa_ray.errors import ConfigError
 from cffa_ray.images import PAIR_FILES, pair_pngs
 from cffa_ray.io import atomic_write_bytes, atomic_write_text, changed_fields, filesystem, publish_dir, staging_dir
 from cffa_ray.paths import join_path
+from cffa_ray.shared_storage import check_driver_record
 
 PARQUET_DIR, PNG_DIR = "parquet", "png"
 IDENTITY_FILE, SUMMARY_FILE = "generation.json", "summary.json"
@@ -135,6 +136,8 @@ def write_pair_shard(batch: pa.Table, output_dir: str, constants: dict, layout: 
     `constants`: the PARQUET_SCHEMA columns that are the same for every row of this run; `layout`:
     how the PNG folders are laid out (`pair_folder`).
     """
+    # a node that joined after the driver's probe may see another folder here (shared_storage.py)
+    check_driver_record(join_path(output_dir, IDENTITY_FILE), "--output_dir", output_dir)
     rows = batch.to_pydict()
     n = batch.num_rows
     for i, pair_id in enumerate(rows["pair_id"]):

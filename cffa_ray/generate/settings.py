@@ -53,7 +53,8 @@ def auto_model_batch(cfg: GenerateConfig) -> int:
 
     if not cfg.use_gpu:
         return CPU_MODEL_BATCH
-    options = {"num_gpus": 1, **({"accelerator_type": cfg.accelerator_type} if cfg.accelerator_type else {})}
+    options = {"num_gpus": 1, **({"accelerator_type": cfg.accelerator_type} if cfg.accelerator_type else {}),
+               **({"resources": cfg.custom_resources} if cfg.custom_resources else {})}
     m = ray.get(ray.remote(calibrate).options(**options).remote(absolute(cfg.checkpoint_dir), cfg.mixed_precision))
     print(f"[cffa] --model_batch auto: {m['model_batch']} (measured on a {m['gpu']} with {m['total_gib']:.1f} GiB: "
           f"{m['fixed_gib']:.1f} GiB fixed + {m['per_pair_gib']:.2f} GiB per pair)", flush=True)

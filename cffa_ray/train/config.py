@@ -10,10 +10,12 @@ from cffa_ray.config import (
     MIXED_PRECISION,
     STRICT_HELP,
     ZERO_STAGES,
+    RESOURCES_HELP,
     ModelConfig,
     check_folder_name,
     check_positive,
     check_sampling_steps,
+    parse_resources,
 )
 from cffa_ray.errors import ConfigError
 from cffa_ray.flags import flag
@@ -59,6 +61,9 @@ class TrainConfig(ModelConfig):
                                      "train from the cached posterior moments; --no-cache_latents encodes every step")
     accelerator_type: str | None = flag(None, "only GPUs of this Ray accelerator type, e.g. A10G or L40S",
                                         default_text="any")
+    worker_resources: str | None = flag(
+        None, RESOURCES_HELP.format(who="each training worker (and latent-cache actor)", them="them"),
+        default_text="none")
     zero_stage: int = flag(2, "DeepSpeed ZeRO stage: 0 | 1 | 2 | 3")
     mixed_precision: str = flag("no", "no | fp16 | bf16 (DeepSpeed mixed precision)", choices=MIXED_PRECISION)
     gradient_checkpointing: bool = flag(False, "recompute UNet activations in backward (less memory)")
@@ -106,6 +111,7 @@ class TrainConfig(ModelConfig):
                               "use bf16")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"--val_fraction {self.val_fraction} must be in [0, 1)")
+        parse_resources("worker_resources", self.worker_resources)
 
     def loss_settings(self) -> dict:
         """The keyword arguments a design takes for its losses (config.LOSS_DEFAULTS' keys)."""
@@ -115,6 +121,11 @@ class TrainConfig(ModelConfig):
         """What a rerun must keep to resume this run: the model, and how DeepSpeed sharded its state."""
         return {**self.model_record(), "num_workers": self.num_workers, "zero_stage": self.zero_stage,
                 "mixed_precision": self.mixed_precision}
+
+    @property
+    def custom_resources(self) -> dict[str, float]:
+        """--worker_resources as {resource: amount} (validated by `validate`)."""
+        return parse_resources("worker_resources", self.worker_resources)
 
     @property
     def checkpoint_interval(self) -> int:

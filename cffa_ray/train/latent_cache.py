@@ -54,5 +54,6 @@ def cache_latents(pixels, cfg: TrainConfig):
             "mixed_precision": cfg.mixed_precision, "use_gpu": cfg.use_gpu},
         batch_size=ENCODE_BATCH, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
         num_gpus=1 if cfg.use_gpu else 0, num_cpus=1,
-        **({"accelerator_type": cfg.accelerator_type} if cfg.accelerator_type else {}))
+        **({"accelerator_type": cfg.accelerator_type} if cfg.accelerator_type else {}),
+        **({"resources": cfg.custom_resources} if cfg.custom_resources else {}))
     return materialize(encoded, pixels.count(), what="pairs", label="cffa latent cache")

@@ -18,6 +18,7 @@ from cffa_ray.quiet import quiet_ray, train_logging
 from cffa_ray.report import write_report
 from cffa_ray.run_layout import RAY_DIR, RUN_RECORD
 from cffa_ray.runtime import check_resources, init_ray
+from cffa_ray.shared_storage import check_shared_folder
 from cffa_ray.train.config import TrainConfig
 from cffa_ray.train.datasets import training_datasets
 from cffa_ray.train.loop import train_loop_per_worker
@@ -86,7 +87,8 @@ def train(cfg: TrainConfig):
     train_records = [r for r in records if r["split"] == TRAIN]
     val_records = [r for r in records if r["split"] == VAL] or train_records[: max(1, cfg.batch_size)]  # warned
     init_ray(cfg.num_workers * cfg.cpus_per_worker)
-    check_resources(cfg.use_gpu, cfg.num_workers, "--num_workers", cfg.accelerator_type)
+    check_resources(cfg.use_gpu, cfg.num_workers, "--num_workers", cfg.accelerator_type, cfg.custom_resources)
+    check_shared_folder(cfg.output_dir, "--output_dir")
     quiet_ray()
     t0 = time.time()
     train_ds, val_ds, shuffle_buffer = training_datasets(cfg, train_records, val_records)
@@ -100,7 +102,7 @@ def train(cfg: TrainConfig):
         train_loop_per_worker,
         train_loop_config={"cfg": to_dict(cfg), "shuffle_buffer": shuffle_buffer},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker={"CPU": cfg.cpus_per_worker},
+                                     resources_per_worker={"CPU": cfg.cpus_per_worker, **cfg.custom_resources},
                                      accelerator_type=cfg.accelerator_type),
         run_config=RunConfig(name=RAY_DIR, storage_path=storage,
                              failure_config=FailureConfig(max_failures=cfg.max_failures),

@@ -22,11 +22,13 @@ import torch
 from cffa_ray.faults import maybe_fail
 from cffa_ray.flags import from_dict
 from cffa_ray.quiet import quiet_ray
-from cffa_ray.run_layout import TRAINING_LOG, VALIDATION_LOG, log_line
+from cffa_ray.paths import join_path
+from cffa_ray.run_layout import RUN_RECORD, TRAINING_LOG, VALIDATION_LOG, log_line
+from cffa_ray.shared_storage import unseen_record
 from cffa_ray.train.config import TrainConfig
 from cffa_ray.train.engine import build_engine, export_lora, report_checkpoint, resume
 from cffa_ray.train.run_folder import RunFolder
-from cffa_ray.train.stop import STOPPED, agreed_min, is_check_step, nonfinite_message
+from cffa_ray.train.stop import STOPPED, agreed_error, agreed_min, is_check_step, nonfinite_message
 from cffa_ray.train.validation import sample_previews, validate
 
 
@@ -80,6 +82,9 @@ def train_loop_per_worker(config: dict) -> dict:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     is_rank0 = rank == 0
+    # every rank writes its checkpoint shard into the run folder: it must be the one the driver sees
+    if error := agreed_error(unseen_record(join_path(cfg.run_dir, RUN_RECORD), "--output_dir", cfg.output_dir)):
+        return {STOPPED: error}
     built = build_engine(cfg, world, rank)
     if isinstance(built, str):
         return {STOPPED: built}
