@@ -78,7 +78,7 @@ def test_worker_error_that_no_retry_heals_stops_the_run_at_once(tmp_path, pairs_
 def test_ctrl_c_says_how_to_resume_and_the_rerun_does(tmp_path, pairs_dir):
     argv = ("train", "--data", pairs_dir, "--output_dir", tmp_path / "runs", "--name", "c", *TINY,
             "--num_workers", 2, "--max_steps", 100000, "--val_every", 3)
-    proc = start_cli(*argv, local=True)  # Ctrl-C as on a user's machine: the local Ray goes with the group
+    proc = start_cli(*argv)
     lines = []
     for line in proc.stdout:
         lines.append(line)
@@ -95,7 +95,7 @@ def test_ctrl_c_says_how_to_resume_and_the_rerun_does(tmp_path, pairs_dir):
     run = tmp_path / "runs/c"
     for folder in (run / "latest_checkpoints").iterdir():  # folders appear complete or not at all
         assert (folder / "model.json").is_file()
-    rerun = run_cli(*argv[:-4], "--max_steps", step + 2, "--val_every", 3, local=True)
+    rerun = run_cli(*argv[:-4], "--max_steps", step + 2, "--val_every", 3)
     assert_ok(rerun)
     assert (f"resuming at step {step}" if step else "starting ->") in rerun.stdout, rerun.stdout
 

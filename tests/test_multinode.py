@@ -23,8 +23,15 @@ import pandas as pd
 import pytest
 
 from tests.helpers import REPO, assert_ok, run_cli
-from tests.sim_cluster import (AutoscalingHead, SimCluster, can_unshare, hard_timeout, kill_group, namespaced_node,
-                               wait_for)
+from tests.sim_cluster import (
+    AutoscalingHead,
+    SimCluster,
+    can_unshare,
+    hard_timeout,
+    kill_group,
+    namespaced_node,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 ACCELERATOR = "fake_gpu"  # a custom resource only the worker nodes offer, as cluster.yaml's gpu_24gb
