@@ -42,7 +42,7 @@ from opcount_mode import CudaAutocastRules, OpCounter  # noqa: E402
 
 from cffa_ray.models import build_model  # noqa: E402
 from cffa_ray.models.inference import prepare_for_sampling  # noqa: E402
-from cffa_ray.sampling import denoise_step, make_scheduler, pair_noise, gpu_autocast_dtype  # noqa: E402
+from cffa_ray.sampling import denoise_step, gpu_autocast_dtype, make_scheduler, pair_noise  # noqa: E402
 from cffa_ray.train.config import TrainConfig  # noqa: E402
 
 TARGETS = {"training": 5000, "sampling": 1600}
@@ -143,8 +143,8 @@ def main() -> None:
         results["training"] = counter
     if args.only != "training":
         counter = count_sampling(args.preset, args.batch_size, args.resolution)
-        print(counter.table(f"sampling step, generation actor on GPU (merged LoRA, fused QKV, bf16, CUDA autocast rules where the GPU path autocasts), "
-                            f"{args.preset}, batch {args.batch_size}"))
+        print(counter.table(f"sampling step, generation actor on GPU (merged LoRA, fused QKV, bf16; CUDA autocast's "
+                            f"rules where the GPU path autocasts), {args.preset}, batch {args.batch_size}"))
         results["sampling"] = counter
     print(f"\n{'step':10s} {'kernel-like':>12s} {'target':>8s}")
     for name, counter in results.items():
