@@ -40,7 +40,15 @@ from cffa_ray.generate.outputs import (
     write_pair_shard,
     write_summary,
 )
-from cffa_ray.generate.settings import actor_pool, identity, min_actors, needs_calibration, recorded_identity, resolve
+from cffa_ray.generate.settings import (
+    actor_pool,
+    actors_text,
+    identity,
+    min_actors,
+    needs_calibration,
+    recorded_identity,
+    resolve,
+)
 from cffa_ray.generate.stages import add_noise, load_sources, pair_rows
 from cffa_ray.io import local_copy
 from cffa_ray.models import adapter_folders, design_class
@@ -197,7 +205,7 @@ def generate(cfg: GenerateConfig) -> dict:
             check_decodable([sources[i] for i in sorted({k % len(sources) for k in todo})], record["resolution"],
                              cfg.strict)
         print(f"[cffa] generating {len(todo)} pairs ({skipped} already done), model_batch {cfg.model_batch}, "
-              f"{cfg.concurrency} model actor(s) -> {cfg.output_dir}", flush=True)
+              f"{actors_text(*actor_pool(cfg.concurrency, cfg.use_gpu))} -> {cfg.output_dir}", flush=True)
         write_identity(cfg.output_dir, ident)
         remove_leftovers(cfg.output_dir)  # a killed run's half-staged folders (this job redoes them)
         quiet_ray_data()  # one progress line of our own instead
