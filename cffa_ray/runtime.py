@@ -11,7 +11,7 @@ import sys
 
 import ray
 
-from cffa_ray import quiet
+from cffa_ray import quiet, stop_signals
 from cffa_ray.errors import ConfigError
 
 
@@ -33,6 +33,7 @@ def init_ray(num_cpus_needed: float) -> None:
         # The dashboard also serves the state API that Train's placement-group cleaner polls.
         ray.init(num_cpus=max(os.cpu_count() or 1, int(num_cpus_needed + 0.999) + 2), log_to_driver=True,
                  **quiet.ray_init_kwargs(local=True))
+    stop_signals.install()  # ray.init replaced the SIGTERM handler with its own
     quiet.after_ray_init()
 
 

@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import os
 import re
+import signal
+import stat
 import subprocess
+import sys
+import time
 import unicodedata
 
 import numpy as np
@@ -14,8 +18,10 @@ from PIL import Image
 
 from cffa_ray.cli import main
 from cffa_ray.decoding import load_pair, read_image
+from cffa_ray.folder_lock import LOCK_FILE, folder_lock
+from cffa_ray.io import publish_dir, staging_dir
 from cffa_ray.pixels import geometry_warnings, open_image
-from tests.helpers import fails_in_driver, run_cli
+from tests.helpers import REPO, fails_in_driver, gen_argv, start_cli
 
 # EXIF orientation -> how the stored pixels were turned from the upright picture (PIL's ROTATE_90 is
 # counter-clockwise): orientation 6 = "rotate 90° clockwise to view", so the camera stored it turned
@@ -118,3 +124,147 @@ def test_a_run_name_in_any_alphabet_is_accepted(capsys, tmp_path, name):
 def test_a_run_name_that_is_no_plain_folder_name_is_refused(capsys, tmp_path, name):
     fails_in_driver(capsys, ["train", "--data", tmp_path, "--output_dir", tmp_path / "out", "--name", name],
                     r"--name .* must be a plain folder name \(letters of any alphabet", tmp_path / "out")
+
+
+# ------------------------------------------------------------------ SIGTERM, SIGHUP: like Ctrl-C
+
+def caught_signals(pid: int) -> int:
+    """The signals a process has handlers for (bit n-1 for signal n), from /proc/PID/status's SigCgt."""
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("SigCgt:"):
+            return int(line.split()[1], 16)
+    return 0
+
+
+@pytest.mark.parametrize("command", ["train", "generate"])
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGHUP, 129), (signal.SIGINT, 130)])
+def test_a_stop_signal_is_one_line_and_its_exit_code(tmp_path, data, fake_checkpoint, command, signum, code):
+    """The signal lands while the command loads its libraries and checks its input (before Ray: the
+    rows that need Ray are the slow tests below): one line, 128 + the signal's number, nothing written."""
+    out = tmp_path / "out"
+    argv = {"train": ("train", "--data", data, "--output_dir", out, "--preset", "tiny"),
+            "generate": ("generate", "--checkpoint_dir", fake_checkpoint, "--output_dir", out)}[command]
+    proc = start_cli(*argv)
+    wanted = (1 << (signal.SIGTERM - 1)) | (1 << (signal.SIGHUP - 1))
+    deadline = time.time() + 60
+    while caught_signals(proc.pid) & wanted != wanted:  # stop_signals.install() has run
+        assert time.time() < deadline and proc.poll() is None, "the handlers never came"
+        time.sleep(0.02)
+    os.kill(proc.pid, signum)
+    assert proc.wait(timeout=60) == code
+    name = "" if signum == signal.SIGINT else f" by {signal.Signals(signum).name}"
+    assert proc.stdout.read().strip().splitlines() == [
+        f"cffa {command}: interrupted{name}; rerun the same command to go on from where it stopped"]
+    assert not out.exists()
+
+
+# ------------------------------------------------------------------ one writing job per folder
+
+def test_a_second_generate_into_a_locked_folder_says_who_writes(tmp_path, capsys, fake_checkpoint):
+    out = tmp_path / "g"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys\nfrom cffa_ray.folder_lock import folder_lock\n"
+                               f"with folder_lock({str(out)!r}, '--output_dir', 'cffa generate'):\n"
+                               "    print('held', flush=True)\n    sys.stdin.read()"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        before = sorted(p.name for p in out.iterdir())
+        code = main(gen_argv(fake_checkpoint, out, "--num_samples", 2))
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1, err
+        assert re.fullmatch(rf"cffa generate: error: --output_dir {re.escape(str(out))}: another job is writing into "
+                            rf"it \(cffa generate, pid {holder.pid} on \S+, since [\d-]+ [\d:]+\); wait for it to end "
+                            r"\(a rerun then makes only what is missing\) or give another --output_dir", err), err
+        assert sorted(p.name for p in out.iterdir()) == before, "the refused job wrote something"
+    finally:
+        holder.kill()  # as kill -9 would: the kernel lets the lock go
+        holder.wait()
+    with folder_lock(str(out), "--output_dir", "test"):  # the killed holder's file is taken over
+        assert (out / LOCK_FILE).read_text().startswith(f"test, pid {os.getpid()} on ")
+    assert not (out / LOCK_FILE).exists()
+    with folder_lock(str(tmp_path / "new"), "--output_dir", "test"):
+        assert (tmp_path / "new" / LOCK_FILE).is_file()
+    assert not (tmp_path / "new").exists(), "the lock made the folder and nothing else was written: it is gone"
+
+
+# ------------------------------------------------------------------ a full disk
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 256 KiB tmpfs mounted at tmp_path/disk (root only: skipped elsewhere), unmounted after the test."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)],
+                      capture_output=True).returncode:
+        pytest.skip("a full disk is made with a small tmpfs, which needs root")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+def fill(disk, leave: int = 0) -> None:
+    """Fill the disk up to `leave` bytes free."""
+    with open(disk / "filler", "wb") as f:
+        while os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize > leave + 4096:
+            f.write(b"\0" * 4096)
+            f.flush()
+
+
+def test_a_full_disk_is_one_line_naming_the_folder(small_disk, capsys, fake_checkpoint, tmp_path):
+    """Three commands, three places the disk fills: synthetic pairs part-way, a report's files, the first
+    file generation writes. Each: exit 1, one line, 'no space left' and the folder."""
+    code = main(["synth", "--out", str(small_disk / "pairs"), "--pairs", "40", "--size", "128"])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and len(err.splitlines()) == 1, err
+    assert re.fullmatch(rf"cffa synth: error: no space left on the device of {small_disk}/pairs/(cf|fa) \(writing "
+                        r"synth_\d+\.png\): free some space there, or give another --out; what was "
+                        r"finished is kept, and a rerun goes on from it", err), err
+    assert not [p for p in small_disk.rglob(".*")], "a temporary file was left"
+
+    run = small_disk / "run"
+    run.mkdir()
+    (run / "training_log.txt").write_text("step=000001 loss=1\nstep=000002 loss=0.5\n")
+    fill(small_disk)
+    assert main(["report", str(run)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"cffa report: error: no space left on the device of {run} ")
+
+    out = small_disk / "g"
+    assert main(gen_argv(fake_checkpoint, out, "--num_samples", 2)) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no space left on device while writing to --output_dir" in err, err
+    assert not out.exists()
+
+
+def test_disk_full_is_recognised_in_ray_errors_text():
+    """Ray re-raises a task's or training worker's error as text: the file is read back from it."""
+    from cffa_ray.errors import disk_full
+
+    assert disk_full(OSError(28, "No space left on device", "/x/y.png")) == "/x/y.png"
+    assert disk_full(RuntimeError("worker died:\nOSError: [Errno 28] No space left on device: '/o/p/.part.tmp'")) \
+        == "/o/p/.part.tmp"
+    assert disk_full(RuntimeError("SafetensorError: Error while serializing: IoError(Os { code: 28, kind: "
+                                  "StorageFull, message: \"No space left on device\" })")) == ""
+    assert disk_full(OSError(13, "Permission denied", "/x")) is None
+    assert disk_full(ValueError("loss is nan")) is None
+
+
+# ------------------------------------------------------------------ permissions: what the umask allows
+
+def test_files_and_folders_get_the_umasks_permissions(tmp_path):
+    """synth and report write through the atomic temp files and staging folders; under umask 002 every file
+    is 664 and every folder 775 (tempfile alone would make them 600 and 700)."""
+    old = os.umask(0o002)
+    try:
+        assert main(["synth", "--out", str(tmp_path / "pairs"), "--pairs", "2", "--size", "32"]) == 0
+        stage = staging_dir(tmp_path / "run" / "best_checkpoint")
+        (stage / "model.json").write_text("{}")
+        publish_dir(stage, tmp_path / "run" / "best_checkpoint")
+        (tmp_path / "run" / "training_log.txt").write_text("step=000001 loss=1\n")
+        assert main(["report", str(tmp_path / "run")]) == 0
+    finally:
+        os.umask(old)
+    modes = {p.relative_to(tmp_path).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in tmp_path.rglob("*")}
+    assert {k for k, m in modes.items() if m != (0o775 if (tmp_path / k).is_dir() else 0o664)} == set(), modes
+    assert len(modes) >= 12

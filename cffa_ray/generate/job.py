@@ -28,6 +28,7 @@ from cffa_ray.data import PAIR_ID, discover_pairs
 from cffa_ray.decoding import check_decodable
 from cffa_ray.errors import ConfigError, RunStopped
 from cffa_ray.flags import to_dict
+from cffa_ray.folder_lock import folder_lock
 from cffa_ray.generate.config import GenerateConfig
 from cffa_ray.generate.generator import ModelBatchTooLarge, PairGenerator
 from cffa_ray.generate.outputs import (
@@ -198,6 +199,13 @@ def generate(cfg: GenerateConfig) -> dict:
     cfg = resolve(cfg, recorded)
     ident = identity(cfg, record)
     check_identity(cfg.output_dir, ident)
+    with folder_lock(cfg.output_dir, "--output_dir", "cffa generate"):  # one writing job per folder
+        return make_pairs(cfg, record, ident, todo, skipped, sources)
+
+
+def make_pairs(cfg: GenerateConfig, record: dict, ident: dict, todo: list[int], skipped: int,
+               sources: list[dict] | None) -> dict:
+    """Run the job for the pair ids `todo` (cfg resolved, the folder locked); returns the summary dict."""
     calls, t0 = [], time.time()
     if todo:
         start_ray(cfg)
