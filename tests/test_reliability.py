@@ -3,6 +3,7 @@ file permissions under the umask, a full disk, a second job into one folder, and
 The rows that fail before Ray starts run through cli.main (fast); the others through the real CLI (slow)."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -21,7 +22,7 @@ from cffa_ray.decoding import load_pair, read_image
 from cffa_ray.folder_lock import LOCK_FILE, folder_lock
 from cffa_ray.io import publish_dir, staging_dir
 from cffa_ray.pixels import geometry_warnings, open_image
-from tests.helpers import REPO, fails_in_driver, gen_argv, start_cli
+from tests.helpers import REPO, fails_in_driver, gen_argv, run_cli, start_cli
 
 # EXIF orientation -> how the stored pixels were turned from the upright picture (PIL's ROTATE_90 is
 # counter-clockwise): orientation 6 = "rotate 90° clockwise to view", so the camera stored it turned
@@ -268,3 +269,150 @@ def test_files_and_folders_get_the_umasks_permissions(tmp_path):
     modes = {p.relative_to(tmp_path).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in tmp_path.rglob("*")}
     assert {k for k, m in modes.items() if m != (0o775 if (tmp_path / k).is_dir() else 0o664)} == set(), modes
     assert len(modes) >= 12
+
+
+# ------------------------------------------------------------------ the rows that need Ray (slow)
+
+TINY = ("--preset", "tiny", "--resolution", 64, "--batch_size", 1, "--num_sample_pairs", 0, "--log_every", 1)
+
+
+def files_in(folder) -> list[str]:
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*"))
+
+
+def one_error_line(proc, command: str) -> str:
+    """Nothing but [cffa] lines, Ray's prefixed worker lines and one last line; no traceback, no colour codes."""
+    lines = proc.stderr.strip().splitlines()
+    assert lines and lines[-1].startswith(f"cffa {command}: "), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stdout + proc.stderr, (proc.stdout + proc.stderr)[-6000:]
+    assert "\x1b[" not in proc.stdout + proc.stderr
+    return lines[-1]
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_head")
+def test_sigterm_stops_training_at_the_step_it_names(tmp_path, pairs_dir):
+    """`kill PID` (what `ray job stop` and a preempted node's shutdown send): Ray Train aborts the run before
+    the line names its step, nothing is written after it, and the rerun resumes exactly there."""
+    argv = ("train", "--data", pairs_dir, "--output_dir", tmp_path / "runs", "--name", "t", *TINY,
+            "--num_workers", 2, "--val_every", 3)
+    proc = start_cli(*argv, "--max_steps", 100000)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "[cffa] step 7/" in line:
+            os.kill(proc.pid, signal.SIGTERM)
+            break
+    lines += proc.stdout.readlines()
+    assert proc.wait(timeout=300) == 143, "".join(lines[-30:])
+    text = "".join(lines)
+    assert "Traceback" not in text and "SIGTERM received" not in text and "\x1b[" not in text, text[-3000:]
+    match = re.fullmatch(r"cffa train: training interrupted by SIGTERM; rerun the same command to resume "
+                         r"(from step (\d+), its last checkpoint|from the start \(no checkpoint was saved yet\))",
+                         lines[-1].strip())
+    assert match, text[-3000:]
+    step = int(match.group(2) or 0)
+    run = tmp_path / "runs/t"
+    before = files_in(run)
+    time.sleep(15)
+    assert files_in(run) == before, "the run went on writing after the line"
+    rerun = run_cli(*argv, "--max_steps", step + 2)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert (f"resuming at step {step}" if step else "starting ->") in rerun.stdout, rerun.stdout
+    assert "(RayTrainWorker pid=" in rerun.stdout and "\x1b[" not in rerun.stdout  # plain prefixes into a pipe
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_head")
+def test_generate_sighup_then_a_full_disk_then_a_clean_finish(tmp_path, trained_run):
+    """SIGHUP mid-run: one line with the pairs kept, exit 129. Then the disk fills under the writers: one
+    line naming the folder, exit 1. Space freed, the rerun finishes every pair."""
+    run, _ = trained_run
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("a full disk is made with a small tmpfs, which needs root")
+    try:
+        out = disk / "g"
+        argv = gen_argv(run / "best_checkpoint", out, "--num_samples", 40, "--steps", 2, "--batch_size", 2,
+                        "--rows_per_shard", 2)
+        hold = tmp_path / "go"
+        proc = start_cli(*argv, env={"CFFA_INJECT_FAULT": f"generate_batch=3,hold={hold}"})
+        deadline = time.time() + 300
+        while not list(out.glob("parquet/*.parquet")):  # two model calls made and committed; the third waits
+            assert time.time() < deadline and proc.poll() is None, proc.stdout.read() if proc.poll() else "timeout"
+            time.sleep(0.2)
+        os.kill(proc.pid, signal.SIGHUP)
+        assert proc.wait(timeout=120) == 129
+        lines = proc.stdout.read().strip().splitlines()
+        assert "[cffa] generating 40 pairs (0 already done), model_batch 8, 1 model actor -> " in "\n".join(lines)
+        assert re.fullmatch(rf"cffa generate: generation interrupted by SIGHUP with \d+ of 40 pairs finished in "
+                            rf"{re.escape(str(out))}; rerun the same command to make the rest", lines[-1]), lines[-5:]
+        assert not [ln for ln in lines if "Traceback" in ln or "\x1b[" in ln]
+
+        fill(disk, leave=60_000)
+        full = run_cli(*argv)
+        assert full.returncode == 1, full.stderr[-3000:]
+        line = one_error_line(full, "generate")
+        where = re.escape(str(out))
+        assert re.fullmatch(rf"cffa generate: error: no space left on (the device of {where}\S*( \(writing \S+\))?|"
+                            rf"device while writing to --output_dir {where} \(or a temporary folder\)): free some "
+                            r"space there, or give another --output_dir; what was finished is kept, and a rerun goes "
+                            r"on from it", line), line
+
+        (disk / "filler").unlink()
+        done = run_cli(*argv)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert json.loads((out / "summary.json").read_text())["pairs_in_output"] == 40
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_head")
+def test_training_on_a_full_disk_stops_at_once_in_one_line(tmp_path, pairs_dir):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("a full disk is made with a small tmpfs, which needs root")
+    try:
+        fill(disk, leave=40_000)
+        t0 = time.time()
+        proc = run_cli("train", "--data", pairs_dir, "--output_dir", disk, "--name", "f", *TINY, "--num_workers", 2,
+                       "--max_steps", 20, "--val_every", 2, "--max_failures", 3)
+        assert proc.returncode == 1, proc.stderr[-3000:]
+        line = one_error_line(proc, "train")
+        assert re.fullmatch(rf"cffa train: error: training stopped: no space left on the device of "
+                            rf"{re.escape(str(disk))}/f\S*( \(writing \S+\))?; free some space there, then rerun with "
+                            r"the same --name: it resumes from the last checkpoint", line), line
+        assert proc.stdout.count("starting ->") == 1, "a worker-group restart: the full disk was retried"
+        print(f"full disk: training stopped {time.time() - t0:.0f}s after its start")
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_head")
+def test_rotated_and_huge_images_through_train(tmp_path):
+    """CF files with EXIF orientations (JPEG 6, TIFF 8, PNG 5) stored turned beside upright FAs: with --strict
+    any odd image is an error, and these pairs are not odd (same size once upright); a 9500x9500 FA
+    (over PIL's 89-megapixel limit) is listed like the other image warnings, with its size."""
+    from cffa_ray.synth import write_synthetic_pairs
+
+    data = tmp_path / "pairs"
+    write_synthetic_pairs(data, 4, 64)
+    for k, (suffix, orientation) in enumerate([("jpg", 6), ("tif", 8), ("png", 5)]):
+        cf = Image.open(data / f"cf/synth_{k:05d}.png").resize((64, 48))
+        (data / f"cf/synth_{k:05d}.png").unlink()
+        save_with_orientation(cf, data / f"cf/synth_{k:05d}.{suffix}", orientation, FORMATS[suffix])
+        Image.open(data / f"fa/synth_{k:05d}.png").resize((64, 48)).save(data / f"fa/synth_{k:05d}.png")
+    Image.new("L", (9500, 9500), 30).save(data / "fa/synth_00003.png")
+    proc = run_cli("train", "--data", data, "--output_dir", tmp_path / "runs", *TINY, "--strict",
+                   "--val_fraction", 0.5)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    line = one_error_line(proc, "train")
+    assert "1 of 4 pairs whose CF and FA differ in size or shape (fa/synth_00003.png 9500x9500 vs its partner's " \
+           "64x64)" in line, line
+    assert "1 of 8 images over PIL's decompression-bomb limit (89 megapixels) (fa/synth_00003.png 9500x9500)" in line
+    assert "6 of 8 images that are not square" in line
+    assert "DecompressionBombWarning" not in proc.stdout + proc.stderr
