@@ -416,3 +416,25 @@ def test_rotated_and_huge_images_through_train(tmp_path):
     assert "1 of 8 images over PIL's decompression-bomb limit (89 megapixels) (fa/synth_00003.png 9500x9500)" in line
     assert "6 of 8 images that are not square" in line
     assert "DecompressionBombWarning" not in proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_head")
+def test_evaluate_outputs_on_a_full_disk(tmp_path, pairs_dir):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("a full disk is made with a small tmpfs, which needs root")
+    try:
+        (disk / "ev").mkdir()
+        fill(disk)
+        proc = run_cli("evaluate", "--generated", pairs_dir, "--real", pairs_dir, "--output", disk / "ev",
+                       "--batch_size", 8)
+        assert proc.returncode == 1, proc.stderr[-3000:]
+        line = one_error_line(proc, "evaluate")
+        assert re.fullmatch(rf"cffa evaluate: error: no space left on the device of {re.escape(str(disk / 'ev'))} "
+                            r"\(writing [\w.]+\): free some space there, or give another --output; what was finished "
+                            r"is kept, and a rerun goes on from it", line), line
+        assert os.listdir(disk / "ev") == []
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=True)
