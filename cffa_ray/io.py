@@ -130,6 +130,7 @@ def publish_dir(staging: str | os.PathLike, final: str | os.PathLike, marker: st
     (refused), never as a mix of old and new files.
     """
     staging = Path(staging)
+    _umask_modes(staging)
     if is_uri(final):
         _upload_dir(staging, str(final), marker)
         shutil.rmtree(staging, ignore_errors=True)
@@ -141,6 +142,15 @@ def publish_dir(staging: str | os.PathLike, final: str | os.PathLike, marker: st
         os.replace(final, old)
     os.replace(staging, final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _umask_modes(folder: Path) -> None:
+    """The umask's modes for a staged folder and everything in it: libraries that write through private
+    temporary files (safetensors' save_file makes 0600 files) would otherwise publish them unreadable."""
+    mask = umask()
+    for path in [folder, *folder.rglob("*")]:
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def _upload_dir(staging: Path, final: str, marker: str | None) -> None:

@@ -15,7 +15,9 @@ import unicodedata
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from safetensors.torch import save_file
 
 from cffa_ray.cli import main
 from cffa_ray.decoding import load_pair, read_image
@@ -254,13 +256,16 @@ def test_disk_full_is_recognised_in_ray_errors_text():
 # ------------------------------------------------------------------ permissions: what the umask allows
 
 def test_files_and_folders_get_the_umasks_permissions(tmp_path):
-    """synth and report write through the atomic temp files and staging folders; under umask 002 every file
-    is 664 and every folder 775 (tempfile alone would make them 600 and 700)."""
+    """synth and report write through the atomic temp files and staging folders, checkpoints are published
+    from one; under umask 002 every file is 664 and every folder 775 (tempfile alone would make them 600 and
+    700, and safetensors' save_file makes 600 files)."""
     old = os.umask(0o002)
     try:
         assert main(["synth", "--out", str(tmp_path / "pairs"), "--pairs", "2", "--size", "32"]) == 0
         stage = staging_dir(tmp_path / "run" / "best_checkpoint")
         (stage / "model.json").write_text("{}")
+        (stage / "unet_cf_lora").mkdir()
+        save_file({"w": torch.zeros(2)}, str(stage / "unet_cf_lora/adapter_model.safetensors"))  # safetensors: 0600
         publish_dir(stage, tmp_path / "run" / "best_checkpoint")
         (tmp_path / "run" / "training_log.txt").write_text("step=000001 loss=1\n")
         assert main(["report", str(tmp_path / "run")]) == 0
@@ -278,6 +283,16 @@ TINY = ("--preset", "tiny", "--resolution", 64, "--batch_size", 1, "--num_sample
 
 def files_in(folder) -> list[str]:
     return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*"))
+
+
+def assert_umask_modes(folder) -> None:
+    """Every file and folder under `folder` has what this process's umask allows (the CLI runs and the
+    test session's Ray head inherit it): no 0600 / 0700 left from temporary files and folders."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    wrong = {p.relative_to(folder).as_posix(): oct(stat.S_IMODE(p.stat().st_mode)) for p in folder.rglob("*")
+             if stat.S_IMODE(p.stat().st_mode) != (0o777 if p.is_dir() else 0o666) & ~mask}
+    assert not wrong, wrong
 
 
 def one_error_line(proc, command: str) -> str:
@@ -320,6 +335,7 @@ def test_sigterm_stops_training_at_the_step_it_names(tmp_path, pairs_dir):
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert (f"resuming at step {step}" if step else "starting ->") in rerun.stdout, rerun.stdout
     assert "(RayTrainWorker pid=" in rerun.stdout and "\x1b[" not in rerun.stdout  # plain prefixes into a pipe
+    assert_umask_modes(run)
 
 
 @pytest.mark.slow
@@ -364,6 +380,7 @@ def test_generate_sighup_then_a_full_disk_then_a_clean_finish(tmp_path, trained_
         done = run_cli(*argv)
         assert done.returncode == 0, done.stderr[-3000:]
         assert json.loads((out / "summary.json").read_text())["pairs_in_output"] == 40
+        assert_umask_modes(out)
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=True)
 
