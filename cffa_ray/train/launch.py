@@ -8,6 +8,7 @@ import time
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from cffa_ray import stop_signals
 from cffa_ray.checks import check_base_model, check_output_dir, check_run_folder
 from cffa_ray.data import TRAIN, VAL, assign_split, discover_pairs
 from cffa_ray.errors import ConfigError, DataError, Interrupted, RunStopped, warn
@@ -140,6 +141,6 @@ def _write_report(cfg: TrainConfig) -> None:
 def resume_hint(cfg: TrainConfig) -> str:
     step = RunFolder(cfg.run_dir).resumable_step()
     where = f"from step {step}, its last checkpoint" if step else "from the start (no checkpoint was saved yet)"
-    return f"training interrupted; rerun the same command to resume {where}"
+    return f"training {stop_signals.interrupted()}; rerun the same command to resume {where}"
 
 
