@@ -28,7 +28,7 @@ class EvaluateConfig:
                                 "on a GPU each")
     real_train: str | None = flag(None, "the real pairs the model was trained on (folder or manifest): the "
                                         "memorisation reference and the real side of --utility",
-                                  default_text="the training data recorded in generation.json, when reachable")
+                                  default_text="the `data` in the checkpoint's run.json, when recorded and reachable")
     real_test: str | None = flag(None, "held-out real pairs, never trained on (folder or manifest): the "
                                        "memorisation baseline and the --utility test set",
                                  default_text="--real, when it is not the training data")

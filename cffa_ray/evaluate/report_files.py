@@ -35,10 +35,11 @@ from cffa_ray.evaluate.inputs import GENERATED, REAL, GeneratedSet
 from cffa_ray.evaluate.report_ruler import markdown_lines, summary_lines
 from cffa_ray.evaluate.scoring import SCORE_COLUMNS
 from cffa_ray.evaluate.second_ruler import NN_COLUMNS
+from cffa_ray.evaluation_report import EVALUATION_JSON
 from cffa_ray.io import atomic_write_text
 from cffa_ray.paths import join_path
 
-EVALUATION_JSON, EVALUATION_MD, PAIRS_CSV = "evaluation.json", "evaluation.md", "pairs.csv"
+EVALUATION_MD, PAIRS_CSV = "evaluation.md", "pairs.csv"
 CHANNELS = {"cf": 3, "fa": 1}
 
 

@@ -2,9 +2,9 @@
 
     topology      every run: topology.py's measures of the generated vs the --real vessel maps (made by
                   the scoring tasks), per modality
-    memorisation  when a training set (--real_train, else the training data generation.json records, when
-                  reachable) and a held-out set (--real_test, else --real when it is not the training data)
-                  are known: memorisation.py on the thumbnails
+    memorisation  when a training set (--real_train, else a `data` recorded in the run.json beside the
+                  checkpoint that generation.json names, when reachable) and a held-out set (--real_test,
+                  else --real when it is not the training data) are known: memorisation.py on the thumbnails
     utility       with --utility: utility.py's three trainings as Ray tasks
 
 Driver side: resolve_sets() before Ray starts (a bad path fails in one line before any work), measure()
@@ -12,6 +12,7 @@ after the scoring pipeline, with the thumbnails it kept.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,8 +22,9 @@ from cffa_ray.errors import ConfigError
 from cffa_ray.evaluate import memorisation, topology, utility
 from cffa_ray.evaluate.inputs import GENERATED, REAL, GeneratedSet, discover_with_flag
 from cffa_ray.evaluate.thumbnails import THUMB_SIZE, collect_thumbnails
-from cffa_ray.io import filesystem
-from cffa_ray.paths import absolute, is_uri
+from cffa_ray.io import filesystem, read_text
+from cffa_ray.paths import absolute, is_uri, join_path
+from cffa_ray.run_layout import RUN_RECORD
 
 TRAIN, TEST = "real_train", "real_test"
 NN_COLUMNS = ("nn_cf_similarity", "nn_cf_train_file", "nn_fa_similarity", "nn_fa_train_file")
@@ -51,15 +53,29 @@ def _reachable(path: str) -> bool:
         return False
 
 
+def recorded_training_data(generated: GeneratedSet) -> str | None:
+    """The --data of the training run whose checkpoint made the pairs: run.json beside the checkpoint folder
+    (<run>/best_checkpoint -> <run>/run.json), when it records one and it can be read from here."""
+    checkpoint = (generated.identity or {}).get("checkpoint")
+    if not checkpoint:
+        return None
+    try:
+        text = read_text(join_path(checkpoint.rstrip("/").rsplit("/", 1)[0], RUN_RECORD))
+        data = json.loads(text).get("data") if text else None
+    except Exception:  # unreachable storage or a foreign file: no recorded training set
+        return None
+    return data if isinstance(data, str) and (is_uri(data) or data.startswith("/")) and _reachable(data) else None
+
+
 def resolve_sets(cfg, generated: GeneratedSet) -> RealSets:
     """Which real pairs are the training and the held-out sets; reads their records (DataError on a bad one)."""
     sets = RealSets()
     if cfg.real_train:
         sets.train, sets.train_from = absolute(cfg.real_train), "--real_train"
     else:
-        data = (generated.identity or {}).get("data")
-        if data and (is_uri(data) or data.startswith("/")) and _reachable(data):
-            sets.train, sets.train_from = data, "the training data recorded in generation.json"
+        data = recorded_training_data(generated)
+        if data:
+            sets.train, sets.train_from = data, "the training data recorded in the checkpoint's run.json"
     if cfg.real_test:
         sets.test, sets.test_from = absolute(cfg.real_test), "--real_test"
     elif sets.train and absolute(cfg.real).rstrip("/") != sets.train.rstrip("/"):
@@ -94,8 +110,8 @@ def _memorisation(collected: dict, thumbs: dict[str, dict], sets: RealSets) -> d
     gen_rows = collected[GENERATED]["rows"]
     out = {"method": f"cosine of band-pass {THUMB_SIZE} px embeddings (memorisation.py); a generated image is "
                      f"flagged above the held-out {memorisation.PERCENTILE:g}th percentile",
-           "train": {"path": sets.train, "from": sets.train_from, "pairs": len(train["files"])},
-           "held_out": {"path": sets.test, "from": sets.test_from, "pairs": len(test["files"])}}
+           "train": {"path": sets.train, "from": sets.train_from, "pairs": len(train["pair_ids"])},
+           "held_out": {"path": sets.test, "from": sets.test_from, "pairs": len(test["pair_ids"])}}
     test_rows = [{"set": TEST, PAIR_ID: pid} for pid in test["pair_ids"]]
     closest = []
     for m in ("cf", "fa"):
@@ -105,7 +121,7 @@ def _memorisation(collected: dict, thumbs: dict[str, dict], sets: RealSets) -> d
         for rows, sims, nn in ((gen_rows, res["generated_sims"], res["generated_nn"]),
                                (test_rows, res["held_out_sims"], res["held_out_nn"])):
             for row, s, j in zip(rows, sims, nn):
-                row[f"nn_{m}_similarity"], row[f"nn_{m}_train_file"] = float(s), train["files"][j]
+                row[f"nn_{m}_similarity"], row[f"nn_{m}_train_file"] = float(s), train["files"][m][j]
         out[m] = {"generated": res["generated"], "held_out": res["held_out"], "threshold": res["threshold"],
                   "fraction_above": res["fraction_above"]}
         closest += [{"modality": m, "generated_pair_id": r[PAIR_ID], "train_file": r[f"nn_{m}_train_file"],

@@ -32,7 +32,7 @@ def thumbnail_batch(batch: dict, set_name: str) -> dict:
     """Ray Data map_batches fn for real pairs given by path.
 
     In:  pair_id, cf_path, fa_path [B].
-    Out: set, pair_id, cf_path [B]; thumb_cf uint8 [B, S, S, 3]; thumb_fa uint8 [B, S, S]; error str [B]
+    Out: set, pair_id, cf_path, fa_path [B]; thumb_cf uint8 [B, S, S, 3]; thumb_fa uint8 [B, S, S]; error str [B]
          ("" or why: a file that will not decode gets black thumbnails and its error, for the driver to name).
     """
     cfs, fas, errors = [], [], []
@@ -49,8 +49,9 @@ def thumbnail_batch(batch: dict, set_name: str) -> dict:
     n = len(batch[PAIR_ID])
     return {"set": np.array([set_name] * n, dtype=object),
             PAIR_ID: np.array([str(p) for p in batch[PAIR_ID]], dtype=object),
-            CF_PATH: np.array(list(batch[CF_PATH]), dtype=object), "thumb_cf": np.stack(cfs), "thumb_fa": np.stack(fas),
-            "error": np.array(errors, dtype=object)}
+            CF_PATH: np.array(list(batch[CF_PATH]), dtype=object),
+            FA_PATH: np.array(list(batch[FA_PATH]), dtype=object),
+            "thumb_cf": np.stack(cfs), "thumb_fa": np.stack(fas), "error": np.array(errors, dtype=object)}
 
 
 def id_order(pair_id: str) -> tuple:
@@ -61,8 +62,8 @@ def id_order(pair_id: str) -> tuple:
 def collect_thumbnails(records: list[dict], set_name: str, batch_size: int) -> dict:
     """Thumbnails of real pairs (records with pair_id, cf_path, fa_path) by Ray Data tasks, in pair-id order.
 
-    Returns {pair_ids: [N], files: [N] (CF paths), cf: uint8 [N, S, S, 3], fa: uint8 [N, S, S]}; a file that
-    will not decode raises DataError naming it (and the first few others).
+    Returns {pair_ids: [N], files: {cf: [N], fa: [N]} (paths), cf: uint8 [N, S, S, 3], fa: uint8 [N, S, S]};
+    a file that will not decode raises DataError naming it (and the first few others).
     """
     rows = [{PAIR_ID: str(r[PAIR_ID]), CF_PATH: r[CF_PATH], FA_PATH: r[FA_PATH]} for r in records]
     ds = ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // batch_size)))
@@ -72,8 +73,8 @@ def collect_thumbnails(records: list[dict], set_name: str, batch_size: int) -> d
     errors: list[str] = []
     for batch in track(ds, len(rows), what=f"{set_name} pairs", label="cffa evaluate", count_key=PAIR_ID):
         errors.extend(batch["error"])
-        got.extend(zip(batch[PAIR_ID], batch[CF_PATH], batch["thumb_cf"], batch["thumb_fa"]))
+        got.extend(zip(batch[PAIR_ID], batch[CF_PATH], batch[FA_PATH], batch["thumb_cf"], batch["thumb_fa"]))
     raise_decode_errors(errors)
     got.sort(key=lambda g: id_order(g[0]))
-    return {"pair_ids": [g[0] for g in got], "files": [g[1] for g in got],
-            "cf": np.stack([g[2] for g in got]), "fa": np.stack([g[3] for g in got])}
+    return {"pair_ids": [g[0] for g in got], "files": {"cf": [g[1] for g in got], "fa": [g[2] for g in got]},
+            "cf": np.stack([g[3] for g in got]), "fa": np.stack([g[4] for g in got])}
