@@ -28,8 +28,8 @@ def error_line(proc, command: str) -> str:
 
 
 def test_odd_images_warn_and_train_then_a_diverging_loss_stops_at_once(tmp_path):
-    """Odd images (and a 16-bit FA, which needs no warning): one warning per kind, training goes on for
-    two steps. Then a rerun with an absurd --lr resumes from step 2 (with the new --lr) and diverges:
+    """Odd images (and a 16-bit FA and an EXIF-turned CF, which need no warning): one warning per kind,
+    training goes on for two steps. Then a rerun with an absurd --lr resumes from step 2 (with the new --lr) and diverges:
     it stops at step 3 with one line, before anything of step 3 is saved."""
     data = odd_pairs(tmp_path / "odd")
     argv = ("train", "--data", data, "--output_dir", tmp_path / "runs", "--name", "w", *TINY,
@@ -38,7 +38,8 @@ def test_odd_images_warn_and_train_then_a_diverging_loss_stops_at_once(tmp_path)
     assert_ok(proc)
     warnings = [ln for ln in proc.stderr.splitlines() if ln.startswith("[cffa] warning: ")]
     kinds = ["pairs whose CF and FA differ", "images that are not square", "images much smaller than --resolution",
-             "CF images that are greyscale", "images with transparent pixels", "no validation pairs (6 pair(s)"]
+             "CF images that are greyscale", "images with transparent pixels", "over PIL's decompression-bomb limit",
+             "no validation pairs (8 pair(s)"]
     assert len(warnings) == len(kinds), proc.stderr
     for kind in kinds:
         assert sum(kind in w for w in warnings) == 1, kind

@@ -433,33 +433,6 @@ def test_training_on_a_full_disk_stops_at_once_in_one_line(tmp_path, pairs_dir):
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("ray_head")
-def test_rotated_and_huge_images_through_train(tmp_path):
-    """CF files with EXIF orientations (JPEG 6, TIFF 8, PNG 5) stored turned beside upright FAs: with --strict
-    any odd image is an error, and these pairs are not odd (same size once upright); a 9500x9500 FA
-    (over PIL's 89-megapixel limit) is listed like the other image warnings, with its size."""
-    from cffa_ray.synth import write_synthetic_pairs
-
-    data = tmp_path / "pairs"
-    write_synthetic_pairs(data, 4, 64)
-    for k, (suffix, orientation) in enumerate([("jpg", 6), ("tif", 8), ("png", 5)]):
-        cf = Image.open(data / f"cf/synth_{k:05d}.png").resize((64, 48))
-        (data / f"cf/synth_{k:05d}.png").unlink()
-        save_with_orientation(cf, data / f"cf/synth_{k:05d}.{suffix}", orientation, FORMATS[suffix])
-        Image.open(data / f"fa/synth_{k:05d}.png").resize((64, 48)).save(data / f"fa/synth_{k:05d}.png")
-    Image.new("L", (9500, 9500), 30).save(data / "fa/synth_00003.png")
-    proc = run_cli("train", "--data", data, "--output_dir", tmp_path / "runs", *TINY, "--strict",
-                   "--val_fraction", 0.5)
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    line = one_error_line(proc, "train")
-    assert "1 of 4 pairs whose CF and FA differ in size or shape (fa/synth_00003.png 9500x9500 vs its partner's " \
-           "64x64)" in line, line
-    assert "1 of 8 images over PIL's decompression-bomb limit (89 megapixels) (fa/synth_00003.png 9500x9500)" in line
-    assert "6 of 8 images that are not square" in line
-    assert "DecompressionBombWarning" not in proc.stdout + proc.stderr
-
-
-@pytest.mark.slow
-@pytest.mark.usefixtures("ray_head")
 def test_evaluate_outputs_on_a_full_disk(tmp_path, pairs_dir):
     disk = tmp_path / "disk"
     disk.mkdir()
