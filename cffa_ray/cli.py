@@ -57,8 +57,12 @@ def _evaluate(ns) -> int:
 
 
 def _report(ns) -> int:
+    from cffa_ray.evaluation_report import is_evaluation, write_evaluation_report
     from cffa_ray.report import write_report
 
+    if is_evaluation(ns.run_dir):
+        print(f"[cffa] report: {write_evaluation_report(ns.run_dir)} (open it in a browser)")
+        return 0
     path = write_report(ns.run_dir)
     print(f"[cffa] report: {path} (open it in a browser; the PNGs lie beside it)")
     return 0
@@ -104,8 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(p, EvaluateConfig)
     p.set_defaults(run=_evaluate)
 
-    p = sub.add_parser("report", help="report.html of a training run: loss curves and the preview pairs over steps")
-    p.add_argument("run_dir", help="a run folder written by `cffa train` (<output_dir>/<name>)")
+    p = sub.add_parser("report", help="report.html of a training run (loss curves, preview pairs over steps) or "
+                                      "of a `cffa evaluate` output (its numbers)")
+    p.add_argument("run_dir", help="a run folder written by `cffa train` (<output_dir>/<name>), or the --output "
+                                   "folder of `cffa evaluate`")
     p.set_defaults(run=_report)
 
     p = sub.add_parser("demo", help="synthetic pairs -> 2-worker ZeRO-2 training on the built-in tiny-retina "

@@ -24,6 +24,7 @@ from cffa_ray.decoding import load_pair, read_image
 from cffa_ray.folder_lock import LOCK_FILE, folder_lock
 from cffa_ray.io import publish_dir, staging_dir
 from cffa_ray.pixels import geometry_warnings, open_image
+from cffa_ray.train.run_folder import RunFolder
 from tests.helpers import REPO, fails_in_driver, gen_argv, run_cli, start_cli
 
 # EXIF orientation -> how the stored pixels were turned from the upright picture (PIL's ROTATE_90 is
@@ -304,39 +305,61 @@ def one_error_line(proc, command: str) -> str:
     return lines[-1]
 
 
-@pytest.mark.slow
-@pytest.mark.usefixtures("ray_head")
-def test_sigterm_stops_training_at_the_step_it_names(tmp_path, pairs_dir):
-    """`kill PID` (what `ray job stop` and a preempted node's shutdown send): Ray Train aborts the run before
-    the line names its step, nothing is written after it, and the rerun resumes exactly there."""
-    argv = ("train", "--data", pairs_dir, "--output_dir", tmp_path / "runs", "--name", "t", *TINY,
-            "--num_workers", 2, "--val_every", 3)
-    proc = start_cli(*argv, "--max_steps", 100000)
+def _stop_at(proc, pattern: str, signum: int) -> list[str]:
+    """Read `proc`'s output until a line matches `pattern`, send `signum` (SIGINT to the whole foreground
+    group, as Ctrl-C in a terminal does), and return every line it printed."""
     lines = []
     for line in proc.stdout:
         lines.append(line)
-        if "[cffa] step 7/" in line:
-            os.kill(proc.pid, signal.SIGTERM)
+        if re.search(pattern, line):
+            if signum == signal.SIGINT:
+                os.killpg(proc.pid, signum)
+            else:
+                os.kill(proc.pid, signum)
             break
-    lines += proc.stdout.readlines()
+    return lines + proc.stdout.readlines()
+
+
+def _resume_step(line: str, how: str) -> int:
+    match = re.fullmatch(rf"cffa train: training interrupted{how}; rerun the same command to resume "
+                         r"(from step (\d+), its last checkpoint|from the start \(no checkpoint was saved yet\))",
+                         line.strip())
+    assert match, line
+    return int(match.group(2) or 0)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_head")
+def test_sigterm_then_ctrl_c_stop_training_at_the_step_they_name(tmp_path, pairs_dir):
+    """`kill PID` (what `ray job stop` and a preempted node's shutdown send): Ray Train aborts the run before
+    the line names its step, nothing is written after it, and the rerun resumes exactly there. The rerun is
+    then stopped with Ctrl-C: exit 130, and the step it names is the one a rerun would resume from."""
+    argv = ("train", "--data", pairs_dir, "--output_dir", tmp_path / "runs", "--name", "t", *TINY,
+            "--num_workers", 2, "--val_every", 3, "--max_steps", 100000)
+    proc = start_cli(*argv)
+    lines = _stop_at(proc, r"\[cffa\] step 7/", signal.SIGTERM)
     assert proc.wait(timeout=300) == 143, "".join(lines[-30:])
     # (Ray Train's placement-group cleaner may print a traceback of its own where several Ray instances
     # share one machine, as on a CI box: "Found multiple active Ray instances"; not ours, not on a node)
     text = "".join(ln for ln in lines if not ln.startswith("(PlacementGroupCleaner "))
     assert "Traceback" not in text and "SIGTERM received" not in text and "\x1b[" not in text, text[-3000:]
-    match = re.fullmatch(r"cffa train: training interrupted by SIGTERM; rerun the same command to resume "
-                         r"(from step (\d+), its last checkpoint|from the start \(no checkpoint was saved yet\))",
-                         lines[-1].strip())
-    assert match, text[-3000:]
-    step = int(match.group(2) or 0)
+    step = _resume_step(lines[-1], " by SIGTERM")
     run = tmp_path / "runs/t"
     before = files_in(run)
-    time.sleep(15)
+    time.sleep(5)  # Ray's workers outlive the driver by a moment: had the run not been aborted, they would write
     assert files_in(run) == before, "the run went on writing after the line"
-    rerun = run_cli(*argv, "--max_steps", step + 2)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert (f"resuming at step {step}" if step else "starting ->") in rerun.stdout, rerun.stdout
-    assert "(RayTrainWorker pid=" in rerun.stdout and "\x1b[" not in rerun.stdout  # plain prefixes into a pipe
+
+    proc = start_cli(*argv)
+    lines = _stop_at(proc, rf"\[cffa\] step {step + 3}/", signal.SIGINT)
+    assert proc.wait(timeout=300) == 130, "".join(lines[-30:])
+    text = "".join(lines)
+    assert (f"resuming at step {step}" if step else "starting ->") in text, text[-3000:]
+    assert "(RayTrainWorker pid=" in text and "\x1b[" not in text  # plain prefixes into a pipe
+    assert "Traceback" not in text, text[-3000:]
+    again = _resume_step(lines[-1], "")
+    assert again >= step and RunFolder(str(run)).resumable_step() == again
+    for folder in (run / "latest_checkpoints").iterdir():  # folders appear complete or not at all
+        assert (folder / "model.json").is_file()
     assert_umask_modes(run)
 
 
