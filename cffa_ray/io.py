@@ -10,11 +10,13 @@ shared storage other users and other nodes' accounts can read the results (`umas
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -181,6 +183,19 @@ def _put(fs, dest: str, data: bytes) -> None:
         out.write(data)
     if target != dest:
         fs.move(target, dest)
+
+
+@contextlib.contextmanager
+def staged(final: str | os.PathLike, marker: str | None = None) -> Iterator[Path]:
+    """A staging folder to fill in the `with` block, published as `final` after it (`publish_dir`);
+    removed instead when the block fails (a full disk), so that no half-made folder is left beside."""
+    stage = staging_dir(final)
+    try:
+        yield stage
+        publish_dir(stage, final, marker)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
 
 
 def staging_dir(final: str | os.PathLike) -> Path:

@@ -339,7 +339,9 @@ def test_sigterm_then_ctrl_c_stop_training_at_the_step_they_name(tmp_path, pairs
     proc = start_cli(*argv)
     lines = _stop_at(proc, r"\[cffa\] step 7/", signal.SIGTERM)
     assert proc.wait(timeout=300) == 143, "".join(lines[-30:])
-    text = "".join(lines)
+    # (Ray Train's placement-group cleaner may print a traceback of its own where several Ray instances
+    # share one machine, as on a CI box: "Found multiple active Ray instances"; not ours, not on a node)
+    text = "".join(ln for ln in lines if not ln.startswith("(PlacementGroupCleaner "))
     assert "Traceback" not in text and "SIGTERM received" not in text and "\x1b[" not in text, text[-3000:]
     step = _resume_step(lines[-1], " by SIGTERM")
     run = tmp_path / "runs/t"
@@ -426,6 +428,7 @@ def test_training_on_a_full_disk_stops_at_once_in_one_line(tmp_path, pairs_dir):
                             rf"{re.escape(str(disk))}/f\S*( \(writing \S+\))?; free some space there, then rerun with "
                             r"the same --name: it resumes from the last checkpoint", line), line
         assert proc.stdout.count("starting ->") == 1, "a worker-group restart: the full disk was retried"
+        assert not [p for p in disk.rglob(".*") if p.name != ".validate_storage_marker"], "half-made folders left"
         print(f"full disk: training stopped {time.time() - t0:.0f}s after its start")
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=True)
