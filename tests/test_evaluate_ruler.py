@@ -9,7 +9,7 @@ from cffa_ray.evaluate import memorisation, topology, utility
 from cffa_ray.evaluate.vessels import fa_vessels, pair_masks
 from cffa_ray.synth import make_pair
 
-TSTR_STEPS = 60  # per training; the CLI default is 300 (README: the seed noise measured there)
+TSTR_STEPS = 150  # per training (4 of them, about a minute on 2 idle cores); the CLI default is 300
 
 
 def synthetic_pairs(n, size=64, seed=0):
@@ -112,6 +112,7 @@ def _scores(pairs, test, seed=0):
     return utility.train_and_score(*pairs, *test, TSTR_STEPS, seed, False)
 
 
+@pytest.mark.slow  # trains four networks
 def test_tstr_real_pairs_as_generated_read_one_and_mismatched_pairs_less(tstr_real):
     (cf, fa), test = tstr_real
     real = {"real": _scores((cf, fa), test), "real_seed2": _scores((cf, fa), test, seed=1)}

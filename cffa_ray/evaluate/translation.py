@@ -20,7 +20,7 @@ from cffa_ray.evaluate import metrics
 from cffa_ray.evaluate.vessels import fa_vessels, pair_masks, soft_dice
 
 LEVELS, WIDTH = 3, 16
-BATCH, LR = 8, 4e-3
+BATCH, LR = 16, 2e-3
 SCORES = ("psnr", "ssim", "dice")
 
 
