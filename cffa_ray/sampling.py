@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from cffa_ray.images import to_uint8
+from cffa_ray.models.inference import DTYPES
 from cffa_ray.models.interface import PairModel
 
 SCHEDULER_CLASSES = {"ddim": "DDIMScheduler", "dpm++": "DPMSolverMultistepScheduler"}
@@ -51,6 +52,26 @@ def autocast(device: torch.device, mixed_precision: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def gpu_autocast_dtype(model: PairModel, mixed_precision: str) -> torch.dtype | None:
+    """The dtype sample_pairs autocasts to (None: it runs without autocast)."""
+    return None if mixed_precision == "no" else DTYPES[mixed_precision]
+
+
+def sampling_autocast(model: PairModel, device: torch.device, mixed_precision: str):
+    """The autocast context sample_pairs denoises under."""
+    return autocast(device, mixed_precision)
+
+
+def denoise_step(model: PairModel | None, sched, state: torch.Tensor, t: torch.Tensor, t_host: int,
+                 eps: torch.Tensor | None = None) -> torch.Tensor:
+    """One step of the walk: the model's eps_hat at `t` (a device tensor), then the scheduler's step
+    at `t_host` (the same timestep as a Python int: no host sync in the scheduler). `eps` given: only
+    the scheduler's step (bench/op_count.py counts the two apart)."""
+    if eps is None:
+        eps = model.predict_noise(sched.scale_model_input(state, t), t)
+    return sched.step(eps.float(), t_host, state).prev_sample
+
+
 @torch.no_grad()
 def sample_pairs(model: PairModel, noise: torch.Tensor, *, steps: int, scheduler: str = "ddim",
                  init_images: tuple[torch.Tensor, torch.Tensor] | None = None, strength: float = 1.0,
@@ -77,10 +98,9 @@ def sample_pairs(model: PairModel, noise: torch.Tensor, *, steps: int, scheduler
         if hasattr(sched, "set_begin_index"):
             sched.set_begin_index(start)
         state = sched.add_noise(init_state.to(device).float(), z0, timesteps[:1].repeat(z0.shape[0]))
-    with autocast(device, mixed_precision):
-        for t in timesteps:
-            eps = model.predict_noise(sched.scale_model_input(state, t), t)
-            state = sched.step(eps.float(), t, state).prev_sample
+    with sampling_autocast(model, device, mixed_precision):
+        for t, t_host in zip(timesteps, timesteps.tolist()):
+            state = denoise_step(model, sched, state, t, t_host)
     # Decoding runs outside autocast: the SDXL VAE overflows in fp16, and it is a few % of the cost.
     return model.decode(state)
 

@@ -155,6 +155,10 @@ class RayHead:
                     "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
         self.env.pop("RAY_ADDRESS", None)
         self.address = f"http://127.0.0.1:{self.dashboard}"
+        # Its workers find the state API by this address: by default they would search the machine, and with
+        # another Ray instance running (a local test run, another checkout's suite) Ray Train's
+        # placement-group cleaner fails with "Found multiple active Ray instances" and a traceback.
+        self.env["RAY_API_SERVER_ADDRESS"] = self.address
         self.gcs_port, self.num_cpus = free_port(), num_cpus
         # a short temp dir: Ray's unix socket paths must stay under ~107 characters
         self.temp_dir = tempfile.mkdtemp(prefix="cffa-ray-", dir="/tmp")

@@ -43,8 +43,8 @@ def test_training_step_is_decoupled_and_reaches_both_adapters(model):
             seen[name] = (args[0].clone(), args[1].clone())
         return hook
 
-    handles = [model.unet_cf.register_forward_pre_hook(spy("cf"), with_kwargs=True),
-               model.unet_fa.register_forward_pre_hook(spy("fa"), with_kwargs=True)]
+    # both modalities go through the shared base in one batched call (models/paired.py): cf rows, then fa
+    handles = [model.unet_pair.register_forward_pre_hook(spy("pair"), with_kwargs=True)]
     torch.manual_seed(1)
     model.zero_grad()
     same = _batch()
@@ -52,6 +52,7 @@ def test_training_step_is_decoupled_and_reaches_both_adapters(model):
     out = model(same)
     for h in handles:
         h.remove()
+    seen["cf"], seen["fa"] = zip(*(x.chunk(2) for x in seen.pop("pair")))
     # independent timesteps and noise per modality
     assert not torch.equal(seen["cf"][1], seen["fa"][1])
     assert not torch.allclose(seen["cf"][0], seen["fa"][0])

@@ -7,6 +7,7 @@ from cffa_ray import diffusion as D
 from cffa_ray.models.base import BaseParts
 from cffa_ray.models.interface import PairModel
 from cffa_ray.models.lora import LORA_TARGETS, twin, with_lora
+from cffa_ray.models.paired import is_zero3_partitioned, paired_view
 from cffa_ray.models.vae import decode_latents, encode_images, latent_moments, sample_latents
 
 
@@ -21,8 +22,12 @@ class DualUNet(PairModel):
                  lora_targets: tuple[str, ...] = LORA_TARGETS, share_base: bool = True, **loss):
         super().__init__()
         unet_fa = twin(parts.unet, share_base)
+        # both halves of a training batch in one forward over the shared base (models/paired.py)
+        pair_base = twin(parts.unet, True) if share_base else None
         self.unet_cf = with_lora(parts.unet, rank, alpha, lora_targets)
         self.unet_fa = with_lora(unet_fa, rank, alpha, lora_targets)
+        self.unet_pair = paired_view(pair_base, self.unet_cf, self.unet_fa) if share_base else None
+        self.batched = share_base  # False: the two UNets run apart (tests compare the two forms)
         self._hold_base(parts, **loss)
 
     def _unet_eps(self, unet, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -42,14 +47,24 @@ class DualUNet(PairModel):
         # one draw for both modalities, in the order the pixel path has always used (cf rows, then fa)
         x0 = sample_latents(self.vae, torch.cat([moments["cf_moments"], moments["fa_moments"]]), generator)
         ac = self._alphas_cumprod
-        # Decoupled: each modality draws its own noise and its own timesteps.
-        views = {}
-        for key, x0_m, unet in (("cf", x0[:b], self.unet_cf), ("fa", x0[b:], self.unet_fa)):
-            v = D.noised_view(x0_m, ac, self.offset_noise_strength, generator, self.loss_weighting, t)
-            v["eps_hat"] = self._unet_eps(unet, v["x_t"], v["t"])
-            v["pred_x0"] = D.predict_x0(v["x_t"].float(), v["eps_hat"].float(), v["t"], ac)
-            views[key] = v
+        # Decoupled: each modality draws its own noise and its own timesteps (cf first, then fa).
+        views = {key: D.noised_view(x0_m, ac, self.offset_noise_strength, generator, self.loss_weighting, t)
+                 for key, x0_m in (("cf", x0[:b]), ("fa", x0[b:]))}
+        if self.batched and not is_zero3_partitioned(self.unet_pair):
+            eps = self._unet_eps(self.unet_pair, torch.cat([views["cf"]["x_t"], views["fa"]["x_t"]]),
+                                 torch.cat([views["cf"]["t"], views["fa"]["t"]])).chunk(2)
+        else:
+            eps = [self._unet_eps(unet, views[key]["x_t"], views[key]["t"])
+                   for key, unet in (("cf", self.unet_cf), ("fa", self.unet_fa))]
+        for v, eps_hat in zip(views.values(), eps):
+            v["eps_hat"] = eps_hat
+            v["pred_x0"] = D.predict_x0(v["x_t"].float(), eps_hat, v["t"], ac)
         return D.dual_loss(views["cf"], views["fa"], self.hf_lambda, self.struct_lambda)
+
+    def enable_gradient_checkpointing(self) -> None:
+        super().enable_gradient_checkpointing()
+        if self.unet_pair is not None:
+            self.unet_pair.enable_gradient_checkpointing()
 
     def noise_to_state(self, noise, fa_noise="same"):
         # negated: the FA UNet starts from -z0. CF vessels are dark and FA vessels bright, and from one z0

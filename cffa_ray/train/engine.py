@@ -38,8 +38,11 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
     }
 
 
-def build_engine(cfg: TrainConfig, world_size: int, rank: int):
+def build_engine(cfg: TrainConfig, world_size: int, rank: int, fused: bool | None = None):
     """The model with fresh LoRA adapters inside a DeepSpeed engine, the same on every rank.
+
+    Args:
+        fused: AdamW's fused kernel (default: with --use_gpu; bench/op_count.py counts the GPU form on CPU).
 
     Returns:
         (engine, optimizer, trainable parameter count), or the reason the run must stop (str) when
@@ -60,7 +63,8 @@ def build_engine(cfg: TrainConfig, world_size: int, rank: int):
     params = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in params)  # before ZeRO-3 partitions them away
     # one fused kernel for all LoRA tensors on GPU instead of a loop of small ones
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2, fused=cfg.use_gpu or None)
+    fused = fused if fused is not None else (cfg.use_gpu or None)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2, fused=fused)
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                    config=deepspeed_config(cfg, world_size))
     return engine, optimizer, n_trainable
