@@ -25,7 +25,7 @@ import numpy as np
 from scipy import ndimage as ndi
 from skimage.morphology import skeletonize
 
-VESSEL_THRESHOLD = 0.5      # of the vessel map (its 99th percentile inside the fundus is 1)
+VESSEL_THRESHOLD = 0.3      # of the vessel map (its 99th percentile inside the fundus is 1)
 MIN_HOLE_FRACTION = 0.001   # of the fundus area: smaller holes are thresholding gaps, not loops
 FAR = 2.0                   # |standardised difference| above this: flagged far from real
 MEASURES = ("density", "loops", "branch_points", "end_points", "segment_length")
@@ -57,7 +57,8 @@ def count_loops(vessels: np.ndarray, fundus: np.ndarray) -> int:
     return int(keep.sum())
 
 
-def image_topology(vessel_map: np.ndarray, fundus: np.ndarray | None = None) -> dict[str, float]:
+def image_topology(vessel_map: np.ndarray, fundus: np.ndarray | None = None,
+                   threshold: float = VESSEL_THRESHOLD) -> dict[str, float]:
     """The MEASURES of one vessel map [H, W] (fundus: bool [H, W], default where the map is defined,
     i.e. the whole image); NaN for all when the fundus is empty, per-skeleton ones when there is no skeleton."""
     if fundus is None:
@@ -65,7 +66,7 @@ def image_topology(vessel_map: np.ndarray, fundus: np.ndarray | None = None) -> 
     area = int(fundus.sum())
     if area == 0:
         return {k: float("nan") for k in MEASURES}
-    vessels = vessel_mask(vessel_map) & fundus
+    vessels = vessel_mask(vessel_map, threshold) & fundus
     skeleton = skeletonize(vessels)
     n_skel = int(skeleton.sum())
     out = {"density": float(vessels.sum() / area), "loops": float(count_loops(vessels, fundus))}

@@ -22,6 +22,7 @@ import ray
 
 from cffa_ray.evaluate import metrics
 from cffa_ray.evaluate.translation import SCORES, predict, score_predictions, train_translation
+from cffa_ray.progress import Progress
 
 
 def train_and_score(train_cf: np.ndarray, train_fa: np.ndarray, test_cf: np.ndarray, test_fa: np.ndarray,
@@ -65,7 +66,13 @@ def run_tstr(generated: tuple[np.ndarray, np.ndarray], train: tuple[np.ndarray, 
     jobs = {"synthetic": (generated, seed), "real": (real, seed), "real_seed2": (real, seed + 1)}
     refs = {name: task.remote(*(ray.put(a) for a in pairs), *test_refs, steps, s, use_gpu)
             for name, (pairs, s) in jobs.items()}
-    scores = dict(zip(refs, ray.get(list(refs.values()))))
+    names = {ref: name for name, ref in refs.items()}
+    scores, pending = {}, list(refs.values())
+    with Progress(len(pending), what="trainings", label="cffa evaluate utility") as bar:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            scores[names[done[0]]] = ray.get(done[0])
+            bar.update(1)
     return {"method": "train-on-synthetic, test-on-real: a small CF->FA UNet trained with one seed and budget on "
                       "the generated pairs and on as many real training pairs, scored on held-out real pairs; "
                       "ratio = synthetic / real",
