@@ -176,6 +176,7 @@ def main() -> None:
                    help="torch.compile the UNets in (b) and (c) (default: on with --use_gpu)")
     p.add_argument("--paths", default="a,a2,b,c", help="which paths to run, e.g. b,c")
     p.add_argument("--peak_tflops", type=float, default=None, help="the device's dense bf16 peak, e.g. 989 (H100)")
+    p.add_argument("--json", default=None, help="also write the results here (bench/gpu_suite.py reads them)")
     for hidden in ("--_path", "--_ckpt", "--_work"):
         p.add_argument(hidden, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -212,6 +213,9 @@ def main() -> None:
         print(f"(b) compile + warm-up: {results['b']['compile_s']:.0f}s, paid once per process")
     if per_pair:
         print(f"FLOP per pair (torch counter, VAE decode included): {per_pair:.1f} TFLOP")
+    if args.json:
+        settings = {k: v for k, v in vars(args).items() if not k.startswith("_")}
+        Path(args.json).write_text(json.dumps({"settings": settings, "paths": results}, indent=1))
 
 
 if __name__ == "__main__":

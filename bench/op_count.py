@@ -120,7 +120,7 @@ def count_sampling(preset: str, batch_size: int, resolution: int, mixed_precisio
     eps = torch.zeros(state.shape)  # the scheduler's step on real tensors (see the module docstring)
     counter.phase = "scheduler"
     with counter, torch.no_grad():
-        denoise_step(None, sched, state, t, t, eps=eps)
+        denoise_step(None, sched, state, t, int(t), eps=eps)
     return counter
 
 

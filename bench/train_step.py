@@ -14,6 +14,7 @@ rate is read from its last training_log window. Peak GPU memory is printed for b
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 import tempfile
@@ -58,8 +59,9 @@ def plain_model(cfg: TrainConfig, device):
     return model
 
 
-def plain_loop(cfg: TrainConfig, steps: int, warmup: int, profile: int = 0) -> tuple[float, float, float]:
-    """(steps/s, FLOP per step, peak GiB) of model + AdamW in this process: the baseline."""
+def plain_loop(cfg: TrainConfig, steps: int, warmup: int, profile: int = 0) -> tuple[float, float, float, dict]:
+    """(steps/s, FLOP per step, peak GiB, profile) of model + AdamW in this process: the baseline
+    (profile: print_profile's figures, {} without --profile)."""
     device = torch.device("cuda" if cfg.use_gpu else "cpu")
     model = plain_model(cfg, device)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -81,8 +83,7 @@ def plain_loop(cfg: TrainConfig, steps: int, warmup: int, profile: int = 0) -> t
     flops = counter.get_total_flops()
     for _ in range(warmup):
         step()
-    if profile:
-        print_profile(step, profile, device)
+    prof = print_profile(step, profile, device) if profile else {}
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -92,19 +93,25 @@ def plain_loop(cfg: TrainConfig, steps: int, warmup: int, profile: int = 0) -> t
     if device.type == "cuda":
         torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
-    return steps / (time.perf_counter() - t0), flops, peak
+    return steps / (time.perf_counter() - t0), flops, peak, prof
 
 
-def print_profile(step, steps: int, device) -> None:
-    """torch.profiler over `steps` steps: the top kernels by device time, and kernel launches a step."""
+def print_profile(step, steps: int, device) -> dict:
+    """torch.profiler over `steps` steps: the top kernels by device time, and kernel launches a step.
+
+    Returns:
+        {"wall_ms", "kernel_ms", "launches"} a step: kernel time is the GPU's (the CPU's ops' own time on CPU).
+    """
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    t0 = time.perf_counter()
     with profile(activities=activities) as prof:
         for _ in range(steps):
             step()
         if device.type == "cuda":
             torch.cuda.synchronize()
+    wall_ms = (time.perf_counter() - t0) * 1e3 / steps
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=sort, row_limit=25))
     events = prof.key_averages()
@@ -112,6 +119,13 @@ def print_profile(step, steps: int, device) -> None:
     print(f"per step: {launches / steps:.0f} kernel launches, "
           f"{sum(e.count for e in events if e.key == 'aten::mm') / steps:.0f} aten::mm, "
           f"{sum(e.count for e in events if e.key == 'aten::_to_copy') / steps:.0f} dtype copies")
+    if device.type == "cuda":  # kernels only: the device time of events that ran on the GPU
+        kernel_us = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    else:  # the ops' own CPU time
+        kernel_us = sum(e.self_cpu_time_total for e in events if e.key.startswith("aten::"))
+    out = {"wall_ms": wall_ms, "kernel_ms": kernel_us / 1e3 / steps, "launches": launches / steps}
+    print(f"per step: wall {out['wall_ms']:.1f} ms, kernels {out['kernel_ms']:.1f} ms (under the profiler)")
+    return out
 
 
 def ray_path(cfg: TrainConfig) -> tuple[float, float]:
@@ -144,6 +158,7 @@ def main() -> None:
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="also profile N steps of the plain loop (torch.profiler: top kernels, launches a step)")
     p.add_argument("--skip_ray", action="store_true", help="only the plain loop (with --profile)")
+    p.add_argument("--json", default=None, help="also write the results here (bench/gpu_suite.py reads them)")
     args = p.parse_args()
     if not args.use_gpu:
         torch.set_num_threads(max(1, int(args.cpus_per_worker)))
@@ -163,7 +178,7 @@ def main() -> None:
                       checkpoint_every=total, val_fraction=0.1)
     cfg.validate()
 
-    base_rate, flops, base_peak = plain_loop(cfg, args.steps, args.warmup, args.profile)
+    base_rate, flops, base_peak, prof = plain_loop(cfg, args.steps, args.warmup, args.profile)
     if args.use_gpu:
         torch.cuda.empty_cache()  # the Ray worker is another process on the same GPU
     ray_rate, ray_peak = (None, None) if args.skip_ray else ray_path(cfg)
@@ -187,6 +202,14 @@ def main() -> None:
     print(f"FLOP per training step (torch counter): {flops / 1e9:.2f} GFLOP; plain loop achieves "
           f"{flops * base_rate / 1e12:.4f} TFLOP/s" + (f", Ray path {flops * ray_rate / 1e12:.4f} TFLOP/s per worker"
                                                        if ray_rate else ""))
+    if args.json:
+        pairs_per_step = args.batch_size  # per worker; no gradient accumulation here
+        Path(args.json).write_text(json.dumps({
+            "settings": vars(args), "flop_per_step": flops, "profile": prof,
+            "plain": {"steps_per_s": base_rate, "pairs_per_s": base_rate * pairs_per_step, "peak_gib": base_peak},
+            "ray": None if ray_rate is None else {"steps_per_s": ray_rate, "peak_gib": ray_peak,
+                                                  "pairs_per_s": ray_rate * pairs_per_step * args.num_workers}},
+            indent=1))
 
 
 if __name__ == "__main__":

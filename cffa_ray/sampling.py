@@ -53,12 +53,18 @@ def autocast(device: torch.device, mixed_precision: str):
 
 
 def gpu_autocast_dtype(model: PairModel, mixed_precision: str) -> torch.dtype | None:
-    """The dtype sample_pairs autocasts to (None: it runs without autocast)."""
-    return None if mixed_precision == "no" else DTYPES[mixed_precision]
+    """The dtype sample_pairs autocasts to, or None: it runs without autocast where the UNets' weights
+    already are in the compute dtype (prepare_for_sampling). Autocast would then only cast every norm's
+    input, weight and bias up to fp32 and the result back down: ~880 of a step's ~2,300 ops at SD1.5."""
+    if mixed_precision == "no" or model.compute_dtype == DTYPES[mixed_precision]:
+        return None
+    return DTYPES[mixed_precision]
 
 
 def sampling_autocast(model: PairModel, device: torch.device, mixed_precision: str):
-    """The autocast context sample_pairs denoises under."""
+    """The autocast context sample_pairs denoises under (see gpu_autocast_dtype)."""
+    if gpu_autocast_dtype(model, mixed_precision) is None:
+        return contextlib.nullcontext()
     return autocast(device, mixed_precision)
 
 

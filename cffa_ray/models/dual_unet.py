@@ -7,7 +7,7 @@ from cffa_ray import diffusion as D
 from cffa_ray.models.base import BaseParts
 from cffa_ray.models.interface import PairModel
 from cffa_ray.models.lora import LORA_TARGETS, twin, with_lora
-from cffa_ray.models.paired import is_zero3_partitioned, paired_view
+from cffa_ray.models.paired import is_zero3_partitioned, paired_merged, paired_view
 from cffa_ray.models.vae import decode_latents, encode_images, latent_moments, sample_latents
 
 
@@ -15,6 +15,7 @@ class DualUNet(PairModel):
     name = "dual_unet"
     ADAPTERS = ("unet_cf_lora", "unet_fa_lora")
     UNETS = ("unet_cf", "unet_fa")
+    SAMPLING_UNETS = ("unet_pair",)  # after merge_lora
     CACHE_COLUMNS = ("cf_moments", "fa_moments")
     FA_NOISES = ("same", "negated")
 
@@ -79,8 +80,19 @@ class DualUNet(PairModel):
 
     def predict_noise(self, state, t):
         t = t.expand(state.shape[0]) if t.ndim == 0 else t
+        if self.UNETS == self.SAMPLING_UNETS:  # merged: both modalities in one call (merge_lora)
+            eps = self._unet_eps(self.unet_pair, torch.cat([state[:, 0], state[:, 1]]), torch.cat([t, t]))
+            return torch.stack(eps.chunk(2), dim=1)
         return torch.stack([self._unet_eps(self.unet_cf, state[:, 0], t),
                             self._unet_eps(self.unet_fa, state[:, 1], t)], dim=1)
+
+    def merge_lora(self) -> None:
+        """Both LoRAs folded into per-half weights of one plain UNet (models/paired.py): a sampling step
+        runs both modalities in one batched call over one copy of the base weights, instead of two UNets
+        with two copies. Afterwards `unets()` is that one UNet, and there are no adapters to save."""
+        self.unet_pair = paired_merged(self.unet_cf, self.unet_fa)
+        del self.unet_cf, self.unet_fa
+        self.UNETS = self.SAMPLING_UNETS
 
     def decode(self, state):
         images = decode_latents(self.vae, torch.cat([state[:, 0], state[:, 1]]))

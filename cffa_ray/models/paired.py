@@ -77,3 +77,45 @@ def is_zero3_partitioned(module: nn.Module) -> bool:
     """True when DeepSpeed ZeRO-3 has partitioned `module`'s parameters (it gathers them per module,
     so a layer that reads another module's weights, as PairedLoRALinear does, would see empty shards)."""
     return any(hasattr(p, "ds_status") for p in module.parameters())
+
+
+class PairedMergedLinear(nn.Module):
+    """A Linear with one merged weight per half of the batch (sampling: LoRA folded in, no adapter).
+
+    Args:
+        weight: [2, out, in], the first half's merged weight and the second's.
+        bias: [out] or None (LoRA leaves the bias alone: both halves share it).
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.out_features = weight.shape[1]
+        self.weight = nn.Parameter(weight.transpose(1, 2).contiguous(), requires_grad=False)  # [2, in, out]
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        halves = x.reshape(2, -1, x.shape[-1])
+        y = torch.bmm(halves, self.weight) if self.bias is None else torch.baddbmm(self.bias, halves, self.weight)
+        return y.view(*x.shape[:-1], self.out_features)
+
+
+@torch.no_grad()
+def paired_merged(first: nn.Module, second: nn.Module) -> nn.Module:
+    """One plain UNet for sampling both halves in one call: `second`'s base with every LoRA-targeted Linear
+    replaced by a PairedMergedLinear holding the base weight plus each peft model's LoRA, merged (in the
+    weights' dtype, as peft's merge_and_unload does). The other layers carry no LoRA and are the same
+    in both models, so they are held once. Consumes both peft models."""
+    firsts, seconds = lora_layers(first), lora_layers(second)
+    if set(firsts) != set(seconds):
+        raise ValueError("both UNets must carry LoRA on the same modules")
+    merged = {}
+    for name, layer in seconds.items():
+        base = layer.base_layer
+        merged[name] = (torch.stack([firsts[name].base_layer.weight + firsts[name].get_delta_weight(ADAPTER),
+                                     base.weight + layer.get_delta_weight(ADAPTER)]), base.bias)
+    unet = second.unload()  # the base without LoRA layers
+    for name, (weight, bias) in merged.items():
+        owner_name, _, leaf = name.rpartition(".")
+        owner = unet.get_submodule(owner_name) if owner_name else unet
+        setattr(owner, leaf, PairedMergedLinear(weight, bias))
+    return unet

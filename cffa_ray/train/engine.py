@@ -30,7 +30,10 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
         "train_batch_size": cfg.batch_size * cfg.gradient_accumulation_steps * world_size,
         "gradient_clipping": 1.0,
         "zero_optimization": {"stage": cfg.zero_stage, "overlap_comm": cfg.use_gpu, "contiguous_gradients": True},
-        "bf16": {"enabled": cfg.mixed_precision == "bf16"},
+        # bf16 has fp32's range: no loss scale to adjust, so DeepSpeed's per-tensor overflow walk over the
+        # LoRA gradients (~5,000 ops a step at SD1.5, BENCHMARKS.md) buys nothing; a non-finite loss still
+        # stops the run before anything is written from it (train/stop.py).
+        "bf16": {"enabled": cfg.mixed_precision == "bf16", "check_grad_overflow": False},
         "fp16": {"enabled": cfg.mixed_precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         # The LoRA parameters are few; torch's AdamW needs no compiled DeepSpeed op (CPU or GPU).
         "zero_allow_untested_optimizer": True,
