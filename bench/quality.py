@@ -18,7 +18,10 @@ unrelated vessel trees, 1 = as aligned as real pairs; floor = mismatched real pa
 generated pairs and of generated pairs mismatched (CF i with FA i+1: the floor in the model's own
 images; pairs below it draw vessel trees that avoid each other); SWD x1e3 per modality (lower =
 closer to the real images; the real-vs-real value under the table is the metric's own noise);
-training time of the run.
+the second ruler (training pairs as --real_train, the held-out pairs as --real_test): FA vessel
+topology max |d| against real (> 2 far), the fraction of generated images flagged as near-copies
+of a training image (CF or FA, the larger), and with --utility the TSTR vessel-Dice ratio; training
+time of the run.
 """
 from __future__ import annotations
 
@@ -59,13 +62,18 @@ def run_one(args, work: Path, struct: float, weighting: str, seed: int) -> list[
                              output_dir=str(work / "generated" / f"{name}_{fa_noise}"))
         generate(gen)
         ev = evaluate(EvaluateConfig(generated=gen.output_dir, real=str(work / "real"),
-                                     output=str(work / "eval" / f"{name}_{fa_noise}")))
+                                     output=str(work / "eval" / f"{name}_{fa_noise}"),
+                                     real_train=str(work / "pairs"), real_test=str(work / "real"),
+                                     utility=args.utility))
         a, r = ev["alignment"], ev["realism"]
         rows.append({"struct": struct, "weighting": weighting, "seed": seed, "fa_noise": fa_noise,
                      "normalised": a["normalised"], "dice": a["generated"]["mean"], "dice_std": a["generated"]["std"],
                      "own_floor": a["generated_mismatched"]["mean"], "real": a["real"]["mean"],
                      "floor": a["mismatched"]["mean"], "swd_cf": r["cf"]["mean"], "swd_fa": r["fa"]["mean"],
                      "swd_cf_noise": r["cf"]["real_vs_real"], "swd_fa_noise": r["fa"]["real_vs_real"],
+                     "topology_fa": ev["topology"]["fa"]["max_abs_d"],
+                     "memorised": max(ev["memorisation"][m]["fraction_above"] for m in ("cf", "fa")),
+                     "tstr_dice": ev["utility"]["scores"]["dice"]["ratio"] if ev["utility"] else None,
                      "train_s": train_s})
     return rows
 
@@ -80,12 +88,13 @@ def settings(args) -> list[tuple[float, str]]:
 
 def table(rows: list[dict], args) -> str:
     lines = ["| struct_lambda | loss_weighting | seed | fa_noise | alignment normalised | Dice generated (std) | "
-             "Dice generated, mismatched | SWD CF | SWD FA | train s |",
-             "|---:|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+             "Dice generated, mismatched | SWD CF | SWD FA | FA topology max abs d | memorised | TSTR Dice ratio "
+             "| train s |", "|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['struct']:g} | {r['weighting']} | {r['seed']} | {r['fa_noise']} | "
                      f"**{_num(r['normalised'])}** | {r['dice']:.4f} ({r['dice_std']:.4f}) | {r['own_floor']:.4f} | "
-                     f"{r['swd_cf']:.1f} | {r['swd_fa']:.1f} | {r['train_s']:.0f} |")
+                     f"{r['swd_cf']:.1f} | {r['swd_fa']:.1f} | {_num(r['topology_fa'])} | {r['memorised']:.0%} | "
+                     f"{_num(r['tstr_dice'])} | {r['train_s']:.0f} |")
     if len(args.seeds) > 1:
         import numpy as np
 
@@ -122,6 +131,7 @@ def main() -> None:
     p.add_argument("--struct_lambda", type=float, nargs="+", default=[0.3, 0.0], help="struct_lambda values to train")
     p.add_argument("--loss_weighting", nargs="+", default=["none", "alpha_bar"], choices=["none", "alpha_bar"],
                    help="loss_weighting values to train")
+    p.add_argument("--utility", action="store_true", help="add cffa evaluate --utility (TSTR) to every score")
     p.add_argument("--fa_noise", nargs="+", default=["same", "negated"], choices=["same", "negated"],
                    help="generate and score each run's pairs once per value (cffa generate --fa_noise)")
     args = p.parse_args()

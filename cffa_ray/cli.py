@@ -6,9 +6,11 @@ Each command imports its job's modules when it runs (the imports inside the func
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-from cffa_ray.errors import ConfigError, DataError, Interrupted, RunStopped
+from cffa_ray import stop_signals
+from cffa_ray.errors import ConfigError, DataError, Interrupted, RunStopped, disk_full
 from cffa_ray.evaluate.config import EvaluateConfig
 from cffa_ray.flags import add_flags, from_namespace
 from cffa_ray.generate.config import GenerateConfig
@@ -55,8 +57,12 @@ def _evaluate(ns) -> int:
 
 
 def _report(ns) -> int:
+    from cffa_ray.evaluation_report import is_evaluation, write_evaluation_report
     from cffa_ray.report import write_report
 
+    if is_evaluation(ns.run_dir):
+        print(f"[cffa] report: {write_evaluation_report(ns.run_dir)} (open it in a browser)")
+        return 0
     path = write_report(ns.run_dir)
     print(f"[cffa] report: {path} (open it in a browser; the PNGs lie beside it)")
     return 0
@@ -102,8 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(p, EvaluateConfig)
     p.set_defaults(run=_evaluate)
 
-    p = sub.add_parser("report", help="report.html of a training run: loss curves and the preview pairs over steps")
-    p.add_argument("run_dir", help="a run folder written by `cffa train` (<output_dir>/<name>)")
+    p = sub.add_parser("report", help="report.html of a training run (loss curves, preview pairs over steps) or "
+                                      "of a `cffa evaluate` output (its numbers)")
+    p.add_argument("run_dir", help="a run folder written by `cffa train` (<output_dir>/<name>), or the --output "
+                                   "folder of `cffa evaluate`")
     p.set_defaults(run=_report)
 
     p = sub.add_parser("demo", help="synthetic pairs -> 2-worker ZeRO-2 training on the built-in tiny-retina "
@@ -113,11 +121,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+OUTPUT_FLAGS = ("output_dir", "output", "out", "run_dir")  # where each command writes (report: RUN_DIR)
+
+
+def no_space_message(ns, file: str) -> str:
+    """The one line for a full disk: the folder it happened in (the file's, else the command's output)."""
+    flag = next((f for f in OUTPUT_FLAGS if getattr(ns, f, None)), None)
+    output = f"{'RUN_DIR' if flag == 'run_dir' else '--' + flag} {getattr(ns, flag)}" if flag else "its output folder"
+    if file:
+        where = f"no space left on the device of {os.path.dirname(file) or '.'} (writing {os.path.basename(file)})"
+    else:
+        where = f"no space left on device while writing to {output} (or a temporary folder)"
+    return (f"{where}: free some space there, or give another {output.split(' ')[0]}; what was finished is "
+            "kept, and a rerun goes on from it")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command. Errors that are the input's fault: one line, exit 2; a run stopped on an error
-    that no retry heals: one line, exit 1; Ctrl-C: one line saying how to go on, exit 130."""
+    that no retry heals: one line, exit 1; Ctrl-C: one line saying how to go on, exit 130, and the
+    same for SIGTERM (exit 143) and SIGHUP (exit 129): see stop_signals.py."""
 
     ns = build_parser().parse_args(argv)
+    stop_signals.install()
     try:
         with terminal():
             return ns.run(ns)
@@ -128,10 +153,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cffa {ns.command}: error: {e}", file=sys.stderr)
         return 1
     except (Interrupted, KeyboardInterrupt) as e:
-        hint = str(e) or "interrupted; rerun the same command to go on from where it stopped"
+        hint = str(e) or f"{stop_signals.interrupted()}; rerun the same command to go on from where it stopped"
         print(f"cffa {ns.command}: {hint}", file=sys.stderr)
-        return 130
-
+        return stop_signals.exit_code()
+    except BaseException as e:
+        if stop_signals.received() is not None:  # a stop signal that reached Ray's processes too can end
+            print(f"cffa {ns.command}: {stop_signals.interrupted()}; rerun the same command to go on from "
+                  "where it stopped", file=sys.stderr)  # the run in any of their errors
+            return stop_signals.exit_code()
+        full = disk_full(e) if isinstance(e, Exception) else None
+        if full is None:
+            raise
+        print(f"cffa {ns.command}: error: {no_space_message(ns, full)}", file=sys.stderr)
+        return 1
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import unicodedata
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -129,10 +130,13 @@ def check_positive(cfg: Any, *names: str, allow_zero: bool = False) -> None:
 
 
 def check_folder_name(flag_name: str, value: str) -> None:
-    """A plain folder name (letters, digits, . _ -; no '/' or '..'), or a ConfigError naming the flag."""
-    if not value or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", value) or ".." in value:
-        raise ConfigError(f"--{flag_name} {value!r} must be a plain folder name (letters, digits, . _ -), "
-                          "it may not contain '/' or '..' or escape its parent folder")
+    """A plain folder name: letters of any script, digits, . _ - (starting with a letter or digit; no '/',
+    no '..'), or a ConfigError naming the flag. ('rün' and '実験1' are fine: paths are Unicode everywhere.)"""
+    composed = unicodedata.normalize("NFC", value or "")  # a macOS-typed 'ü' is u + a combining mark
+    if not composed or not re.fullmatch(r"[^\W_][\w.-]*", composed) or ".." in composed:
+        raise ConfigError(f"--{flag_name} {value!r} must be a plain folder name (letters of any alphabet, digits, "
+                          ". _ -, starting with a letter or digit), it may not contain '/' or '..' or escape its "
+                          "parent folder")
 
 
 def check_prediction_type(scheduler_config: dict, base_model: str) -> None:

@@ -3,14 +3,20 @@
 Nothing is ever visible under its final name half-written: files go to a temporary name in the
 same folder and are renamed (local paths and file:// URIs), or are uploaded in one PUT (object
 stores, where a key only appears once the upload completes).
+
+The temporary files and folders (tempfile's, private: 0600 and 0700) are given the permissions the
+process's umask allows before they take their final names, as files any other tool writes get: on
+shared storage other users and other nodes' accounts can read the results (`umask` decides).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -77,6 +83,20 @@ def read_bytes(path: str) -> bytes:
         return f.read()
 
 
+def umask() -> int:
+    """This process's umask (read without changing it where Linux says it in /proc)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere it can only be read by setting it
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     if is_uri(path):
         _put(*filesystem(str(path)), data)
@@ -85,9 +105,15 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~umask())  # mkstemp's 0600 -> what a plain open() would have made
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        if e.filename is None:  # a failed write() says no file: name the one it was for (a full disk)
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -106,6 +132,7 @@ def publish_dir(staging: str | os.PathLike, final: str | os.PathLike, marker: st
     (refused), never as a mix of old and new files.
     """
     staging = Path(staging)
+    _umask_modes(staging)
     if is_uri(final):
         _upload_dir(staging, str(final), marker)
         shutil.rmtree(staging, ignore_errors=True)
@@ -117,6 +144,15 @@ def publish_dir(staging: str | os.PathLike, final: str | os.PathLike, marker: st
         os.replace(final, old)
     os.replace(staging, final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _umask_modes(folder: Path) -> None:
+    """The umask's modes for a staged folder and everything in it: libraries that write through private
+    temporary files (safetensors' save_file makes 0600 files) would otherwise publish them unreadable."""
+    mask = umask()
+    for path in [folder, *folder.rglob("*")]:
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def _upload_dir(staging: Path, final: str, marker: str | None) -> None:
@@ -149,10 +185,25 @@ def _put(fs, dest: str, data: bytes) -> None:
         fs.move(target, dest)
 
 
+@contextlib.contextmanager
+def staged(final: str | os.PathLike, marker: str | None = None) -> Iterator[Path]:
+    """A staging folder to fill in the `with` block, published as `final` after it (`publish_dir`);
+    removed instead when the block fails (a full disk), so that no half-made folder is left beside."""
+    stage = staging_dir(final)
+    try:
+        yield stage
+        publish_dir(stage, final, marker)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+
+
 def staging_dir(final: str | os.PathLike) -> Path:
     """A fresh local folder to build `final` in (beside it when local, so the rename is atomic)."""
     if is_uri(final):
         return Path(tempfile.mkdtemp(prefix="cffa-stage-"))
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
+    stage = tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-")
+    os.chmod(stage, 0o777 & ~umask())  # mkdtemp's 0700 -> what a plain mkdir would have made
+    return Path(stage)

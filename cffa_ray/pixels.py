@@ -1,6 +1,9 @@
 """Image files -> uint8 pixels of one modality, converted on purpose and never clipped.
 
-CF (colour fundus) becomes RGB, FA (angiogram) becomes grey (L). The conversions:
+CF (colour fundus) becomes RGB, FA (angiogram) becomes grey (L). Every file is read through
+`open_image`, which turns it upright by its EXIF orientation tag (a camera's or phone's JPEG, a TIFF,
+a PNG with an eXIf chunk), as image viewers show it: otherwise the stored pixels of a rotated CF would
+be trained against an upright FA, misregistered without a word. The conversions:
 
 * 16-bit grey PNG/TIFF (PIL modes I;16*) are scaled by 255/65535 (PIL's own convert would clip
   every value above 255 to white); 32-bit integer images by 255/65535 when their values fit in 16
@@ -20,9 +23,10 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 # warning kind -> (what the listed files have in common, what it means); the driver counts them.
 WARNINGS = {
@@ -36,6 +40,8 @@ WARNINGS = {
                 "used as RGB with three equal channels (if cf/ and fa/ are swapped, swap them back)"),
     "colour_fa": ("FA images in colour", "reduced to grey by luminance (if cf/ and fa/ are swapped, swap them back)"),
     "transparent": ("images with transparent pixels", "composited over black"),
+    "huge": (f"images over PIL's decompression-bomb limit ({(Image.MAX_IMAGE_PIXELS or 0) / 1e6:.0f} megapixels)",
+             "decoded anyway, at several hundred MB of memory each in every decoding task: downscale them"),
 }
 COLOUR_FA_CHROMA = 8.0  # mean max-min channel spread (grey levels) above which an FA counts as colour
 
@@ -45,16 +51,30 @@ class ImageReadError(ValueError):
 
 
 def open_image(data: bytes) -> Image.Image:
-    """Decode every pixel now, so a truncated file fails here and not halfway through a resize."""
+    """Decode every pixel now (a truncated file fails here, not halfway through a resize), upright by its
+    EXIF orientation. PIL's DecompressionBombWarning is not printed: `geometry_warnings` reports such
+    files with the other image warnings (a file over twice the limit is an ImageReadError)."""
     if not data:
         raise ImageReadError("the file is empty (0 bytes)")
     try:
-        image = Image.open(io.BytesIO(data))
-        image.load()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            image.load()
     except UnidentifiedImageError:
         raise ImageReadError("not a PNG, JPEG or TIFF image that PIL can read") from None
     except Exception as e:  # PIL raises many types for corrupt files
         raise ImageReadError(f"{type(e).__name__}: {e}".rstrip(": ")) from None
+    return upright(image)
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """The image turned and flipped as its EXIF orientation tag (2-8) says; as it is without one, or
+    when its EXIF block will not parse (then its pixels are all there is to go by)."""
+    try:
+        ImageOps.exif_transpose(image, in_place=True)
+    except Exception:  # a damaged EXIF block: PIL raises many types
+        pass
     return image
 
 
@@ -112,10 +132,13 @@ def to_modality(image: Image.Image, mode: str) -> tuple[Image.Image, list[str]]:
 
 
 def geometry_warnings(size: tuple[int, int], resolution: int) -> list[str]:
+    """The WARNINGS kinds an image of `size` earns at --resolution: not_square, small, huge."""
     width, height = size
     out = [] if width == height else ["not_square"]
     if min(width, height) * 2 < resolution:
         out.append("small")
+    if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
+        out.append("huge")
     return out
 
 

@@ -23,10 +23,10 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from PIL import Image, ImageDraw
 
-from cffa_ray.errors import DataError
+from cffa_ray.errors import DataError, first_few, warn
 from cffa_ray.io import atomic_write_bytes, atomic_write_text, filesystem, read_bytes, read_text
 from cffa_ray.paths import join_path
-from cffa_ray.run_layout import RUN_RECORD, SAMPLES_DIR, TRAINING_LOG, VALIDATION_LOG
+from cffa_ray.run_layout import RUN_RECORD, SAMPLES_DIR, TRAINING_LOG, VALIDATION_LOG, parse_log_line
 
 REPORT_HTML, LOSSES_PNG, GALLERY_PNG = "report.html", "report_losses.png", "report_gallery.png"
 PAIR_DIR = re.compile(r"^pair_\d+$")
@@ -38,22 +38,22 @@ MAX_GALLERY_ROWS, THUMB = 12, 128
 
 # ------------------------------------------------------------------ logs -> curves
 
-def parse_log(text: str) -> dict[str, list[tuple[int, float]]]:
-    """`step=000010 a=1.5 b=2` lines -> {"a": [(10, 1.5), ...], "b": [...]}; other lines are skipped."""
+def parse_log(text: str, name: str = "log") -> dict[str, list[tuple[int, float]]]:
+    """`step=000010 a=1.5 b=2` lines -> {"a": [(10, 1.5), ...], "b": [...]}. Lines that are not whole log
+    lines (run_layout.parse_log_line) are skipped, with one warning naming them (`name`: the log file)."""
     series: dict[str, list[tuple[int, float]]] = {}
-    for line in text.splitlines():
-        fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
-        if "step" not in fields:
+    malformed = []
+    for number, line in enumerate(text.splitlines(), 1):
+        parsed = parse_log_line(line)
+        if parsed is None:
+            if line.strip():
+                malformed.append(f"line {number}: {line.strip()[:80]!r}")
             continue
-        try:
-            step = int(fields.pop("step"))
-        except ValueError:
-            continue
-        for key, value in fields.items():
-            try:
-                series.setdefault(key, []).append((step, float(value)))
-            except ValueError:
-                pass
+        step, values = parsed
+        for key, value in values.items():
+            series.setdefault(key, []).append((step, value))
+    if malformed:
+        warn(f"{name}: skipped {len(malformed)} malformed line(s) ({first_few(malformed)}); the curves leave them out")
     return series
 
 
@@ -232,7 +232,7 @@ def write_report(run_dir: str) -> str:
     if train_text is None and val_text is None and not steps:
         raise DataError(f"RUN_DIR {run_dir} has no {TRAINING_LOG}, {VALIDATION_LOG} or step_XXXXXX_random_pairs/; "
                         "give a run folder written by `cffa train` (<output_dir>/<name>)")
-    train, val = parse_log(train_text or ""), parse_log(val_text or "")
+    train, val = parse_log(train_text or "", TRAINING_LOG), parse_log(val_text or "", VALIDATION_LOG)
     losses = plot_losses(train, val)
     cells = gallery_cells(pick_rows(steps))
     atomic_write_bytes(join_path(run_dir, LOSSES_PNG), losses)

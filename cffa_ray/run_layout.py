@@ -38,3 +38,21 @@ def samples_dir(step: int) -> str:
 def log_line(step: int, values: dict[str, float]) -> str:
     """One log line: 'step=000010 loss=0.123 loss_cf=...' (6 significant digits)."""
     return " ".join([f"step={step:06d}"] + [f"{k}={v:.6g}" for k, v in values.items()])
+
+
+def parse_log_line(line: str) -> tuple[int, dict[str, float]] | None:
+    """The inverse of `log_line`: (step, {name: value}), or None for a line that is not one whole log
+    line (no step, a field without '=' or a name, a value that is not a number: a damaged or hand-edited log)."""
+    step, values = None, {}
+    for field in line.split():
+        name, eq, value = field.partition("=")
+        if not eq or not name:
+            return None
+        try:
+            if name == "step":
+                step = int(value)
+            else:
+                values[name] = float(value)
+        except ValueError:
+            return None
+    return None if step is None else (step, values)

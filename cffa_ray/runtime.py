@@ -7,10 +7,11 @@ request for resources the machine does not have is an error instead of an endles
 from __future__ import annotations
 
 import os
+import sys
 
 import ray
 
-from cffa_ray import quiet
+from cffa_ray import quiet, stop_signals
 from cffa_ray.errors import ConfigError
 
 
@@ -25,13 +26,23 @@ def init_ray(num_cpus_needed: float) -> None:
     """
     if ray.is_initialized():
         return
+    plain_prefixes()
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True, **quiet.ray_init_kwargs(local=False))
     else:
         # The dashboard also serves the state API that Train's placement-group cleaner polls.
         ray.init(num_cpus=max(os.cpu_count() or 1, int(num_cpus_needed + 0.999) + 2), log_to_driver=True,
                  **quiet.ray_init_kwargs(local=True))
+    stop_signals.install()  # ray.init replaced the SIGTERM handler with its own
     quiet.after_ray_init()
+
+
+def plain_prefixes() -> None:
+    """Ray colours the `(RayTrainWorker pid=...)` prefix of forwarded worker lines; into a file or a pipe
+    that is escape codes in the log, so there RAY_COLOR_PREFIX=0 (Ray reads it as it prints; a value
+    of the user's own is kept)."""
+    if not all(stream is not None and stream.isatty() for stream in (sys.stdout, sys.stderr)):
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
 
 
 def check_resources(use_gpu: bool, count: int, what: str, accelerator_type: str | None,

@@ -108,10 +108,11 @@ def randomise_lora(model: torch.nn.Module, std: float, seed: int | None = 0) -> 
 
 
 def odd_pairs(folder):
-    """Six pairs, five of them odd in one way each (plus a 16-bit FA, which is not odd)."""
+    """Eight pairs, six of them odd in one way each (plus a 16-bit FA and a CF JPEG stored turned with its EXIF
+    orientation, which are not odd)."""
     from cffa_ray.synth import write_synthetic_pairs
 
-    write_synthetic_pairs(folder, 6, 64)
+    write_synthetic_pairs(folder, 8, 64)
     cf, fa = folder / "cf", folder / "fa"
     Image.open(cf / "synth_00001.png").convert("L").save(cf / "synth_00001.png")  # grey CF
     rgba = Image.open(fa / "synth_00002.png").convert("RGBA")
@@ -124,6 +125,15 @@ def odd_pairs(folder):
         Image.open(image).resize((8, 8)).save(image)  # 8x8 for --resolution 64
     grey = np.asarray(Image.open(fa / "synth_00000.png"))
     Image.fromarray(grey.astype(np.uint16) * 257).save(fa / "synth_00000.png")  # 16-bit FA
+    # a CF the camera stored turned 90 degrees (EXIF orientation 6: "rotate clockwise to view") beside an upright
+    # FA: read upright, the pair matches (had the orientation been ignored, it would differ in shape)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    cf6 = Image.open(cf / "synth_00006.png").resize((64, 48))
+    cf6.transpose(Image.Transpose.ROTATE_90).save(cf / "synth_00006.jpg", exif=exif, quality=95)
+    Image.open(fa / "synth_00006.png").resize((64, 48)).save(fa / "synth_00006.png")
+    (cf / "synth_00006.png").unlink()
+    Image.new("L", (9500, 9500), 30).save(fa / "synth_00007.png")  # over PIL's decompression-bomb limit
     return folder
 
 
@@ -155,6 +165,10 @@ class RayHead:
                     "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
         self.env.pop("RAY_ADDRESS", None)
         self.address = f"http://127.0.0.1:{self.dashboard}"
+        # Its workers find the state API by this address: by default they would search the machine, and with
+        # another Ray instance running (a local test run, another checkout's suite) Ray Train's
+        # placement-group cleaner fails with "Found multiple active Ray instances" and a traceback.
+        self.env["RAY_API_SERVER_ADDRESS"] = self.address
         self.gcs_port, self.num_cpus = free_port(), num_cpus
         # a short temp dir: Ray's unix socket paths must stay under ~107 characters
         self.temp_dir = tempfile.mkdtemp(prefix="cffa-ray-", dir="/tmp")

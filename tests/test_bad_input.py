@@ -410,11 +410,17 @@ def test_odd_images_with_strict_are_one_error(tmp_path):
     assert proc.returncode == 2, proc.stderr[-3000:]
     err = proc.stderr.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err + proc.stdout, err
-    for part in ("1 of 6 pairs whose CF and FA differ in size or shape (fa/synth_00003.png 96x96 vs its partner's "
-                 "64x64)", "2 of 12 images that are not square (cf/synth_00004.png 64x48, fa/synth_00004.png 64x48)",
-                 "2 of 12 images much smaller than --resolution 64", "1 of 12 CF images that are greyscale",
-                 "1 of 12 images with transparent pixels (fa/synth_00002.png", "(--strict)"):
+    for part in ("2 of 8 pairs whose CF and FA differ in size or shape (", "fa/synth_00003.png 96x96 vs its "
+                 "partner's 64x64", "fa/synth_00007.png 9500x9500 vs its partner's 64x64",
+                 "4 of 16 images that are not square (cf/synth_00004.png 64x48, fa/synth_00004.png 64x48, "
+                 "cf/synth_00006.jpg 64x48 (and 1 more))",  # the EXIF-turned CF is read upright: 64x48, like its FA
+                 "2 of 16 images much smaller than --resolution 64", "1 of 16 CF images that are greyscale",
+                 "1 of 16 images with transparent pixels (fa/synth_00002.png",
+                 "1 of 16 images over PIL's decompression-bomb limit (89 megapixels) (fa/synth_00007.png 9500x9500)",
+                 "(--strict)"):
         assert part in err, part
+    assert "synth_00006" not in err.split("differ in size or shape")[1].split(":")[0]  # a registered pair
+    assert "DecompressionBombWarning" not in proc.stdout + proc.stderr
     assert "synth_00000" not in err  # 16-bit is read faithfully, nothing to warn about
     assert not (tmp_path / "out").exists()
     print(f"odd images --strict: {time.time() - t0:.1f}s")

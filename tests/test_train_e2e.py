@@ -76,8 +76,8 @@ def test_rerun_resumes_instead_of_starting_over(trained_run, pairs_dir, tmp_path
 
     same = run_cli("train", "--data", pairs_dir, "--output_dir", out, "--name", "t", *TRAIN_ARGS)
     assert_ok(same)
-    assert "resuming at step 12" in same.stdout
-    assert "[cffa] step" not in same.stdout  # nothing trained again
+    assert "is already at step 12 (--max_steps 12): nothing to train" in same.stdout
+    assert "[cffa] step" not in same.stdout and "worker(s)" not in same.stdout  # no Ray Train run at all
     assert (out / "t/training_log.txt").read_text() == log_before
 
     longer = list(TRAIN_ARGS)

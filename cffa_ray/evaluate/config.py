@@ -24,7 +24,17 @@ class EvaluateConfig:
         None, "local InceptionV3 FID weights (pt_inception-2015-12-05-6726825d.pth) to add FID and KID; "
               "needs the [fid] extra")
     concurrency: int = flag(1, "Inception actors (with --inception_weights; one GPU each with --use_gpu)")
-    use_gpu: bool = flag(False, "run the Inception network on a GPU per actor")
+    use_gpu: bool = flag(False, "run the Inception network on a GPU per actor, and the --utility trainings "
+                                "on a GPU each")
+    real_train: str | None = flag(None, "the real pairs the model was trained on (folder or manifest): the "
+                                        "memorisation reference and the real side of --utility",
+                                  default_text="the `data` in the checkpoint's run.json, when recorded and reachable")
+    real_test: str | None = flag(None, "held-out real pairs, never trained on (folder or manifest): the "
+                                       "memorisation baseline and the --utility test set",
+                                 default_text="--real, when it is not the training data")
+    utility: bool = flag(False, "train-on-synthetic, test-on-real: a small CF->FA UNet trained on the generated "
+                                "pairs and on as many --real_train pairs, scored on --real_test (Ray tasks)")
+    utility_steps: int = flag(300, "training steps of each --utility network (16 pairs each, at 64 px)")
 
     def validate(self) -> None:
         for flag_name, what in (("generated", "a `cffa generate` output folder or a pairs folder (cf/, fa/)"),
@@ -32,6 +42,6 @@ class EvaluateConfig:
                                 ("output", "a folder for evaluation.json and evaluation.md")):
             if not getattr(self, flag_name):
                 raise ConfigError(f"--{flag_name} is missing; give {what}")
-        check_positive(self, "batch_size", "concurrency")
+        check_positive(self, "batch_size", "concurrency", "utility_steps")
         if self.resolution is not None and self.resolution < 16:
             raise ConfigError(f"--resolution {self.resolution} must be >= 16 (the coarsest SWD level)")

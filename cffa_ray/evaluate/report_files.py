@@ -12,6 +12,13 @@ evaluation.json keys:
                 real set: what the metric reads for two samples of one distribution, a noise reference)
     fid         null, or per modality {fid, kid_mean, kid_std} with the weights file
     from_data   null, or SSIM / PSNR of generated pairs against their source pairs
+    topology    per modality, per measure (density, loops, branch_points, end_points, segment_length):
+                generated and real {mean, std, n} and d, the standardised difference; max_abs_d, worst, far
+    memorisation null (memorisation_skipped says why), or per modality the nearest-training-image cosine of
+                generated and held-out images (distributions), threshold (held-out 99th percentile),
+                fraction_above (of generated); train, held_out (path, pairs), closest (generated-training pairs)
+    utility     null, or TSTR: pairs, steps, seed, per score (psnr, ssim, dice) synthetic / real /
+                real_seed2 {mean, std, n}, ratio (synthetic / real), seed_spread
 """
 from __future__ import annotations
 
@@ -25,11 +32,14 @@ import numpy as np
 from cffa_ray.evaluate import metrics
 from cffa_ray.evaluate.config import EvaluateConfig
 from cffa_ray.evaluate.inputs import GENERATED, REAL, GeneratedSet
+from cffa_ray.evaluate.report_ruler import markdown_lines, summary_lines
 from cffa_ray.evaluate.scoring import SCORE_COLUMNS
+from cffa_ray.evaluate.second_ruler import NN_COLUMNS
+from cffa_ray.evaluation_report import EVALUATION_JSON
 from cffa_ray.io import atomic_write_text
 from cffa_ray.paths import join_path
 
-EVALUATION_JSON, EVALUATION_MD, PAIRS_CSV = "evaluation.json", "evaluation.md", "pairs.csv"
+EVALUATION_MD, PAIRS_CSV = "evaluation.md", "pairs.csv"
 CHANNELS = {"cf": 3, "fa": 1}
 
 
@@ -71,7 +81,9 @@ def _from_data(generated: GeneratedSet, rows: list[dict], missing_sources: int) 
 
 
 def build_evaluation(cfg: EvaluateConfig, generated: GeneratedSet, collected: dict, resolution: int,
-                     missing_sources: int, seconds: float) -> dict:
+                     missing_sources: int, seconds: float, extra: dict | None = None) -> dict:
+    """Every number of evaluation.json; `extra`: second_ruler.measure's sections (topology, memorisation,
+    utility)."""
     gen_rows, real_rows = collected[GENERATED]["rows"], collected[REAL]["rows"]
     alignment = {
         "method": "soft Dice of Frangi vessel maps (CF: dark ridges, green channel; FA: bright ridges) inside "
@@ -95,6 +107,7 @@ def build_evaluation(cfg: EvaluateConfig, generated: GeneratedSet, collected: di
         "realism": _realism(collected, resolution, cfg.seed),
         "fid": _fid(cfg, collected),
         "from_data": _from_data(generated, gen_rows, missing_sources),
+        **(extra or {}),
         "seed": cfg.seed,
         "seconds": round(seconds, 2),
     }
@@ -152,17 +165,26 @@ def markdown(ev: dict) -> str:
                   "| modality | SSIM | PSNR (dB) |", "|---|---|---|",
                   f"| CF | {_ms(d['ssim_cf'])} | {_ms(d['psnr_cf'])} |",
                   f"| FA | {_ms(d['ssim_fa'])} | {_ms(d['psnr_fa'])} |"]
+    lines += markdown_lines(ev)
     return "\n".join(lines) + "\n"
 
 
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}" if math.isfinite(value) else ""
+    return "" if value is None else str(value)
+
+
 def pairs_csv(collected: dict) -> str:
+    """One line per pair of every set (generated, real, and real_test when memorisation ran): its scores,
+    vessel topology per image, and its nearest training image per modality (memorisation)."""
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(["set", "pair_id", *SCORE_COLUMNS])
-    for set_name in (GENERATED, REAL):
-        for row in collected[set_name]["rows"]:
-            writer.writerow([set_name, row["pair_id"],
-                             *(f"{row[k]:.6g}" if math.isfinite(row[k]) else "" for k in SCORE_COLUMNS)])
+    columns = [*SCORE_COLUMNS, *NN_COLUMNS]
+    writer.writerow(["set", "pair_id", *columns])
+    for set_name, c in collected.items():
+        for row in c["rows"]:
+            writer.writerow([set_name, row["pair_id"], *(_cell(row.get(k)) for k in columns)])
     return buf.getvalue()
 
 
@@ -199,5 +221,7 @@ def print_summary(output: str, ev: dict) -> None:
         d = ev["from_data"]
         print(f"[cffa] from_data vs source: SSIM CF {_fmt(d['ssim_cf']['mean'], 3)} | FA {_fmt(d['ssim_fa']['mean'], 3)}"
               f"; PSNR CF {_fmt(d['psnr_cf']['mean'], 2)} dB | FA {_fmt(d['psnr_fa']['mean'], 2)} dB", flush=True)
+    for line in summary_lines(ev):
+        print(line, flush=True)
     print(f"[cffa] evaluated {ev['generated']['pairs']} generated and {ev['real']['pairs']} real pairs in "
           f"{ev['seconds']:.1f}s -> {join_path(output, EVALUATION_JSON)}, {EVALUATION_MD}, {PAIRS_CSV}", flush=True)

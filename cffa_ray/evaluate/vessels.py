@@ -84,16 +84,21 @@ def pair_alignment(cf: np.ndarray, fa: np.ndarray) -> float:
     return alignments_with_floor([cf], [fa])[0][0]
 
 
-def alignments_with_floor(cfs: list[np.ndarray], fas: list[np.ndarray]) -> tuple[list[float], list[float]]:
-    """(registered, mismatched) soft Dice for a list of pairs.
+def vessel_maps(cfs: list[np.ndarray], fas: list[np.ndarray]) -> tuple[list, list, list]:
+    """(masks, CF maps, FA maps) of a list of pairs: each map inside its own pair's common fundus."""
+    masks = [pair_masks(cf, fa) for cf, fa in zip(cfs, fas)]
+    return masks, [cf_vessels(cf, m) for cf, m in zip(cfs, masks)], [fa_vessels(fa, m) for fa, m in zip(fas, masks)]
+
+
+def alignments_with_floor(cfs: list[np.ndarray], fas: list[np.ndarray],
+                          maps: tuple[list, list, list] | None = None) -> tuple[list[float], list[float]]:
+    """(registered, mismatched) soft Dice for a list of pairs (`maps`: their vessel_maps, if made already).
 
     registered[i] pairs CF i with FA i; mismatched[i] pairs CF i with FA i+1 (cyclically), the score
     of two unrelated vessel trees (NaN for a single pair). Each image's vessel map is computed once,
     inside its own pair's fundus; a mismatched score is taken where both pairs see the fundus.
     """
-    masks = [pair_masks(cf, fa) for cf, fa in zip(cfs, fas)]
-    cf_maps = [cf_vessels(cf, m) for cf, m in zip(cfs, masks)]
-    fa_maps = [fa_vessels(fa, m) for fa, m in zip(fas, masks)]
+    masks, cf_maps, fa_maps = maps or vessel_maps(cfs, fas)
     n = len(cfs)
     registered = [soft_dice(c, f, m) if m.any() else float("nan") for c, f, m in zip(cf_maps, fa_maps, masks)]
     mismatched = []

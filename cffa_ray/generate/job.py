@@ -28,6 +28,7 @@ from cffa_ray.data import PAIR_ID, discover_pairs
 from cffa_ray.decoding import check_decodable
 from cffa_ray.errors import ConfigError, RunStopped
 from cffa_ray.flags import to_dict
+from cffa_ray.folder_lock import folder_lock
 from cffa_ray.generate.config import GenerateConfig
 from cffa_ray.generate.generator import ModelBatchTooLarge, PairGenerator
 from cffa_ray.generate.outputs import (
@@ -40,7 +41,15 @@ from cffa_ray.generate.outputs import (
     write_pair_shard,
     write_summary,
 )
-from cffa_ray.generate.settings import actor_pool, identity, min_actors, needs_calibration, recorded_identity, resolve
+from cffa_ray.generate.settings import (
+    actor_pool,
+    actors_text,
+    identity,
+    min_actors,
+    needs_calibration,
+    recorded_identity,
+    resolve,
+)
 from cffa_ray.generate.stages import add_noise, load_sources, pair_rows
 from cffa_ray.io import local_copy
 from cffa_ray.models import adapter_folders, design_class
@@ -190,6 +199,13 @@ def generate(cfg: GenerateConfig) -> dict:
     cfg = resolve(cfg, recorded)
     ident = identity(cfg, record)
     check_identity(cfg.output_dir, ident)
+    with folder_lock(cfg.output_dir, "--output_dir", "cffa generate"):  # one writing job per folder
+        return make_pairs(cfg, record, ident, todo, skipped, sources)
+
+
+def make_pairs(cfg: GenerateConfig, record: dict, ident: dict, todo: list[int], skipped: int,
+               sources: list[dict] | None) -> dict:
+    """Run the job for the pair ids `todo` (cfg resolved, the folder locked); returns the summary dict."""
     calls, t0 = [], time.time()
     if todo:
         start_ray(cfg)
@@ -197,7 +213,7 @@ def generate(cfg: GenerateConfig) -> dict:
             check_decodable([sources[i] for i in sorted({k % len(sources) for k in todo})], record["resolution"],
                              cfg.strict)
         print(f"[cffa] generating {len(todo)} pairs ({skipped} already done), model_batch {cfg.model_batch}, "
-              f"{cfg.concurrency} model actor(s) -> {cfg.output_dir}", flush=True)
+              f"{actors_text(*actor_pool(cfg.concurrency, cfg.use_gpu))} -> {cfg.output_dir}", flush=True)
         write_identity(cfg.output_dir, ident)
         remove_leftovers(cfg.output_dir)  # a killed run's half-staged folders (this job redoes them)
         quiet_ray_data()  # one progress line of our own instead

@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from cffa_ray import stop_signals
 from cffa_ray.config import PNG_LAYOUT_ALIASES
 from cffa_ray.errors import ConfigError
 from cffa_ray.images import PAIR_FILES, pair_pngs
@@ -90,7 +91,7 @@ def resume_hint(output_dir: str, num_samples: int) -> str:
         done = len(done_pair_ids(output_dir))
     except Exception:  # the folder may not exist yet, or be mid-write
         done = 0
-    return (f"generation interrupted with {done} of {num_samples} pairs finished in {output_dir}; "
+    return (f"generation {stop_signals.interrupted()} with {done} of {num_samples} pairs finished in {output_dir}; "
             "rerun the same command to make the rest")
 
 

@@ -81,6 +81,15 @@ def actor_pool(concurrency: str, use_gpu: bool) -> tuple[int, float]:
     return 1, max(1, int(ray.cluster_resources().get("GPU", 0)))
 
 
+def actors_text(low: int, high: float) -> str:
+    """The model actors an (min, max) pool from `actor_pool` runs, in words for the start line."""
+    if low == high:
+        return f"{low} model actor{'' if low == 1 else 's'}"
+    if high == float("inf"):
+        return f"{low} or more model actors (added as work queues up, as the cluster grows)"
+    return f"{low} to {int(high)} model actors (added as work queues up)"
+
+
 def identity(cfg: GenerateConfig, record: dict) -> dict:
     """Everything that decides a pair's pixels (cfg resolved); --num_samples, --batch_size and
     --concurrency do not."""

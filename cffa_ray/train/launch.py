@@ -8,6 +8,7 @@ import time
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from cffa_ray import stop_signals
 from cffa_ray.checks import check_base_model, check_output_dir, check_run_folder
 from cffa_ray.data import TRAIN, VAL, assign_split, discover_pairs
 from cffa_ray.errors import ConfigError, DataError, Interrupted, RunStopped, warn
@@ -28,7 +29,6 @@ from cffa_ray.train.stop import STOPPED
 
 def check(cfg: TrainConfig) -> list[dict]:
     """Every check that needs no Ray: flags, base model, pairs. Returns split pair records."""
-
     cfg.validate()
     check_output_dir(cfg.output_dir, "--output_dir")
     if not is_uri(cfg.run_dir):  # (a URI was just probed)
@@ -79,11 +79,16 @@ def absolute_paths(cfg: TrainConfig) -> TrainConfig:
 
 
 def train(cfg: TrainConfig):
-    """Train; returns the Ray Train Result. Raises ConfigError / DataError before any work."""
-
-
+    """Train; returns the Ray Train Result (None when the run had already reached --max_steps).
+    Raises ConfigError / DataError before any work."""
     cfg = absolute_paths(cfg)
     records = check(cfg)
+    done = RunFolder(cfg.run_dir).resumable_step()
+    if done >= cfg.max_steps:  # a finished run: nothing for Ray to start
+        print(f"[cffa] run {cfg.run_dir} is already at step {done} (--max_steps {cfg.max_steps}): nothing to "
+              "train; raise --max_steps to train on", flush=True)
+        _write_report(cfg)
+        return None
     train_records = [r for r in records if r["split"] == TRAIN]
     val_records = [r for r in records if r["split"] == VAL] or train_records[: max(1, cfg.batch_size)]  # warned
     init_ray(cfg.num_workers * cfg.cpus_per_worker)
@@ -120,18 +125,22 @@ def train(cfg: TrainConfig):
         raise RunStopped(outcome[STOPPED])
     if "step" not in outcome:  # the train function did not finish: Ctrl-C stopped the run
         raise Interrupted(resume_hint(cfg))
-    try:  # the run is done: a report that cannot be drawn is a warning, never a failed run
+    _write_report(cfg)
+    return result
 
+
+def _write_report(cfg: TrainConfig) -> None:
+    """report.html of the finished run: a report that cannot be drawn is a warning, never a failed run."""
+    try:
         print(f"[cffa] report: {write_report(cfg.run_dir)}", flush=True)
     except Exception as e:
         print(f"[cffa] warning: report.html not written ({type(e).__name__}: {e}); "
               f"retry with `cffa report {cfg.run_dir}`", flush=True)
-    return result
 
 
 def resume_hint(cfg: TrainConfig) -> str:
     step = RunFolder(cfg.run_dir).resumable_step()
     where = f"from step {step}, its last checkpoint" if step else "from the start (no checkpoint was saved yet)"
-    return f"training interrupted; rerun the same command to resume {where}"
+    return f"training {stop_signals.interrupted()}; rerun the same command to resume {where}"
 
 

@@ -21,14 +21,21 @@ import torch
 
 from cffa_ray.faults import maybe_fail
 from cffa_ray.flags import from_dict
-from cffa_ray.quiet import quiet_ray
 from cffa_ray.paths import join_path
+from cffa_ray.quiet import quiet_ray
 from cffa_ray.run_layout import RUN_RECORD, TRAINING_LOG, VALIDATION_LOG, log_line
 from cffa_ray.shared_storage import unseen_record
 from cffa_ray.train.config import TrainConfig
 from cffa_ray.train.engine import build_engine, export_lora, report_checkpoint, resume
 from cffa_ray.train.run_folder import RunFolder
-from cffa_ray.train.stop import STOPPED, agreed_error, agreed_min, is_check_step, nonfinite_message
+from cffa_ray.train.stop import (
+    STOPPED,
+    DiskGuard,
+    agreed_error,
+    agreed_min,
+    is_check_step,
+    nonfinite_message,
+)
 from cffa_ray.train.validation import sample_previews, validate
 
 
@@ -90,7 +97,7 @@ def train_loop_per_worker(config: dict) -> dict:
         return {STOPPED: built}
     engine, optimizer, n_trainable = built
     device = torch.device(engine.device)  # where DeepSpeed put this rank's module
-    run = RunFolder(cfg.run_dir)
+    run = DiskGuard(RunFolder(cfg.run_dir))  # a full disk: one agreed stop below, not a retried crash
     step, best_val = resume(engine, optimizer, cfg, run)
     start_step = step
     torch.manual_seed(cfg.seed * 100003 + rank * 7919 + step)  # fresh noise per rank, and after a resume
@@ -151,8 +158,12 @@ def train_loop_per_worker(config: dict) -> dict:
             _preview(engine, cfg, run, step, is_rank0)
 
         # ---- checkpoint: latest_checkpoints/ and the resumable DeepSpeed state of every rank
-        if step % cfg.checkpoint_interval == 0 or step == cfg.max_steps:
+        checkpoint = step % cfg.checkpoint_interval == 0 or step == cfg.max_steps
+        if checkpoint:
             export_lora(engine, is_rank0, lambda m, s: run.export_latest(m, record, step, cfg.keep_latest, s))
+        if is_check_step(step, cfg) and (error := agreed_error(run.error)):  # rank 0's writes met a full disk
+            return {STOPPED: error}
+        if checkpoint:
             report_checkpoint(engine, step, best_val)
     return {"step": step}
 

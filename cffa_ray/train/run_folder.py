@@ -13,7 +13,7 @@ import shutil
 import pyarrow.fs as pafs
 
 from cffa_ray.images import pair_pngs
-from cffa_ray.io import atomic_write_text, filesystem, publish_dir, read_text, staging_dir
+from cffa_ray.io import atomic_write_text, filesystem, read_text, staged
 from cffa_ray.paths import is_uri, join_path
 from cffa_ray.run_layout import (
     BEST,
@@ -60,12 +60,11 @@ class RunFolder:
     def write_samples(self, step: int, cf, fa) -> str:
         """uint8 arrays [N, H, W, 3] -> step_XXXXXX_random_pairs/pair_NN/*.png."""
         final = self.path(samples_dir(step))
-        stage = staging_dir(final)
-        for i in range(len(cf)):
-            (stage / f"pair_{i:02d}").mkdir()
-            for fname, data in pair_pngs(cf[i], fa[i]).items():
-                (stage / f"pair_{i:02d}" / fname).write_bytes(data)  # the staging folder is hidden already
-        publish_dir(stage, final)
+        with staged(final) as stage:
+            for i in range(len(cf)):
+                (stage / f"pair_{i:02d}").mkdir()
+                for fname, data in pair_pngs(cf[i], fa[i]).items():
+                    (stage / f"pair_{i:02d}" / fname).write_bytes(data)  # the staging folder is hidden already
         return final
 
     # ---- LoRA checkpoints
@@ -75,13 +74,12 @@ class RunFolder:
         `states`: {adapter folder: LoRA state dict} to save instead of the module's own weights
         (the fp32 masters during mixed-precision training).
         """
-        stage = staging_dir(final)
         states = states or {}
-        for folder, peft_model in model.adapters().items():
-            peft_model.save_pretrained(str(stage / folder), state_dict=states.get(folder))
-        model.save_extra(stage, states)
-        (stage / MODEL_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True))
-        publish_dir(stage, final, marker=MODEL_RECORD)
+        with staged(final, marker=MODEL_RECORD) as stage:
+            for folder, peft_model in model.adapters().items():
+                peft_model.save_pretrained(str(stage / folder), state_dict=states.get(folder))
+            model.save_extra(stage, states)
+            (stage / MODEL_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True))
         return final
 
     def export_best(self, model, record: dict, states: dict | None = None) -> str:

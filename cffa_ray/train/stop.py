@@ -9,8 +9,13 @@ Failures on some ranks only (a lost node, out of memory) still raise and are ret
 """
 from __future__ import annotations
 
+import functools
+import os
+
 import torch
 import torch.distributed as dist
+
+from cffa_ray.errors import disk_full
 
 STOPPED = "stopped"  # key of the dict rank 0 returns when the run stopped early
 
@@ -61,3 +66,36 @@ def agreed_min(value: float, device) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return float(t.item())
+
+
+class DiskGuard:
+    """Rank 0's RunFolder, whose writes on a full disk (or quota) are remembered instead of raised: a
+    retry would meet the same full disk, so the ranks agree to stop (`agreed_error(guard.error)` at
+    the next check step) with one line naming the folder. Other errors pass through."""
+
+    def __init__(self, run):
+        self._run = run
+        self.error = ""
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._run, name)
+        if not callable(attr):
+            return attr
+
+        @functools.wraps(attr)
+        def guarded(*args, **kwargs):
+            try:
+                return attr(*args, **kwargs)
+            except Exception as e:
+                full = disk_full(e)
+                if full is None:
+                    raise
+                self.error = self.error or no_space_message(self._run.root, full)
+        return guarded
+
+
+def no_space_message(run_dir: str, file: str) -> str:
+    where = os.path.dirname(file) if file else run_dir
+    return (f"training stopped: no space left on the device of {where}"
+            + (f" (writing {os.path.basename(file)})" if file else "")
+            + "; free some space there, then rerun with the same --name: it resumes from the last checkpoint")
