@@ -42,8 +42,8 @@ FULL = {
                    "--steps", "10", "--use_gpu", "--mixed_precision", "bf16", "--skip_ray"],
 }
 SMOKE = {
-    "gen_dual": ["generate.py", "--preset", "tiny", "--resolution", "64", "--steps", "2", "--num_samples", "4",
-                 "--model_batch", "2", "--paths", "b,c"],
+    "gen_dual": ["generate.py", "--preset", "tiny", "--resolution", "64", "--steps", "2", "--num_samples", "8",
+                 "--model_batch", "2", "--batch_size", "2", "--paths", "b,c"],  # 4 calls: a steady state
     "gen_sdxl": ["generate.py", "--preset", "tiny-sdxl", "--resolution", "64", "--steps", "2", "--num_samples", "2",
                  "--model_batch", "2", "--paths", "b"],
     "train_dual": ["train_step.py", "--preset", "tiny", "--resolution", "64", "--batch_size", "2", "--steps", "2",
