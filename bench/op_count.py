@@ -10,7 +10,7 @@ training   the worker's step exactly as train/loop.py runs it: build_engine (the
            LogWindow.add [logging]; cached fp16 moments as Ray Data hands them over. One warm-up
            step first (DeepSpeed's lazy set-up), then one counted step.
 sampling   one denoising step as the generation actor runs it on a GPU: load, merge, prepare_for_sampling
-           (bf16 weights, fused QKV), then sampling.denoise_step (both UNets and the scheduler step).
+           (bf16 weights; models/inference.py), then sampling.denoise_step (both UNets and the scheduler step).
            Where the GPU path samples under torch.autocast("cuda"), the counter applies CUDA autocast's
            casting rules itself (bench/opcount_mode.py): CPU autocast's lists differ (CUDA runs the norms in
            fp32), so counting under CPU autocast would not be the GPU's op graph. Where the GPU path uses
@@ -143,7 +143,7 @@ def main() -> None:
         results["training"] = counter
     if args.only != "training":
         counter = count_sampling(args.preset, args.batch_size, args.resolution)
-        print(counter.table(f"sampling step, generation actor on GPU (merged LoRA, fused QKV, bf16; CUDA autocast's "
+        print(counter.table(f"sampling step, generation actor on GPU (prepare_for_sampling bf16; CUDA autocast's "
                             f"rules where the GPU path autocasts), {args.preset}, batch {args.batch_size}"))
         results["sampling"] = counter
     print(f"\n{'step':10s} {'kernel-like':>12s} {'target':>8s}")

@@ -1,6 +1,7 @@
 """The lean sampler (one batched UNet with per-half merged LoRA, bf16 weights, fp32 norms, no autocast)
 samples no further from an fp32 run of the same pairs than the previous bf16 path did (two merged UNets,
 bf16 weights, under CUDA autocast, its casts made by bench/opcount_mode.CudaAutocastRules on CPU)."""
+import pytest
 import torch
 
 from bench.opcount_mode import CudaAutocastRules
@@ -11,7 +12,7 @@ from cffa_ray.models.interface import PairModel
 from cffa_ray.sampling import pair_noise, sample_pairs
 from tests.helpers import randomise_lora
 
-STEPS, PAIRS = 10, 2
+STEPS, PAIRS = 20, 2
 
 
 def trained_like():
@@ -39,6 +40,7 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return 10 * torch.log10(4.0 / ((a - b) ** 2).mean()).item()  # images in [-1, 1]: peak-to-peak 2
 
 
+@pytest.mark.slow  # three sampling runs of 20 steps: ~1 min of CPU
 def test_lean_bf16_sampler_is_as_close_to_fp32_as_the_previous_one():
     reference_model = prepare_for_sampling(trained_like(), "cpu", "no")
     noise = pair_noise(reference_model, 64, 0, list(range(PAIRS)))

@@ -46,6 +46,9 @@ class PairedLoRALinear(nn.Module):
         halves = x.reshape(2, -1, x.shape[-1])  # [2, n*L, in]: the first half's rows, then the second's
         a = torch.stack([A.weight for A, _ in self.loras]).transpose(1, 2)  # [2, in, r]
         b = torch.stack([B.weight for _, B in self.loras]).transpose(1, 2)  # [2, r, out]
+        if a.dtype != x.dtype:  # fp32 adapters on a low-precision base without autocast: as peft does
+            delta = torch.bmm(torch.bmm(halves.to(a.dtype), a), b) * self.scaling
+            return y + delta.view(y.shape).to(y.dtype)
         # y + scaling * (x A) B, the add and the scaling fused into one baddbmm
         out = torch.baddbmm(y.reshape(2, -1, y.shape[-1]), torch.bmm(halves, a), b, alpha=self.scaling)
         return out.view(y.shape)
