@@ -22,6 +22,7 @@ evaluation.json keys:
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -36,7 +37,7 @@ from cffa_ray.evaluate.report_ruler import markdown_lines, summary_lines
 from cffa_ray.evaluate.scoring import SCORE_COLUMNS
 from cffa_ray.evaluate.second_ruler import NN_COLUMNS
 from cffa_ray.evaluation_report import EVALUATION_JSON
-from cffa_ray.io import atomic_write_text
+from cffa_ray.io import atomic_write_text, filesystem
 from cffa_ray.paths import join_path
 
 EVALUATION_MD, PAIRS_CSV = "evaluation.md", "pairs.csv"
@@ -198,10 +199,22 @@ def _finite(obj):
 
 
 def write_outputs(output: str, evaluation: dict, collected: dict) -> None:
-    """Each file appears whole or not at all; the JSON last, so its presence means a finished run."""
-    atomic_write_text(join_path(output, PAIRS_CSV), pairs_csv(collected))
-    atomic_write_text(join_path(output, EVALUATION_MD), markdown(evaluation))
-    atomic_write_text(join_path(output, EVALUATION_JSON), json.dumps(_finite(evaluation), indent=2, allow_nan=False))
+    """The three files appear together or not at all (each written atomically; when one fails, e.g. on a
+    full disk, those already written by this call are removed); the JSON last, so its presence means a
+    finished run."""
+    files = [(PAIRS_CSV, pairs_csv(collected)), (EVALUATION_MD, markdown(evaluation)),
+             (EVALUATION_JSON, json.dumps(_finite(evaluation), indent=2, allow_nan=False))]
+    written = []
+    try:
+        for name, text in files:
+            atomic_write_text(join_path(output, name), text)
+            written.append(join_path(output, name))
+    except OSError:
+        for path in written:
+            fs, p = filesystem(path)
+            with contextlib.suppress(OSError):
+                fs.delete_file(p)
+        raise
 
 
 def print_summary(output: str, ev: dict) -> None:
