@@ -45,10 +45,12 @@ def run_cli(*args: str, timeout: float = CLI_TIMEOUT_S, env: dict | None = None,
 
 
 def start_cli(*args: str, env: dict | None = None, local: bool = False) -> subprocess.Popen:
-    """`cffa <args>` in the background, in its own session so the test can signal it (and a local Ray)."""
+    """`cffa <args>` in the background, in its own session so the test can signal it (and a local Ray).
+    SIGINT starts at its default, as in a terminal: a test session started in the background of a script
+    (`pytest ... &`) ignores it, and an ignored signal stays ignored in every child."""
     return subprocess.Popen([sys.executable, "-m", "cffa_ray.cli", *map(str, args)], cwd=REPO,
                             env=_cli_env(env, local), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def assert_ok(proc: subprocess.CompletedProcess) -> None:
