@@ -3,6 +3,7 @@ file permissions under the umask, a full disk, a second job into one folder, and
 The rows that fail before Ray starts run through cli.main (fast); the others through the real CLI (slow)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -196,9 +197,15 @@ def test_a_second_generate_into_a_locked_folder_says_who_writes(tmp_path, capsys
 @pytest.fixture
 def small_disk(tmp_path):
     """A 256 KiB tmpfs mounted at tmp_path/disk (root only: skipped elsewhere), unmounted after the test."""
-    disk = tmp_path / "disk"
+    with tmpfs(tmp_path / "disk", "256k") as disk:
+        yield disk
+
+
+@contextlib.contextmanager
+def tmpfs(disk, size: str):
+    """A tmpfs of `size` mounted at `disk` (root only: the test is skipped elsewhere), unmounted after."""
     disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)],
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(disk)],
                       capture_output=True).returncode:
         pytest.skip("a full disk is made with a small tmpfs, which needs root")
     try:
@@ -367,11 +374,7 @@ def test_generate_sighup_then_a_full_disk_then_a_clean_finish(tmp_path, trained_
     """SIGHUP mid-run: one line with the pairs kept, exit 129. Then the disk fills under the writers: one
     line naming the folder, exit 1. Space freed, the rerun finishes every pair."""
     run, _ = trained_run
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(disk)], capture_output=True).returncode:
-        pytest.skip("a full disk is made with a small tmpfs, which needs root")
-    try:
+    with tmpfs(tmp_path / "disk", "3m") as disk:
         out = disk / "g"
         argv = gen_argv(run / "best_checkpoint", out, "--num_samples", 40, "--steps", 2, "--batch_size", 2,
                         "--rows_per_shard", 2)
@@ -404,18 +407,12 @@ def test_generate_sighup_then_a_full_disk_then_a_clean_finish(tmp_path, trained_
         assert done.returncode == 0, done.stderr[-3000:]
         assert json.loads((out / "summary.json").read_text())["pairs_in_output"] == 40
         assert_umask_modes(out)
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=True)
 
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("ray_head")
 def test_training_on_a_full_disk_stops_at_once_in_one_line(tmp_path, pairs_dir):
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(disk)], capture_output=True).returncode:
-        pytest.skip("a full disk is made with a small tmpfs, which needs root")
-    try:
+    with tmpfs(tmp_path / "disk", "3m") as disk:
         fill(disk, leave=40_000)
         t0 = time.time()
         proc = run_cli("train", "--data", pairs_dir, "--output_dir", disk, "--name", "f", *TINY, "--num_workers", 2,
@@ -428,18 +425,12 @@ def test_training_on_a_full_disk_stops_at_once_in_one_line(tmp_path, pairs_dir):
         assert proc.stdout.count("starting ->") == 1, "a worker-group restart: the full disk was retried"
         assert not [p for p in disk.rglob(".*") if p.name != ".validate_storage_marker"], "half-made folders left"
         print(f"full disk: training stopped {time.time() - t0:.0f}s after its start")
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=True)
 
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("ray_head")
 def test_evaluate_outputs_on_a_full_disk(tmp_path, pairs_dir):
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True).returncode:
-        pytest.skip("a full disk is made with a small tmpfs, which needs root")
-    try:
+    with tmpfs(tmp_path / "disk", "1m") as disk:
         (disk / "ev").mkdir()
         fill(disk)
         proc = run_cli("evaluate", "--generated", pairs_dir, "--real", pairs_dir, "--output", disk / "ev",
@@ -450,5 +441,3 @@ def test_evaluate_outputs_on_a_full_disk(tmp_path, pairs_dir):
                             r"\(writing [\w.]+\): free some space there, or give another --output; what was finished "
                             r"is kept, and a rerun goes on from it", line), line
         assert os.listdir(disk / "ev") == []
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=True)
