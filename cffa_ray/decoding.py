@@ -111,7 +111,8 @@ def check_decodable(records: list[dict], resolution: int, strict: bool = False) 
 
 
 def _check_decoded(ds, resolution: int, strict: bool) -> None:
-    table = ds.select_columns([PAIR_ID, ERROR, WARNING]).to_pandas()
+    # sorted by pair id: Ray's blocks come back in any order, the message names the same files every run
+    table = ds.select_columns([PAIR_ID, ERROR, WARNING]).to_pandas().sort_values(PAIR_ID, kind="stable")
     raise_decode_errors(table[ERROR])
     report_warnings([w for w in table[WARNING] if w], len(table), resolution, strict)
 
