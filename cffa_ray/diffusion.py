@@ -103,10 +103,54 @@ def hf_loss(pred_x0: torch.Tensor, x0: torch.Tensor, weight: torch.Tensor) -> to
     return (weight * per).mean()
 
 
+def structure_disagreement(x0_cf: torch.Tensor, x0_fa: torch.Tensor) -> torch.Tensor:
+    """Per pair, the mean L1 between the sign-free edge maps of two clean latents: the structure term of
+    training (`structure_loss`) and of sampling-time guidance (`structure_guidance`).
+
+    Args:
+        x0_cf, x0_fa: clean (or predicted clean) latents [B, C, H, W].
+    Returns:
+        [B]: 0 where both latents have their edges in the same places.
+    """
+    return per_sample_mean((edge_map(x0_cf) - edge_map(x0_fa)).abs())
+
+
 def structure_loss(pred_x0_cf: torch.Tensor, pred_x0_fa: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """L1 between the sign-free edge maps of the two predicted clean latents, weighted per sample."""
-    per = per_sample_mean((edge_map(pred_x0_cf) - edge_map(pred_x0_fa)).abs())
-    return (weight * per).mean()
+    return (weight * structure_disagreement(pred_x0_cf, pred_x0_fa)).mean()
+
+
+def structure_guidance(x_t_cf: torch.Tensor, x_t_fa: torch.Tensor, eps_cf: torch.Tensor, eps_fa: torch.Tensor,
+                       ab: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-modal guidance of one sampling step: both eps predictions moved so that the step's clean
+    latents agree more in structure, as classifier guidance moves eps along a classifier's gradient.
+
+    The loss is the training structure term with its alpha_bar weighting, per pair and summed over
+    the latent's cells (so a cell's gradient does not shrink with the latent's size, nor with the batch):
+    g = grad over x_t of  ab * HW * structure_disagreement(x0_cf, x0_fa),  x0 = (x_t - sqrt(1 - ab) eps) / sqrt(ab),
+    with eps held constant (no gradient through the UNets: the guidance then costs a few 3x3 convolutions,
+    not a backward pass through both UNets). Each modality then gets eps + scale * sqrt(1 - ab) * g, so a
+    DDIM step's clean latent moves by -scale * (1 - ab) * grad over x0: fully at large t, fading to 0 at t = 0.
+
+    Args:
+        x_t_cf, x_t_fa: the noisy latents of the step [B, C, H, W].
+        eps_cf, eps_fa: the UNets' eps predictions for them [B, C, H, W].
+        ab: alpha_bar of the step's timestep, a scalar or [B] tensor.
+        scale: the guidance strength S (>= 0; 0 returns the eps unchanged).
+    Returns:
+        The guided (eps_cf, eps_fa), float32.
+    """
+    if scale == 0:
+        return eps_cf, eps_fa
+    with torch.enable_grad(), torch.autocast(x_t_cf.device.type, enabled=False):
+        x_t = [x.detach().float().requires_grad_(True) for x in (x_t_cf, x_t_fa)]
+        eps = [e.detach().float() for e in (eps_cf, eps_fa)]
+        a = ab.float().to(x_t[0].device).reshape(-1, *([1] * (x_t[0].ndim - 1)))
+        x0 = [(x - (1 - a).sqrt() * e) / a.sqrt() for x, e in zip(x_t, eps)]
+        cells = x0[0].shape[-2] * x0[0].shape[-1]
+        loss = (a.flatten() * cells * structure_disagreement(*x0)).sum()  # per pair: a pair's gradient is its own
+        grads = torch.autograd.grad(loss, x_t)
+    return tuple(e + scale * (1 - a).sqrt() * g for e, g in zip(eps, grads))
 
 
 def modality_loss(eps_hat: torch.Tensor, eps: torch.Tensor, pred_x0: torch.Tensor, x0: torch.Tensor,

@@ -443,7 +443,7 @@ def test_help_says_each_default_once_in_plain_words(command):
         assert action.help.endswith("(required)") and "default" not in action.help, action.help
 
 
-def test_fa_noise_negated_needs_the_dual_unet(capsys, tmp_path, fake_checkpoint):
+def test_fa_noise_negated_and_struct_guidance_need_the_dual_unet(capsys, tmp_path, fake_checkpoint):
     """The joint model has one UNet and one latent: there is no FA start noise to negate."""
     import torch
     from safetensors.torch import save_file
@@ -456,3 +456,6 @@ def test_fa_noise_negated_needs_the_dual_unet(capsys, tmp_path, fake_checkpoint)
     fails_in_driver(capsys, gen_argv(joint, tmp_path / "out", "--fa_noise", "negated"),
                     r"--fa_noise negated needs the two UNets of dual_unet; this checkpoint is joint_sdxl, .*"
                     r"drop --fa_noise", tmp_path / "out")
+    fails_in_driver(capsys, gen_argv(joint, tmp_path / "out", "--struct_guidance", "2"),
+                    r"--struct_guidance 2 needs the two UNets of dual_unet; this checkpoint is joint_sdxl, .*"
+                    r"drop --struct_guidance", tmp_path / "out")

@@ -37,6 +37,11 @@ def test_identity_records_the_concrete_choices():
     assert "fa_noise" not in ident
     negated = identity(resolve(GenerateConfig(checkpoint_dir="c", steps=7, fa_noise="negated"), None), RECORD)
     assert negated == {**ident, "fa_noise": "negated"}
+    assert "struct_guidance" not in ident  # likewise --struct_guidance: recorded when on
+    guided = identity(resolve(GenerateConfig(checkpoint_dir="c", steps=7, struct_guidance=1.5), None), RECORD)
+    assert guided == {**ident, "struct_guidance": 1.5}
+    with pytest.raises(ConfigError, match=r"^--struct_guidance -1 must be >= 0 \(0 turns the guidance off\)$"):
+        GenerateConfig(checkpoint_dir="c", struct_guidance=-1.0).validate()
 
 
 @pytest.mark.parametrize("text, expected", [("auto", "auto"), ("3", (3, 3)), (2, (2, 2)), ("1-8", (1, 8))])

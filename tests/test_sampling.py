@@ -2,9 +2,10 @@
 import pytest
 import torch
 
+from cffa_ray import diffusion as D
 from cffa_ray.config import ModelConfig
 from cffa_ray.models import build_model
-from cffa_ray.sampling import pair_noise, pair_seed, sample_in_fixed_batches, sample_pairs
+from cffa_ray.sampling import denoise_step, make_scheduler, pair_noise, pair_seed, sample_in_fixed_batches, sample_pairs
 from tests.helpers import randomise_lora
 
 
@@ -75,3 +76,40 @@ def test_dpm_solver_runs_and_differs_from_ddim(model):
     ddim, _ = sample_pairs(model, z0, steps=5, scheduler="ddim")
     dpm, _ = sample_pairs(model, z0, steps=5, scheduler="dpm++")
     assert torch.isfinite(dpm).all() and not torch.equal(ddim, dpm)
+
+
+@torch.no_grad()
+def test_struct_guidance_zero_is_the_unguided_sampler_bit_for_bit(model):
+    """--struct_guidance 0 (the default) walks exactly the walk there was before the flag."""
+    z0 = pair_noise(model, 32, 4, [0, 1])
+    sched = make_scheduler("ddim", model.scheduler_config)
+    sched.set_timesteps(4)
+    state = model.noise_to_state(z0, "negated") * sched.init_noise_sigma
+    for t in sched.timesteps:  # the loop as it was: eps, then the scheduler's step
+        eps = model.predict_noise(sched.scale_model_input(state, t), t)
+        state = sched.step(eps.float(), int(t), state).prev_sample
+    ref_cf, ref_fa = model.decode(state)
+    cf, fa = sample_pairs(model, z0, steps=4, fa_noise="negated", struct_guidance=0.0)
+    assert torch.equal(cf, ref_cf) and torch.equal(fa, ref_fa)
+
+
+@torch.no_grad()
+def test_struct_guidance_aligns_the_latents_and_a_pair_stays_a_function_of_seed_and_id(model):
+    noise = pair_noise(model, 32, 42, list(range(5)))
+    states = {}
+    for scale in (0.0, 2.0):  # the final latents, from the same walk sample_pairs takes
+        sched = make_scheduler("ddim", model.scheduler_config)
+        sched.set_timesteps(6)
+        state = model.noise_to_state(noise)
+        for t in sched.timesteps:
+            state = denoise_step(model, sched, state, t, int(t), struct_guidance=scale)
+        states[scale] = D.structure_disagreement(state[:, 0], state[:, 1])
+    assert (states[2.0] < states[0.0]).all(), states
+    guided = dict(steps=3, struct_guidance=2.0)
+    cf_all, fa_all = sample_in_fixed_batches(model, noise, 4, **guided)
+    cf_one, fa_one = sample_in_fixed_batches(model, noise[3:4], 4, **guided)
+    assert torch.equal(cf_one[0], cf_all[3]) and torch.equal(fa_one[0], fa_all[3])
+    cf_plain, _ = sample_in_fixed_batches(model, noise[3:4], 4, steps=3)
+    assert not torch.equal(cf_plain[0], cf_one[0])
+    dpm, _ = sample_pairs(model, noise[:1], steps=3, scheduler="dpm++", struct_guidance=2.0)
+    assert torch.isfinite(dpm).all()

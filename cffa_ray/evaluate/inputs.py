@@ -21,7 +21,7 @@ GENERATED, REAL = "generated", "real"
 META_COLUMNS = ("pair_id", "mode", "steps", "scheduler", "strength", "source_pair_id", "checkpoint", "model",
                 "resolution")
 IDENTITY_KEYS = ("checkpoint", "trained_steps", "model", "resolution", "mode", "steps", "scheduler", "seed",
-                 "strength", "data", "fa_noise")
+                 "strength", "data", "fa_noise", "struct_guidance")
 
 
 @dataclass
@@ -94,7 +94,8 @@ def read_generated(path: str) -> GeneratedSet:
     text = read_text(join_path(path, "generation.json"))
     identity = json.loads(text) if text else {}
     if identity.get("model") == "dual_unet":
-        identity.setdefault("fa_noise", "same")  # generation.json names it only when it is not the default
+        identity.setdefault("fa_noise", "same")  # generation.json names these only when not the default
+        identity.setdefault("struct_guidance", 0.0)
     for key in IDENTITY_KEYS:  # shards written by any version carry these per row
         if key not in identity and key in rows[0]:
             identity[key] = rows[0][key]

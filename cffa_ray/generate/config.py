@@ -62,6 +62,10 @@ class GenerateConfig:
                 "negated: -z0, which made the two vessel trees overlap where same makes them avoid each other "
                 "(measured on tiny-retina, BENCHMARKS.md#quality; check it on your model with cffa evaluate)",
         choices=FA_NOISES)
+    struct_guidance: float = flag(
+        0.0, "dual_unet: cross-modal guidance strength S >= 0. At each step the gradient of the training structure "
+             "loss between the two predicted clean latents nudges both latents towards one vessel layout "
+             "(0: off, the sampler as before, bit for bit; measured in BENCHMARKS.md#quality)")
     batch_size: int = flag(32, "pairs per actor call (one Ray Data batch); split into --model_batch calls")
     model_batch: str | int = flag(
         AUTO, "pairs per UNet/VAE call, a fixed shape (the last call is padded), so pair k is byte-identical whatever "
@@ -108,6 +112,8 @@ class GenerateConfig:
             raise ConfigError(f"--png_layout {self.png_layout!r}; choose sharded or seed")
         if self.fa_noise not in FA_NOISES:
             raise ConfigError(f"--fa_noise {self.fa_noise!r}; choose same or negated")
+        if self.struct_guidance < 0:
+            raise ConfigError(f"--struct_guidance {self.struct_guidance:g} must be >= 0 (0 turns the guidance off)")
         parse_concurrency(self.concurrency)
         if self.model_batch != AUTO and (not isinstance(self.model_batch, int) or self.model_batch <= 0):
             raise ConfigError(f"--model_batch {self.model_batch!r} must be a positive number or auto")

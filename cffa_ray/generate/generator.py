@@ -59,7 +59,8 @@ class PairGenerator:
             cf, fa = sample_in_fixed_batches(
                 self.model, torch.from_numpy(batch["noise"]), cfg["model_batch"], init_images=sources,
                 steps=cfg["steps"], scheduler=cfg["scheduler"], strength=cfg["strength"],
-                mixed_precision=cfg["mixed_precision"], fa_noise=cfg["fa_noise"], as_uint8=True)
+                mixed_precision=cfg["mixed_precision"], fa_noise=cfg["fa_noise"],
+                struct_guidance=cfg["struct_guidance"], as_uint8=True)
         except RuntimeError as e:  # torch.OutOfMemoryError on CUDA; a plain RuntimeError from the CPU allocator
             if isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e):
                 raise ModelBatchTooLarge(self._oom_message()) from None

@@ -103,6 +103,12 @@ def check_fa_noise(fa_noise: str, model: str) -> None:
                           "whose one UNet denoises CF and FA together: drop --fa_noise")
 
 
+def check_struct_guidance(struct_guidance: float, model: str) -> None:
+    if struct_guidance and not design_class(model).STRUCT_GUIDANCE:
+        raise ConfigError(f"--struct_guidance {struct_guidance:g} needs the two UNets of dual_unet; this checkpoint "
+                          f"is {model}, whose one UNet sees both halves at once: drop --struct_guidance")
+
+
 def noise_shape(record: dict) -> tuple[int, ...]:
     """The z0 shape of the checkpoint's model, from its base VAE's config (no weights loaded)."""
 
@@ -189,6 +195,7 @@ def generate(cfg: GenerateConfig) -> dict:
     cfg = dataclasses.replace(cfg, output_dir=absolute(cfg.output_dir))  # the writers may run elsewhere
     record = check_checkpoint(cfg.checkpoint_dir, cfg.model)
     check_fa_noise(cfg.fa_noise, record["model"])
+    check_struct_guidance(cfg.struct_guidance, record["model"])
     sources = sorted(discover_pairs(cfg.data), key=lambda r: r[PAIR_ID]) if cfg.mode == "from_data" else None
     done = done_pair_ids(cfg.output_dir)
     todo = [k for k in range(cfg.num_samples) if k not in done]

@@ -103,4 +103,6 @@ def identity(cfg: GenerateConfig, record: dict) -> dict:
         out.update(strength=cfg.strength, data=absolute(cfg.data))
     if cfg.fa_noise != "same":  # only then: folders made before the flag keep their identity
         out["fa_noise"] = cfg.fa_noise
+    if cfg.struct_guidance:  # likewise: unguided folders keep the identity they had before the flag
+        out["struct_guidance"] = cfg.struct_guidance
     return out

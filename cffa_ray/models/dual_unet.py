@@ -18,6 +18,7 @@ class DualUNet(PairModel):
     SAMPLING_UNETS = ("unet_pair",)  # after merge_lora
     CACHE_COLUMNS = ("cf_moments", "fa_moments")
     FA_NOISES = ("same", "negated")
+    STRUCT_GUIDANCE = True
 
     def __init__(self, parts: BaseParts, rank: int, alpha: float, *, resolution: int,
                  lora_targets: tuple[str, ...] = LORA_TARGETS, share_base: bool = True, **loss):
@@ -85,6 +86,9 @@ class DualUNet(PairModel):
             return torch.stack(eps.chunk(2), dim=1)
         return torch.stack([self._unet_eps(self.unet_cf, state[:, 0], t),
                             self._unet_eps(self.unet_fa, state[:, 1], t)], dim=1)
+
+    def guide(self, state, eps, ab, scale):
+        return torch.stack(D.structure_guidance(state[:, 0], state[:, 1], eps[:, 0], eps[:, 1], ab, scale), dim=1)
 
     def merge_lora(self) -> None:
         """Both LoRAs folded into per-half weights of one plain UNet (models/paired.py): a sampling step

@@ -27,6 +27,7 @@ class PairModel(nn.Module):
     CACHE_COLUMNS: tuple[str, ...] = ()  # the latent cache's columns for this design
     LATENT_WIDTH_FACTOR = 1  # latent width / height (the joint design's latent is twice as wide)
     FA_NOISES: tuple[str, ...] = ("same",)  # generation's --fa_noise values this design can start from
+    STRUCT_GUIDANCE = False  # whether generation's --struct_guidance applies (two UNets whose latents it nudges)
 
     def _hold_base(self, parts, **loss) -> None:
         """What every design keeps of the frozen base, and its loss settings (config.LOSS_DEFAULTS' keys;
@@ -94,6 +95,10 @@ class PairModel(nn.Module):
     def predict_noise(self, state: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """eps_hat for a noisy state at integer timestep(s) t."""
         raise NotImplementedError
+
+    def guide(self, state: torch.Tensor, eps: torch.Tensor, ab: torch.Tensor, scale: float) -> torch.Tensor:
+        """eps_hat with --struct_guidance `scale` applied (diffusion.structure_guidance), at alpha_bar `ab`."""
+        raise ValueError(f"--struct_guidance needs the two UNets of dual_unet, not {self.name}")
 
     def decode(self, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Clean state -> (cf, fa) images [B, 3, R, R] in [-1, 1]."""
