@@ -142,8 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     same for SIGTERM (exit 143) and SIGHUP (exit 129): see stop_signals.py."""
 
     ns = build_parser().parse_args(argv)
-    stop_signals.install()
     try:
+        stop_signals.install()  # inside the try: a signal right after it is one line too, not a traceback
         with terminal():
             return ns.run(ns)
     except (ConfigError, DataError) as e:

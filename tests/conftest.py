@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 from tests.helpers import MODEL_RECORD, SHARED_HEAD_ENV, TRAIN_ARGS, RayHead, assert_ok, run_cli, write_tiny_tokenizer
 
@@ -59,9 +60,23 @@ def sd15_folder(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, pairs_dir, ray_head):
-    """The training issue's 'done when' command, run once: (run folder, completed process)."""
-    out = tmp_path_factory.mktemp("runs")
-    proc = run_cli("train", "--data", pairs_dir, "--output_dir", out, "--name", "t", *TRAIN_ARGS)
+    """The training issue's 'done when' command, run once per test session: (run folder, completed process).
+    Under pytest-xdist (`-n 2`) the first worker to ask trains and the others wait for its run (a file lock
+    in the run's shared temp dir), as pytest-xdist's docs advise for an expensive session fixture."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return _train_tiny(tmp_path_factory.mktemp("runs"), pairs_dir)
+    shared = tmp_path_factory.getbasetemp().parent  # this test session's folder, above every worker's
+    record = shared / "trained_run.json"
+    with FileLock(str(record) + ".lock"):
+        if not record.exists():
+            run, proc = _train_tiny(shared / "trained_run", pairs_dir)
+            record.write_text(json.dumps({"run": str(run), "stdout": proc.stdout, "stderr": proc.stderr}))
+    done = json.loads(record.read_text())
+    return Path(done["run"]), subprocess.CompletedProcess([], 0, done["stdout"], done["stderr"])
+
+
+def _train_tiny(out: Path, pairs: Path) -> tuple[Path, subprocess.CompletedProcess]:
+    proc = run_cli("train", "--data", pairs, "--output_dir", out, "--name", "t", *TRAIN_ARGS)
     assert_ok(proc)
     return out / "t", proc
 
