@@ -5,13 +5,15 @@ Trains the dual UNet on the `tiny-retina` preset (pre-trained on synthetic retin
 (0.3 vs 0) x `--loss_weighting` (none vs alpha_bar), all on the same synthetic pairs with the same
 training seed; generates the same pairs (same z0) from each run with `cffa generate`, once per
 `--fa_noise` (same: both UNets start from z0, as the research design does; negated: the FA UNet
-starts from -z0); scores them with `cffa evaluate` against held-out synthetic pairs; prints one
-table. Every job runs in one Ray session of this process. `--seeds 0 1` repeats the grid with other
-training seeds (the noise of the measurement; a seed also draws its own validation split).
+starts from -z0) and per `--struct_guidance` (sampling-time guidance, 0 = off); scores them with
+`cffa evaluate` against held-out synthetic pairs; prints one table. Every job runs in one Ray session
+of this process. `--seeds 0 1` repeats the grid with other training seeds (the noise of the measurement;
+a seed also draws its own validation split).
 
     python bench/quality.py                       # 4 runs x 2 generations, about 15 minutes on 2 CPU cores
     python bench/quality.py --seeds 0 1 --out /tmp/quality
     python bench/quality.py --steps 600 --loss_weighting alpha_bar   # longer training, struct 0.3 vs 0
+    python bench/quality.py --struct_lambda 0.3 --loss_weighting alpha_bar --struct_guidance 0 1 3 10  # guidance
 
 Columns: alignment normalised = (generated - floor) / (real - floor) of the vessel soft Dice (0 =
 unrelated vessel trees, 1 = as aligned as real pairs; floor = mismatched real pairs); Dice of the
@@ -21,7 +23,8 @@ closer to the real images; the real-vs-real value under the table is the metric'
 the second ruler (training pairs as --real_train, the held-out pairs as --real_test): FA vessel
 topology max |d| against real (> 2 far), the fraction of generated images flagged as near-copies
 of a training image (CF or FA, the larger), and with --utility the TSTR vessel-Dice ratio; training
-time of the run.
+time of the run; generation seconds per pair (the whole `cffa generate` job over the pairs it made,
+Ray's start-up included).
 """
 from __future__ import annotations
 
@@ -42,7 +45,8 @@ TRAIN_DATA_SEED, REAL_DATA_SEED, SIZE = 101, 202, 64
 
 
 def run_one(args, work: Path, struct: float, weighting: str, seed: int) -> list[dict]:
-    """Train one setting, then generate and score the same pairs once per --fa_noise: one row each."""
+    """Train one setting, then generate and score the same pairs once per --fa_noise x --struct_guidance:
+    one row each."""
     from cffa_ray.evaluate.job import evaluate
     from cffa_ray.generate.job import generate
     from cffa_ray.train.launch import train
@@ -56,17 +60,18 @@ def run_one(args, work: Path, struct: float, weighting: str, seed: int) -> list[
     train(cfg)
     train_s = time.time() - t0
     rows = []
-    for fa_noise in args.fa_noise:
+    for fa_noise, guidance in [(f, g) for f in args.fa_noise for g in args.struct_guidance]:
+        tag = f"{name}_{fa_noise}" + (f"_guidance{guidance:g}" if guidance else "")
         gen = GenerateConfig(checkpoint_dir=os.path.join(cfg.run_dir, "best_checkpoint"), num_samples=args.samples,
                              steps=args.sample_steps, seed=42, batch_size=16, concurrency="2", fa_noise=fa_noise,
-                             output_dir=str(work / "generated" / f"{name}_{fa_noise}"))
-        generate(gen)
+                             struct_guidance=guidance, output_dir=str(work / "generated" / tag))
+        summary = generate(gen)
         ev = evaluate(EvaluateConfig(generated=gen.output_dir, real=str(work / "real"),
-                                     output=str(work / "eval" / f"{name}_{fa_noise}"),
+                                     output=str(work / "eval" / tag),
                                      real_train=str(work / "pairs"), real_test=str(work / "real"),
                                      utility=args.utility))
         a, r = ev["alignment"], ev["realism"]
-        rows.append({"struct": struct, "weighting": weighting, "seed": seed, "fa_noise": fa_noise,
+        rows.append({"struct": struct, "weighting": weighting, "seed": seed, "fa_noise": fa_noise, "guidance": guidance,
                      "normalised": a["normalised"], "dice": a["generated"]["mean"], "dice_std": a["generated"]["std"],
                      "own_floor": a["generated_mismatched"]["mean"], "real": a["real"]["mean"],
                      "floor": a["mismatched"]["mean"], "swd_cf": r["cf"]["mean"], "swd_fa": r["fa"]["mean"],
@@ -74,7 +79,8 @@ def run_one(args, work: Path, struct: float, weighting: str, seed: int) -> list[
                      "topology_fa": ev["topology"]["fa"]["max_abs_d"],
                      "memorised": max(ev["memorisation"][m]["fraction_above"] for m in ("cf", "fa")),
                      "tstr_dice": ev["utility"]["scores"]["dice"]["ratio"] if ev["utility"] else None,
-                     "train_s": train_s})
+                     "train_s": train_s,
+                     "gen_s_per_pair": summary["seconds"] / summary["pairs_made"] if summary["pairs_made"] else None})
     return rows
 
 
@@ -87,24 +93,27 @@ def settings(args) -> list[tuple[float, str]]:
 
 
 def table(rows: list[dict], args) -> str:
-    lines = ["| struct_lambda | loss_weighting | seed | fa_noise | alignment normalised | Dice generated (std) | "
-             "Dice generated, mismatched | SWD CF | SWD FA | FA topology max abs d | memorised | TSTR Dice ratio "
-             "| train s |", "|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| struct_lambda | loss_weighting | seed | fa_noise | struct_guidance | alignment normalised | "
+             "Dice generated (std) | Dice generated, mismatched | SWD CF | SWD FA | FA topology max abs d | memorised "
+             "| TSTR Dice ratio | train s | generate s/pair |",
+             "|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['struct']:g} | {r['weighting']} | {r['seed']} | {r['fa_noise']} | "
+        lines.append(f"| {r['struct']:g} | {r['weighting']} | {r['seed']} | {r['fa_noise']} | {r['guidance']:g} | "
                      f"**{_num(r['normalised'])}** | {r['dice']:.4f} ({r['dice_std']:.4f}) | {r['own_floor']:.4f} | "
                      f"{r['swd_cf']:.1f} | {r['swd_fa']:.1f} | {_num(r['topology_fa'])} | {r['memorised']:.0%} | "
-                     f"{_num(r['tstr_dice'])} | {r['train_s']:.0f} |")
+                     f"{_num(r['tstr_dice'])} | {r['train_s']:.0f} | {_num(r['gen_s_per_pair'])} |")
     if len(args.seeds) > 1:
         import numpy as np
 
-        lines += ["", "| struct_lambda | loss_weighting | fa_noise | alignment normalised, mean ± std over seeds | "
-                      "SWD CF | SWD FA |", "|---:|---|---|---:|---:|---:|"]
+        lines += ["", "| struct_lambda | loss_weighting | fa_noise | struct_guidance | alignment normalised, "
+                      "mean ± std over seeds | SWD CF | SWD FA |", "|---:|---|---|---:|---:|---:|---:|"]
         for struct, weighting in settings(args):
-            for fa_noise in args.fa_noise:
-                sel = [r for r in rows if (r["struct"], r["weighting"], r["fa_noise"]) == (struct, weighting, fa_noise)]
+            for fa_noise, guidance in [(f, g) for f in args.fa_noise for g in args.struct_guidance]:
+                key = (struct, weighting, fa_noise, guidance)
+                sel = [r for r in rows if (r["struct"], r["weighting"], r["fa_noise"], r["guidance"]) == key]
                 norm = np.array([np.nan if r["normalised"] is None else r["normalised"] for r in sel])
-                lines.append(f"| {struct:g} | {weighting} | {fa_noise} | {norm.mean():.3f} ± {norm.std(ddof=1):.3f} | "
+                lines.append(f"| {struct:g} | {weighting} | {fa_noise} | {guidance:g} | "
+                             f"{norm.mean():.3f} ± {norm.std(ddof=1):.3f} | "
                              f"{np.mean([r['swd_cf'] for r in sel]):.1f} | {np.mean([r['swd_fa'] for r in sel]):.1f} |")
     first = rows[0]
     lines += ["", f"Real pairs {first['real']:.4f} (ceiling), mismatched real pairs {first['floor']:.4f} (floor). "
@@ -134,6 +143,8 @@ def main() -> None:
     p.add_argument("--utility", action="store_true", help="add cffa evaluate --utility (TSTR) to every score")
     p.add_argument("--fa_noise", nargs="+", default=["same", "negated"], choices=["same", "negated"],
                    help="generate and score each run's pairs once per value (cffa generate --fa_noise)")
+    p.add_argument("--struct_guidance", type=float, nargs="+", default=[0.0],
+                   help="and once per value of cffa generate --struct_guidance (sampling-time guidance, 0 = off)")
     args = p.parse_args()
 
     from cffa_ray.synth import write_synthetic_pairs
