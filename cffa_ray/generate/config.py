@@ -64,8 +64,9 @@ class GenerateConfig:
         choices=FA_NOISES)
     struct_guidance: float = flag(
         0.0, "dual_unet: cross-modal guidance strength S >= 0. At each step the gradient of the training structure "
-             "loss between the two predicted clean latents nudges both latents towards one vessel layout "
-             "(0: off, the sampler as before, bit for bit; measured in BENCHMARKS.md#quality)")
+             "loss between the two predicted clean latents nudges both latents towards one vessel layout. "
+             "0: off, the sampler as before, bit for bit; on tiny-retina 0.3-1 aligned pairs a little better "
+             "and made FA less real (BENCHMARKS.md#quality)")
     batch_size: int = flag(32, "pairs per actor call (one Ray Data batch); split into --model_batch calls")
     model_batch: str | int = flag(
         AUTO, "pairs per UNet/VAE call, a fixed shape (the last call is padded), so pair k is byte-identical whatever "
