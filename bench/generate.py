@@ -43,7 +43,7 @@ def make_checkpoint(args, work: Path) -> str:
     """A checkpoint of the preset with non-zero LoRA weights (so merging is not a no-op)."""
     import torch
 
-    from cffa_ray.models import build_model
+    from cffa_ray.models.build import build_model
     from cffa_ray.train.run_folder import RunFolder
 
     cfg = TrainConfig(model=MODEL_OF_PRESET[args.preset], preset=args.preset, resolution=args.resolution)
@@ -81,9 +81,10 @@ def run_path(path: str, args, ckpt: str, work: Path) -> dict:
     """One path, in this (fresh) process: {rate, peak_gib, ...}."""
     import torch
 
-    from cffa_ray.models import load_for_generation
+    from cffa_ray.models.build import load_for_generation
     from cffa_ray.models.inference import DTYPES, prepare_for_sampling
-    from cffa_ray.sampling import noise_for, sample_in_fixed_batches, warm_up
+    from cffa_ray.sampling import sample_in_fixed_batches, warm_up
+    from cffa_ray.seeds import noise_for
 
     device = torch.device("cuda" if args.use_gpu else "cpu")
     torch.set_grad_enabled(False)

@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from opcount_mode import CudaAutocastRules, OpCounter  # noqa: E402
 
-from cffa_ray.models import build_model  # noqa: E402
+from cffa_ray.models.build import build_model  # noqa: E402
 from cffa_ray.models.inference import prepare_for_sampling  # noqa: E402
 from cffa_ray.sampling import denoise_step, gpu_autocast_dtype, make_scheduler, pair_noise  # noqa: E402
 from cffa_ray.train.config import TrainConfig  # noqa: E402

@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cffa_ray.config import PRESETS
-from cffa_ray.models import build_model  # noqa: E402
+from cffa_ray.models.build import build_model  # noqa: E402
 from cffa_ray.models.inference import DTYPES  # noqa: E402
 from cffa_ray.sampling import autocast  # noqa: E402
 from cffa_ray.train.config import TrainConfig

@@ -7,7 +7,6 @@ on the batch it lands in.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import time
 
 import diffusers
@@ -17,6 +16,7 @@ import torch
 from cffa_ray.images import to_uint8
 from cffa_ray.models.inference import DTYPES
 from cffa_ray.models.interface import PairModel
+from cffa_ray.seeds import noise_for
 
 SCHEDULER_CLASSES = {"ddim": "DDIMScheduler", "dpm++": "DPMSolverMultistepScheduler"}
 
@@ -25,19 +25,6 @@ def make_scheduler(name: str, scheduler_config: dict):
     cls = getattr(diffusers, SCHEDULER_CLASSES[name])
     extra = {"algorithm_type": "dpmsolver++", "solver_order": 2} if name == "dpm++" else {}
     return cls.from_config(scheduler_config, **extra)
-
-
-def pair_seed(seed: int, pair_id: int) -> int:
-    """A 63-bit seed for pair `pair_id`, a pure function of (seed, pair_id)."""
-
-    digest = hashlib.sha256(f"cffa:{seed}:{pair_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-def noise_for(shape: tuple[int, ...], seed: int, pair_ids) -> torch.Tensor:
-    """[B, *shape] float32 on CPU: row i is pair_ids[i]'s z0, a pure function of (seed, pair id)."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(pair_seed(seed, int(k))))
-                        for k in pair_ids])
 
 
 def pair_noise(model: PairModel, resolution: int, seed: int, pair_ids: list[int]) -> torch.Tensor:

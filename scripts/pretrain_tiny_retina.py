@@ -48,6 +48,7 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from cffa_ray.models.base import tiny_tokenizer  # noqa: E402
 from cffa_ray.models.presets import (  # noqa: E402
     PRESET_SEED,
     SD_SCHEDULER,
@@ -56,7 +57,6 @@ from cffa_ray.models.presets import (  # noqa: E402
     TINY_RETINA_SIZE,
     TINY_RETINA_UNET,
     TINY_RETINA_VAE,
-    tiny_tokenizer,
 )
 from cffa_ray.synth import make_pair  # noqa: E402
 
@@ -233,7 +233,7 @@ def preview(path: Path, vae, unet, context, scaling_factor: float, images: torch
     recon = vae.decode(vae.encode(x).latent_dist.mode()).sample
     sched = DDIMScheduler.from_config(SD_SCHEDULER)
     sched.set_timesteps(30)
-    from cffa_ray.models.vae import vae_scale
+    from cffa_ray.models.designs import vae_scale
 
     side = x.shape[-1] // vae_scale(vae.config)
     z = torch.randn((n, vae.config.latent_channels, side, side), generator=torch.Generator().manual_seed(0))

@@ -59,7 +59,7 @@ def assert_ok(proc: subprocess.CompletedProcess) -> None:
 
 def write_tiny_tokenizer(folder: Path, max_length: int = 77):
     """A real CLIPTokenizer with a handful of tokens (no download), saved like a hub tokenizer."""
-    from cffa_ray.models.presets import tiny_tokenizer
+    from cffa_ray.models.base import tiny_tokenizer
 
     return tiny_tokenizer(folder, max_length)
 

@@ -1,9 +1,11 @@
 """The package's imports point one way: no import cycle between its modules, no job package
 (train/, generate/, evaluate/) importing another's, private library internals only in internals.py,
-and modules of a readable size. Parsed with ast; nothing is imported."""
+and modules of a readable size. Parsed with ast (one test imports the drivers in a subprocess)."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -97,3 +99,13 @@ def test_private_library_internals_only_in_internals_py():
 def test_modules_stay_readable():
     long = {name: n for name, path in modules().items() if (n := len(path.read_text().splitlines())) > MAX_LINES}
     assert not long, f"modules past {MAX_LINES} lines: {long}"
+
+
+def test_job_drivers_load_no_model_library():
+    """`cffa train/generate/evaluate/demo` drivers only name the worker code; diffusers, peft, transformers
+    and DeepSpeed are imported in the workers' and actors' processes (~10 s of each driver's start on 2 cores)."""
+    heavy = ("diffusers", "peft", "transformers", "deepspeed")
+    code = ("import sys, cffa_ray.cli, cffa_ray.demo, cffa_ray.train.launch, cffa_ray.generate.job, "
+            f"cffa_ray.evaluate.job; print(' '.join(m for m in {heavy!r} if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert loaded.stdout.split() == [], f"a job driver imports {loaded.stdout.split()}: import them where they run"

@@ -5,7 +5,7 @@ import torch
 
 from cffa_ray.config import ModelConfig
 from cffa_ray.generate.memory import choose_model_batch
-from cffa_ray.models import build_model
+from cffa_ray.models.build import build_model
 from cffa_ray.models.inference import prepare_for_sampling
 from cffa_ray.sampling import pair_noise, sample_pairs
 from tests.helpers import randomise_lora

@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 
 from cffa_ray.config import ModelConfig
-from cffa_ray.models import build_model
 from cffa_ray.models.base import load_base
+from cffa_ray.models.build import build_model
 from cffa_ray.models.joint_sdxl import DIFFUSERS_LORA_FILE, joint, sdxl_time_ids, split
 from tests.helpers import assert_ok, randomise_lora, run_cli, write_tiny_tokenizer
 

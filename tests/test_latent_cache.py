@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cffa_ray.config import ModelConfig
-from cffa_ray.models import build_model
+from cffa_ray.models.build import build_model
 from cffa_ray.train.config import TrainConfig
 from cffa_ray.train.datasets import repeats_for, shuffled_epochs
 

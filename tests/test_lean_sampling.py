@@ -6,7 +6,7 @@ import torch
 
 from bench.opcount_mode import CudaAutocastRules
 from cffa_ray.config import ModelConfig
-from cffa_ray.models import build_model
+from cffa_ray.models.build import build_model
 from cffa_ray.models.inference import cast, drop_unfused_projections, prepare_for_sampling
 from cffa_ray.models.interface import PairModel
 from cffa_ray.sampling import pair_noise, sample_pairs

@@ -7,8 +7,8 @@ from peft import PeftModel
 from cffa_ray.checks import check_base_model
 from cffa_ray.config import ModelConfig
 from cffa_ray.errors import ConfigError
-from cffa_ray.models import build_model
 from cffa_ray.models.base import load_base
+from cffa_ray.models.build import build_model
 from tests.helpers import randomise_lora
 
 

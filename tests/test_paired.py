@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from cffa_ray.config import ModelConfig
-from cffa_ray.models import build_model
+from cffa_ray.models.build import build_model
 from tests.helpers import randomise_lora
 
 

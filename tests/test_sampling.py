@@ -4,8 +4,9 @@ import torch
 
 from cffa_ray import diffusion as D
 from cffa_ray.config import ModelConfig
-from cffa_ray.models import build_model
-from cffa_ray.sampling import denoise_step, make_scheduler, pair_noise, pair_seed, sample_in_fixed_batches, sample_pairs
+from cffa_ray.models.build import build_model
+from cffa_ray.sampling import denoise_step, make_scheduler, pair_noise, sample_in_fixed_batches, sample_pairs
+from cffa_ray.seeds import pair_seed
 from tests.helpers import randomise_lora
 
 

@@ -9,7 +9,8 @@ import pytest
 import tomllib
 import torch
 
-from cffa_ray.models.base import load_base, load_vae, preset_source, vae_config
+from cffa_ray.models.base import load_base, load_vae
+from cffa_ray.models.presets import preset_source, vae_config
 from tests.helpers import REPO
 
 FOLDER = Path(preset_source("", "tiny-retina")[0])
@@ -78,7 +79,7 @@ def test_a_few_dozen_lora_steps_on_the_retina_base_make_the_cf_unet_draw_fundi_a
     """The base makes both modalities from the empty prompt; the demo's recipe (40 steps, lr 3e-3,
     4 pairs a step) must teach each UNet's LoRA its own. Before training some CF samples are grey."""
     from cffa_ray.demo import DEMO_LR, DEMO_STEPS
-    from cffa_ray.models import build_model
+    from cffa_ray.models.build import build_model
     from cffa_ray.sampling import pair_noise
     from cffa_ray.synth import make_pair
     from cffa_ray.train.config import TrainConfig

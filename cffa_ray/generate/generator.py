@@ -23,9 +23,6 @@ import torch
 
 from cffa_ray.faults import maybe_fail
 from cffa_ray.io import local_copy
-from cffa_ray.models import load_for_generation
-from cffa_ray.models.inference import prepare_for_sampling
-from cffa_ray.sampling import sample_in_fixed_batches, warm_up
 
 OOM_HINT = "--model_batch"
 
@@ -36,6 +33,13 @@ class ModelBatchTooLarge(RuntimeError):
 
 class PairGenerator:
     def __init__(self, checkpoint_dir: str, cfg: dict):
+        # imported here, in the actor's process: the driver, which only names this class, never loads
+        # diffusers or peft (~8 s of its start-up on 2 cores)
+        from cffa_ray.models.build import load_for_generation
+        from cffa_ray.models.inference import prepare_for_sampling
+        from cffa_ray.sampling import sample_in_fixed_batches, warm_up
+
+        self.sample = sample_in_fixed_batches
         torch.set_grad_enabled(False)
         self.cfg = cfg
         self.device = torch.device("cuda" if cfg["use_gpu"] else "cpu")
@@ -56,7 +60,7 @@ class PairGenerator:
         if cfg["mode"] == "from_data":
             sources = (torch.from_numpy(batch["src_cf"]), torch.from_numpy(batch["src_fa"]))
         try:
-            cf, fa = sample_in_fixed_batches(
+            cf, fa = self.sample(
                 self.model, torch.from_numpy(batch["noise"]), cfg["model_batch"], init_images=sources,
                 steps=cfg["steps"], scheduler=cfg["scheduler"], strength=cfg["strength"],
                 mixed_precision=cfg["mixed_precision"], fa_noise=cfg["fa_noise"],

@@ -52,8 +52,8 @@ from cffa_ray.generate.settings import (
 )
 from cffa_ray.generate.stages import add_noise, load_sources, pair_rows
 from cffa_ray.io import local_copy
-from cffa_ray.models import adapter_folders, design_class
-from cffa_ray.models.base import vae_config
+from cffa_ray.models.designs import adapter_folders, design, noise_shape_for
+from cffa_ray.models.presets import vae_config
 from cffa_ray.paths import absolute
 from cffa_ray.progress import Progress
 from cffa_ray.quiet import quiet_ray_data
@@ -98,13 +98,13 @@ def check_checkpoint(checkpoint_dir: str, expected_model: str | None = None) -> 
 
 
 def check_fa_noise(fa_noise: str, model: str) -> None:
-    if fa_noise not in design_class(model).FA_NOISES:
+    if fa_noise not in design(model).fa_noises:
         raise ConfigError(f"--fa_noise {fa_noise} needs the two UNets of dual_unet; this checkpoint is {model}, "
                           "whose one UNet denoises CF and FA together: drop --fa_noise")
 
 
 def check_struct_guidance(struct_guidance: float, model: str) -> None:
-    if struct_guidance and not design_class(model).STRUCT_GUIDANCE:
+    if struct_guidance and not design(model).struct_guidance:
         raise ConfigError(f"--struct_guidance {struct_guidance:g} needs the two UNets of dual_unet; this checkpoint "
                           f"is {model}, whose one UNet sees both halves at once: drop --struct_guidance")
 
@@ -113,7 +113,7 @@ def noise_shape(record: dict) -> tuple[int, ...]:
     """The z0 shape of the checkpoint's model, from its base VAE's config (no weights loaded)."""
 
     base = record.get("base_model") or DEFAULT_BASE_MODEL[record["model"]]
-    return design_class(record["model"]).noise_shape_for(vae_config(base, record.get("preset")), record["resolution"])
+    return noise_shape_for(record["model"], vae_config(base, record.get("preset")), record["resolution"])
 
 
 def row_constants(cfg: GenerateConfig, record: dict, ident: dict) -> dict:

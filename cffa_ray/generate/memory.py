@@ -9,9 +9,6 @@ from __future__ import annotations
 import torch
 
 from cffa_ray.io import local_copy
-from cffa_ray.models import load_for_generation
-from cffa_ray.models.inference import prepare_for_sampling
-from cffa_ray.sampling import pair_noise, sample_pairs
 
 GIB = 2**30
 CPU_MODEL_BATCH = 8  # on CPU memory is not the limit; 8 amortises per-call costs well
@@ -32,7 +29,7 @@ def measure_sampling_memory(model, resolution: int, mixed_precision: str) -> tup
 
     One denoising step and the decode: peak memory does not grow with the number of steps.
     """
-
+    from cffa_ray.sampling import pair_noise, sample_pairs  # in the GPU task's process (see calibrate)
 
     peaks = []
     for batch in (1, 2):
@@ -49,7 +46,9 @@ def measure_sampling_memory(model, resolution: int, mixed_precision: str) -> tup
 
 def calibrate(checkpoint_dir: str, mixed_precision: str) -> dict:
     """Runs on one GPU (a Ray task): load the checkpoint as an actor would, measure, choose."""
-
+    # imported here, in the task's process: the generation driver never loads diffusers or peft (~8 s)
+    from cffa_ray.models.build import load_for_generation
+    from cffa_ray.models.inference import prepare_for_sampling
 
     model, record = load_for_generation(local_copy(checkpoint_dir))
     prepare_for_sampling(model, "cuda", mixed_precision)

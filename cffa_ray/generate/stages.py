@@ -10,7 +10,7 @@ import numpy as np
 
 from cffa_ray.data import CF_PATH, FA_PATH, PAIR_ID
 from cffa_ray.decoding import channels_first, load_image
-from cffa_ray.sampling import noise_for, pair_seed
+from cffa_ray.seeds import noise_for, pair_seed
 
 
 def pair_rows(seed: int, todo: list[int], sources: list[dict] | None) -> list[dict]:

@@ -5,15 +5,16 @@ what the model keeps is the embedding tensor.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from cffa_ray.config import FAMILY, check_prediction_type
-from cffa_ray.models.presets import PRESET_SEED, PRESETS, SD_SCHEDULER
+from cffa_ray.models.presets import PRESET_SEED, PRESETS, SD_SCHEDULER, TINY_CLIP, preset_source
 
 
 @dataclass
@@ -54,14 +55,6 @@ def _seeded(build, component: int):
         return build()
 
 
-def preset_source(base_model: str, preset: str | None) -> tuple[str, str | None]:
-    """(base_model, preset) to load from: a preset with trained weights is the package folder holding them."""
-    folder = PRESETS[preset].get("folder") if preset else None
-    if folder:
-        return str(Path(__file__).resolve().parents[1] / folder), None
-    return base_model, preset
-
-
 def _preset_vae(preset: str):
     return _seeded(lambda: AutoencoderKL(**PRESETS[preset]["vae"]), 1)
 
@@ -96,13 +89,6 @@ def _from_pretrained(base_model: str, family: str) -> BaseParts:
     return BaseParts(unet, vae, scheduler_config, embeds, pooled)
 
 
-def vae_config(base_model: str, preset: str | None) -> dict:
-    """The VAE's config (latent channels, blocks) without its weights."""
-
-    base_model, preset = preset_source(base_model, preset)
-    return dict(PRESETS[preset]["vae"] if preset else AutoencoderKL.load_config(base_model, subfolder="vae"))
-
-
 def load_vae(base_model: str, preset: str | None):
     """Only the frozen VAE of a base (the latent cache needs nothing else)."""
 
@@ -120,3 +106,19 @@ def load_base(model: str, base_model: str, preset: str | None) -> BaseParts:
         module.requires_grad_(False)
     parts.vae.eval()
     return parts
+
+
+def tiny_tokenizer(folder, max_length: int = TINY_CLIP["max_position_embeddings"]):
+    """A real CLIPTokenizer for the tiny text encoders (a handful of tokens, made offline; saved like a
+    hub tokenizer by save_pretrained). `folder` holds its vocabulary files only while it is built."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = {"<|startoftext|>": 0, "!": 1, "<|endoftext|>": 2}
+    for i, ch in enumerate("abcdefghijklmnopqrstuvwxyz"):
+        vocab[ch], vocab[ch + "</w>"] = 3 + 2 * i, 4 + 2 * i
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length)
+    (folder / "vocab.json").unlink()
+    (folder / "merges.txt").unlink()
+    return tok

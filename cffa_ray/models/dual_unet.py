@@ -11,14 +11,8 @@ from cffa_ray.models.paired import is_zero3_partitioned, paired_merged, paired_v
 from cffa_ray.models.vae import decode_latents, encode_images, latent_moments, sample_latents
 
 
-class DualUNet(PairModel):
-    name = "dual_unet"
-    ADAPTERS = ("unet_cf_lora", "unet_fa_lora")
-    UNETS = ("unet_cf", "unet_fa")
+class DualUNet(PairModel, design="dual_unet"):
     SAMPLING_UNETS = ("unet_pair",)  # after merge_lora
-    CACHE_COLUMNS = ("cf_moments", "fa_moments")
-    FA_NOISES = ("same", "negated")
-    STRUCT_GUIDANCE = True
 
     def __init__(self, parts: BaseParts, rank: int, alpha: float, *, resolution: int,
                  lora_targets: tuple[str, ...] = LORA_TARGETS, share_base: bool = True, **loss):

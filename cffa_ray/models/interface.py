@@ -17,17 +17,24 @@ import torch
 from torch import nn
 
 from cffa_ray.config import DESIGN_LOSS_DEFAULTS, LOSS_DEFAULTS
-from cffa_ray.models.vae import noise_schedule, vae_scale
+from cffa_ray.models.designs import DESIGNS, noise_shape_for
+from cffa_ray.models.vae import noise_schedule
 
 
 class PairModel(nn.Module):
+    # a design's facts (designs.Design), set by `class X(PairModel, design="name")`
     name: str = ""
-    ADAPTERS: tuple[str, ...] = ()  # checkpoint sub-folders, one per LoRA adapter
-    UNETS: tuple[str, ...] = ()  # the attributes holding those adapters' UNets, in the same order
-    CACHE_COLUMNS: tuple[str, ...] = ()  # the latent cache's columns for this design
-    LATENT_WIDTH_FACTOR = 1  # latent width / height (the joint design's latent is twice as wide)
-    FA_NOISES: tuple[str, ...] = ("same",)  # generation's --fa_noise values this design can start from
-    STRUCT_GUIDANCE = False  # whether generation's --struct_guidance applies (two UNets whose latents it nudges)
+    ADAPTERS: tuple[str, ...] = ()
+    UNETS: tuple[str, ...] = ()
+    CACHE_COLUMNS: tuple[str, ...] = ()
+    FA_NOISES: tuple[str, ...] = ()
+    STRUCT_GUIDANCE = False
+
+    def __init_subclass__(cls, design: str, **kwargs):
+        super().__init_subclass__(**kwargs)
+        facts = DESIGNS[design]
+        cls.name, cls.ADAPTERS, cls.UNETS = facts.name, facts.adapters, facts.unets
+        cls.CACHE_COLUMNS, cls.FA_NOISES, cls.STRUCT_GUIDANCE = facts.cache_columns, facts.fa_noises, facts.struct_guidance
 
     def _hold_base(self, parts, **loss) -> None:
         """What every design keeps of the frozen base, and its loss settings (config.LOSS_DEFAULTS' keys;
@@ -54,14 +61,8 @@ class PairModel(nn.Module):
 
     def noise_shape(self, resolution: int) -> tuple[int, ...]:
         """Shape of one pair's initial noise z0 (shared by both modalities where there are two)."""
-        return self.noise_shape_for(self.vae.config, resolution)
+        return noise_shape_for(self.name, self.vae.config, resolution)
 
-    @classmethod
-    def noise_shape_for(cls, vae_config, resolution: int) -> tuple[int, ...]:
-        """noise_shape from the VAE's config alone (the generation driver has no model)."""
-
-        side = resolution // vae_scale(vae_config)
-        return (vae_config["latent_channels"], side, side * cls.LATENT_WIDTH_FACTOR)
 
     # ---- training
     def forward(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None,

@@ -37,12 +37,7 @@ def split(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return images[..., :w], images[..., w:]
 
 
-class JointSDXL(PairModel):
-    name = "joint_sdxl"
-    ADAPTERS = ("unet_lora",)
-    UNETS = ("unet",)
-    CACHE_COLUMNS = ("joint_moments",)
-    LATENT_WIDTH_FACTOR = 2
+class JointSDXL(PairModel, design="joint_sdxl"):
 
     def __init__(self, parts: BaseParts, rank: int, alpha: float, *, resolution: int,
                  lora_targets: tuple[str, ...] = LORA_TARGETS, share_base: bool = True, **loss):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from transformers import CLIPTokenizer
+from huggingface_hub import hf_hub_download
 
 SD_SCHEDULER = {
     "_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
@@ -105,19 +105,21 @@ PRESETS = {
 PRESET_SEED = 1234
 
 
-def tiny_tokenizer(folder, max_length: int = TINY_CLIP["max_position_embeddings"]):
-    """A real CLIPTokenizer for the tiny text encoders (a handful of tokens, made offline; saved like a
-    hub tokenizer by save_pretrained). `folder` holds its vocabulary files only while it is built."""
+def preset_source(base_model: str, preset: str | None) -> tuple[str, str | None]:
+    """(base_model, preset) to load from: a preset with trained weights is the package folder holding them."""
+    folder = PRESETS[preset].get("folder") if preset else None
+    if folder:
+        return str(Path(__file__).resolve().parents[1] / folder), None
+    return base_model, preset
 
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab = {"<|startoftext|>": 0, "!": 1, "<|endoftext|>": 2}
-    for i, ch in enumerate("abcdefghijklmnopqrstuvwxyz"):
-        vocab[ch], vocab[ch + "</w>"] = 3 + 2 * i, 4 + 2 * i
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length)
-    (folder / "vocab.json").unlink()
-    (folder / "merges.txt").unlink()
-    return tok
+def vae_config(base_model: str, preset: str | None) -> dict:
+    """The VAE's config (latent channels, blocks) without its weights, nor diffusers: the generation driver
+    needs only this (a folder's vae/config.json, or the hub's, as diffusers' load_config reads it)."""
+
+    base_model, preset = preset_source(base_model, preset)
+    if preset:
+        return dict(PRESETS[preset]["vae"])
+    local = Path(base_model) / "vae" / "config.json"
+    path = local if local.is_file() else hf_hub_download(base_model, "config.json", subfolder="vae")
+    return json.loads(Path(path).read_text())

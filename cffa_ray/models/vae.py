@@ -7,11 +7,6 @@ from diffusers import DDPMScheduler
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 
-def vae_scale(vae_config) -> int:
-    """Pixels per latent cell (8 for SD/SDXL and the tiny presets), from the VAE's config."""
-    return 2 ** (len(vae_config["block_out_channels"]) - 1)
-
-
 def to_unit_range(images: torch.Tensor) -> torch.Tensor:
     """uint8 [B, 3, R, R] (the compact form on the wire) or float in [-1, 1] -> float32 in [-1, 1]."""
     if images.dtype == torch.uint8:

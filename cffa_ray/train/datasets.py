@@ -12,7 +12,7 @@ from ray.data.expressions import col
 
 from cffa_ray.data import CF, FA, PAIR_ID
 from cffa_ray.decoding import decoded_pairs
-from cffa_ray.models import design_class
+from cffa_ray.models.designs import design
 from cffa_ray.train.config import TrainConfig
 from cffa_ray.train.latent_cache import cache_latents
 
@@ -41,7 +41,7 @@ def shuffled_epochs(table, copies: int, seed: int):
 
 
 def model_columns(model_name: str, cached: bool) -> list[str]:
-    return list(design_class(model_name).CACHE_COLUMNS) if cached else [CF, FA]
+    return list(design(model_name).cache_columns) if cached else [CF, FA]
 
 
 def training_datasets(cfg: TrainConfig, train_records: list[dict], val_records: list[dict]):

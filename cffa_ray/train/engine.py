@@ -14,7 +14,7 @@ import ray.train
 import torch
 import torch.distributed as dist
 
-from cffa_ray.models import build_model
+from cffa_ray.models.build import build_model
 from cffa_ray.train.config import TrainConfig
 from cffa_ray.train.run_folder import RunFolder
 from cffa_ray.train.stop import agreed_error, agreed_min, model_error

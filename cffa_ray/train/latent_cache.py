@@ -17,9 +17,6 @@ import ray.data
 import torch
 
 from cffa_ray.data import CF, FA, PAIR_ID
-from cffa_ray.models import design_class
-from cffa_ray.models.base import load_vae
-from cffa_ray.models.inference import DTYPES, cast
 from cffa_ray.progress import materialize
 from cffa_ray.train.config import TrainConfig
 
@@ -30,6 +27,11 @@ class MomentEncoder:
     """Ray Data actor: the base's VAE, loaded once, in the dtype training runs it in."""
 
     def __init__(self, model: str, base_model: str, preset: str | None, mixed_precision: str, use_gpu: bool):
+        # imported here, in the actor's process: the driver that names this class never loads diffusers (~8 s)
+        from cffa_ray.models.base import load_vae
+        from cffa_ray.models.build import design_class
+        from cffa_ray.models.inference import DTYPES, cast
+
         torch.set_grad_enabled(False)
         self.design = design_class(model)
         self.device = torch.device("cuda" if use_gpu else "cpu")
