@@ -12,6 +12,7 @@ import sys
 from cffa_ray import stop_signals
 from cffa_ray.errors import ConfigError, DataError, Interrupted, RunStopped, disk_full
 from cffa_ray.evaluate.config import EvaluateConfig
+from cffa_ray.faults import maybe_fail
 from cffa_ray.flags import add_flags, from_namespace
 from cffa_ray.generate.config import GenerateConfig
 from cffa_ray.quiet import terminal
@@ -144,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     try:
         stop_signals.install()  # inside the try: a signal right after it is one line too, not a traceback
+        maybe_fail("command", 1)  # tests park the command here ("command=1,hold=FILE") to send it a signal
         with terminal():
             return ns.run(ns)
     except (ConfigError, DataError) as e:

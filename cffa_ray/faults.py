@@ -16,6 +16,8 @@ machine's speed:
 
     CFFA_INJECT_FAULT="train_step=13,hold=/tmp/x/go"      every rank waits before step 13 (12 is done)
     CFFA_INJECT_FAULT="generate_batch=2,hold=/tmp/x/go"   every model actor waits before its 2nd call
+    CFFA_INJECT_FAULT="command=1,hold=/tmp/x/go"          the `cffa` command waits before it starts its job
+                                                          (its stop-signal handlers are in place)
 """
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ def maybe_fail(point: str, index: int, rank: int = 0) -> None:
     `hold`, wait there (and at every later index) until the hold file exists instead.
 
     Args:
-        point: "train_step" or "generate_batch".
+        point: "train_step", "generate_batch" or "command".
         index: the step about to run, or the 1-based call of this actor.
         rank: the training worker's rank (generation actors: 0, and the spec's rank is ignored).
     """

@@ -46,9 +46,11 @@ def local_copy(path: str) -> str:
     return target
 
 
-def changed_fields(path: str, new: dict, aliases: dict[str, dict] | None = None) -> list[str] | None:
+def changed_fields(path: str, new: dict, aliases: dict[str, dict] | None = None,
+                   free: tuple[str, ...] = ()) -> list[str] | None:
     """'key old -> new' for each field of the JSON record at `path` that differs from `new`
-    (None when there is no record yet). `aliases`: {key: {older value: its current name}} for the record."""
+    (None when there is no record yet). `aliases`: {key: {older value: its current name}} for the record;
+    `free`: keys the record holds that may change (not compared)."""
 
     text = read_text(path)
     if text is None:
@@ -60,7 +62,8 @@ def changed_fields(path: str, new: dict, aliases: dict[str, dict] | None = None)
     for key, names in (aliases or {}).items():
         if old.get(key) in names:
             old[key] = names[old[key]]
-    return [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    keys = sorted((set(old) | set(new)) - set(free))
+    return [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
 
 
 def read_text(path: str) -> str | None:

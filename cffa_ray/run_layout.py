@@ -8,7 +8,7 @@ tools that read it (`cffa report`, generation's checkpoint checks, resume).
     best_checkpoint/                     lowest validation loss so far
     latest_checkpoints/step_XXXXXX/      the --keep_latest most recent
     ray_train/                           Ray Train's resumable DeepSpeed checkpoints (all ranks)
-    run.json                             the model settings, checked when a rerun resumes
+    run.json                             the model settings, checked when a rerun resumes; the --data it read
 
 Each checkpoint folder holds one peft folder per LoRA adapter and model.json (MODEL_RECORD).
 """

@@ -19,8 +19,9 @@ def log_steps(path):
     return [int(m.group(1)) for line in path.read_text().splitlines() if (m := re.match(r"step=(\d+)", line))]
 
 
-def test_run_folder_is_complete(trained_run):
+def test_run_folder_is_complete(trained_run, pairs_dir):
     run, proc = trained_run
+    assert json.loads((run / "run.json").read_text())["data"] == str(pairs_dir)  # evaluate's memorisation reads it
     assert "ZeRO-2" in proc.stdout and "2 worker(s)" in proc.stdout
     assert "VAE-encoded once (latent cache)" in proc.stdout  # --cache_latents is the default
     assert "Traceback" not in proc.stdout + proc.stderr  # e.g. a Ray Data prefetcher failing on every window
@@ -74,7 +75,9 @@ def test_rerun_resumes_instead_of_starting_over(trained_run, pairs_dir, tmp_path
     shutil.copytree(run, out / "t")
     log_before = (out / "t/training_log.txt").read_text()
 
-    same = run_cli("train", "--data", pairs_dir, "--output_dir", out, "--name", "t", *TRAIN_ARGS)
+    moved = tmp_path / "pairs_moved"  # the same pairs read from elsewhere: resumable (run.json's data is free)
+    moved.symlink_to(pairs_dir)
+    same = run_cli("train", "--data", moved, "--output_dir", out, "--name", "t", *TRAIN_ARGS)
     assert_ok(same)
     assert "is already at step 12 (--max_steps 12): nothing to train" in same.stdout
     assert "[cffa] step" not in same.stdout and "worker(s)" not in same.stdout  # no Ray Train run at all

@@ -63,7 +63,7 @@ def check(cfg: TrainConfig) -> list[dict]:
 def check_resumable(cfg: TrainConfig) -> None:
     """A rerun resumes the run folder; refuse settings its checkpoints cannot be resumed with."""
 
-    diffs = changed_fields(join_path(cfg.run_dir, RUN_RECORD), cfg.resume_record())
+    diffs = changed_fields(join_path(cfg.run_dir, RUN_RECORD), cfg.resume_record(), free=("data",))
     if diffs:
         raise ConfigError(f"run {cfg.run_dir} was started with other settings ({'; '.join(diffs)}); "
                           "rerun with those to resume it, or pick a new --name")
@@ -108,7 +108,9 @@ def train(cfg: TrainConfig):
     print(f"[cffa] {len(train_records)} training and {len(val_records)} validation pairs {what} "
           f"at {cfg.resolution}px in {time.time() - t0:.1f}s", flush=True)
 
-    RunFolder(cfg.run_dir).write_json(RUN_RECORD, cfg.resume_record())
+    # and the pairs it trained on: `cffa evaluate` finds them there for its memorisation check (a rerun
+    # may read them from elsewhere: `data` is not compared when it resumes)
+    RunFolder(cfg.run_dir).write_json(RUN_RECORD, {**cfg.resume_record(), "data": absolute(cfg.data)})
     storage = absolute(cfg.run_dir)
     trainer = TorchTrainer(
         train_loop,
