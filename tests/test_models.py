@@ -175,3 +175,20 @@ def test_lora_targets_default_and_validation():
     assert names == {"to_q", "to_k", "to_v"}
     with pytest.raises(ConfigError, match="--lora_targets 'to_x'"):
         ModelConfig(preset="tiny", lora_targets="to_x").validate_model()
+
+
+@pytest.mark.parametrize("name, preset", [("dual_unet", "tiny"), ("joint_sdxl", "tiny-sdxl")])
+def test_the_drivers_design_facts_are_the_models_own(name, preset, sd15_folder):
+    """What a job's driver reads without building a model (designs.py) is what the model uses."""
+    from cffa_ray.models.designs import adapter_folders, design, noise_shape_for
+    from cffa_ray.models.presets import vae_config
+
+    model = build_model(ModelConfig(model=name, preset=preset, resolution=64, unet_lora_rank=4))
+    facts = design(name)
+    assert (model.ADAPTERS, model.UNETS, model.CACHE_COLUMNS) == (facts.adapters, facts.unets, facts.cache_columns)
+    assert tuple(model.adapters()) == adapter_folders(name)
+    assert noise_shape_for(name, vae_config("unused", preset), 64) == model.noise_shape(64)
+    read, loaded = vae_config(str(sd15_folder), None), load_base("dual_unet", str(sd15_folder), None).vae.config
+    assert {k: v for k, v in read.items() if not k.startswith("_")} == {k: v for k, v in loaded.items() if not k.startswith("_")}
+    with pytest.raises(ConfigError, match="--model 'dual' is unknown; choose dual_unet or joint_sdxl"):
+        design("dual")
