@@ -63,4 +63,4 @@ def training_datasets(cfg: TrainConfig, train_records: list[dict], val_records: 
         return train.randomize_block_order(), val, SHUFFLE_BUFFER
     epochs = train.repartition(1).map_batches(shuffled_epochs, fn_kwargs={"copies": copies, "seed": cfg.seed},
                                               batch_size=None, batch_format="pyarrow")
-    return epochs.materialize().randomize_block_order(), val, 0
+    return epochs.materialize().randomize_block_order(seed=cfg.seed), val, 0
