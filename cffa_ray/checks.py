@@ -221,7 +221,8 @@ def check_run_folder(run_dir: str) -> None:
         return
     flag = f"run folder {run_dir}"
     fix = "delete that checkpoint folder to resume from an earlier one, or pick a new --name"
-    for record in [root / "run.json", *root.glob("best_checkpoint/model.json"),
+    # run.json may not be there yet (a folder made by hand, or by a run stopped before it wrote one)
+    for record in [*root.glob("run.json"), *root.glob("best_checkpoint/model.json"),
                    *root.glob("latest_checkpoints/step_*/model.json")]:
         read_json_file(record, flag)
     for weights in [*root.glob("best_checkpoint/**/*.safetensors"),

@@ -2,8 +2,9 @@
 
 Two `cffa generate` into one folder would both make every missing pair (the result is right, the
 work is doubled), and one's clean-up of half-written leftovers could delete the other's files in
-flight. So the driver holds an exclusive lock on <folder>/.cffa.lock while it writes; a second job
-refuses at once, in one line naming the holder (pid, host, since when), before it starts Ray.
+flight; two `cffa train` into one run folder (the same --output_dir and --name) would write over each
+other's checkpoints and logs. So the driver holds an exclusive lock on <folder>/.cffa.lock while it
+writes; a second job refuses at once, in one line naming the holder (pid, host, since when), before it starts Ray.
 
 The lock is fcntl's POSIX record lock (lockf): released by the kernel when the holder exits in any
 way, kill -9 included (no stale lock to clean up), and honoured across the nodes of an NFS mount
@@ -28,13 +29,16 @@ LOCK_FILE = ".cffa.lock"
 
 
 @contextlib.contextmanager
-def folder_lock(folder: str, flag: str, job: str) -> Iterator[None]:
+def folder_lock(folder: str, flag: str, job: str, rerun: str = "makes only what is missing",
+                instead: str | None = None) -> Iterator[None]:
     """Hold <folder>/.cffa.lock (creating the folder) for the `with` block.
 
     Args:
         folder: the output folder (a URI: no lock).
         flag: the flag that named it, for the message (e.g. "--output_dir").
         job: what holds it, as the message names it (e.g. "cffa generate").
+        rerun: what a rerun does once the holder has ended, for the message.
+        instead: the other way out, for the message (default: "give another <flag>").
     Raises:
         ConfigError: another process holds the lock.
     """
@@ -44,7 +48,8 @@ def folder_lock(folder: str, flag: str, job: str) -> Iterator[None]:
     made = not os.path.isdir(folder)
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, LOCK_FILE)
-    fd = _lock(path, flag, folder)
+    fd = _lock(path, f"{flag} {folder}: another job is writing into it ({{holder}}); wait for it to end (a rerun "
+                     f"then {rerun}) or {instead or 'give another ' + flag}")
     try:
         line = (f"{job}, pid {os.getpid()} on {socket.gethostname()}, since "
                 f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n").encode()
@@ -60,9 +65,10 @@ def folder_lock(folder: str, flag: str, job: str) -> Iterator[None]:
                 os.rmdir(folder)
 
 
-def _lock(path: str, flag: str, folder: str) -> int:
+def _lock(path: str, refusal: str) -> int:
     """An open descriptor of `path` holding its lock; the file at `path` is the one locked (a holder
-    that removed it between our open and our lock leaves us a lock on a file no one else can see)."""
+    that removed it between our open and our lock leaves us a lock on a file no one else can see).
+    Held by another process: ConfigError(refusal, its {holder} filled in)."""
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
@@ -70,8 +76,7 @@ def _lock(path: str, flag: str, folder: str) -> int:
         except OSError:
             holder = os.pread(fd, 400, 0).decode(errors="replace").strip() or "another process"
             os.close(fd)
-            raise ConfigError(f"{flag} {folder}: another job is writing into it ({holder}); wait for it to end "
-                              f"(a rerun then makes only what is missing) or give another {flag}") from None
+            raise ConfigError(refusal.replace("{holder}", holder)) from None
         try:
             if os.stat(path).st_ino == os.fstat(fd).st_ino:
                 return fd

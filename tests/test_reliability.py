@@ -193,6 +193,28 @@ def test_a_second_generate_into_a_locked_folder_says_who_writes(tmp_path, capsys
     assert not (tmp_path / "new").exists(), "the lock made the folder and nothing else was written: it is gone"
 
 
+def test_a_second_train_into_a_locked_run_folder_says_who_writes(tmp_path, capsys, data):
+    """Two `cffa train` with one --output_dir and --name: the second refuses before Ray, in one line."""
+    run = tmp_path / "runs" / "t"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys\nfrom cffa_ray.folder_lock import folder_lock\n"
+                               f"with folder_lock({str(run)!r}, 'run folder', 'cffa train'):\n"
+                               "    print('held', flush=True)\n    sys.stdin.read()"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        code = main(["train", "--data", str(data), "--output_dir", str(tmp_path / "runs"), "--name", "t",
+                     "--preset", "tiny", "--resolution", "64"])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1, err
+        assert re.fullmatch(rf"cffa train: error: run folder {re.escape(str(run))}: another job is writing into it "
+                            rf"\(cffa train, pid {holder.pid} on \S+, since [\d-]+ [\d:]+\); wait for it to end \(a "
+                            r"rerun then resumes from its last checkpoint\) or pick another --name", err), err
+        assert sorted(p.name for p in run.iterdir()) == [LOCK_FILE], "the refused run wrote something"
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 # ------------------------------------------------------------------ a full disk
 
 @pytest.fixture

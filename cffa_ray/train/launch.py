@@ -13,6 +13,7 @@ from cffa_ray.checks import check_base_model, check_output_dir, check_run_folder
 from cffa_ray.data import TRAIN, VAL, assign_split, discover_pairs
 from cffa_ray.errors import ConfigError, DataError, Interrupted, RunStopped, warn
 from cffa_ray.flags import to_dict
+from cffa_ray.folder_lock import folder_lock
 from cffa_ray.io import changed_fields
 from cffa_ray.paths import absolute, is_uri, join_path
 from cffa_ray.quiet import quiet_ray, train_logging
@@ -90,6 +91,13 @@ def train(cfg: TrainConfig):
     Raises ConfigError / DataError before any work."""
     cfg = absolute_paths(cfg)
     records = check(cfg)
+    with folder_lock(cfg.run_dir, "run folder", "cffa train", rerun="resumes from its last checkpoint",
+                     instead="pick another --name"):  # one training run writing into it at a time
+        return _train(cfg, records)
+
+
+def _train(cfg: TrainConfig, records: list[dict]):
+    """train() once the run folder is checked and locked."""
     done = RunFolder(cfg.run_dir).resumable_step()
     if done >= cfg.max_steps:  # a finished run: nothing for Ray to start
         print(f"[cffa] run {cfg.run_dir} is already at step {done} (--max_steps {cfg.max_steps}): nothing to "
