@@ -2,6 +2,7 @@
 one-line driver error, model and data builders, a Ray head of the tests' own."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -142,6 +143,22 @@ def odd_pairs(folder):
 # ------------------------------------------------------------------ a Ray head of the tests' own
 
 RAY = str(Path(sys.executable).with_name("ray"))
+
+
+@contextlib.contextmanager
+def lock_held_elsewhere(folder: Path, flag: str, job: str):
+    """folder_lock(folder) held by another process for the `with` block (yields it); killed at the end, as
+    kill -9 would: the kernel lets the lock go."""
+    holder = subprocess.Popen([sys.executable, "-c", "import sys\nfrom cffa_ray.folder_lock import folder_lock\n"
+                               f"with folder_lock({str(folder)!r}, {flag!r}, {job!r}):\n"
+                               "    print('held', flush=True)\n    sys.stdin.read()"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def free_port() -> int:

@@ -10,7 +10,6 @@ import re
 import signal
 import stat
 import subprocess
-import sys
 import time
 import unicodedata
 
@@ -26,7 +25,7 @@ from cffa_ray.folder_lock import LOCK_FILE, folder_lock
 from cffa_ray.io import publish_dir, staging_dir
 from cffa_ray.pixels import geometry_warnings, open_image
 from cffa_ray.train.run_folder import RunFolder
-from tests.helpers import REPO, fails_in_driver, gen_argv, run_cli, start_cli
+from tests.helpers import fails_in_driver, gen_argv, lock_held_elsewhere, run_cli, start_cli
 
 # EXIF orientation -> how the stored pixels were turned from the upright picture (PIL's ROTATE_90 is
 # counter-clockwise): orientation 6 = "rotate 90° clockwise to view", so the camera stored it turned
@@ -168,12 +167,7 @@ def test_a_stop_signal_is_one_line_and_its_exit_code(tmp_path, data, fake_checkp
 
 def test_a_second_generate_into_a_locked_folder_says_who_writes(tmp_path, capsys, fake_checkpoint):
     out = tmp_path / "g"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys\nfrom cffa_ray.folder_lock import folder_lock\n"
-                               f"with folder_lock({str(out)!r}, '--output_dir', 'cffa generate'):\n"
-                               "    print('held', flush=True)\n    sys.stdin.read()"],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with lock_held_elsewhere(out, "--output_dir", "cffa generate") as holder:
         before = sorted(p.name for p in out.iterdir())
         code = main(gen_argv(fake_checkpoint, out, "--num_samples", 2))
         err = capsys.readouterr().err.strip()
@@ -182,9 +176,6 @@ def test_a_second_generate_into_a_locked_folder_says_who_writes(tmp_path, capsys
                             rf"it \(cffa generate, pid {holder.pid} on \S+, since [\d-]+ [\d:]+\); wait for it to end "
                             r"\(a rerun then makes only what is missing\) or give another --output_dir", err), err
         assert sorted(p.name for p in out.iterdir()) == before, "the refused job wrote something"
-    finally:
-        holder.kill()  # as kill -9 would: the kernel lets the lock go
-        holder.wait()
     with folder_lock(str(out), "--output_dir", "test"):  # the killed holder's file is taken over
         assert (out / LOCK_FILE).read_text().startswith(f"test, pid {os.getpid()} on ")
     assert not (out / LOCK_FILE).exists()
@@ -196,12 +187,7 @@ def test_a_second_generate_into_a_locked_folder_says_who_writes(tmp_path, capsys
 def test_a_second_train_into_a_locked_run_folder_says_who_writes(tmp_path, capsys, data):
     """Two `cffa train` with one --output_dir and --name: the second refuses before Ray, in one line."""
     run = tmp_path / "runs" / "t"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys\nfrom cffa_ray.folder_lock import folder_lock\n"
-                               f"with folder_lock({str(run)!r}, 'run folder', 'cffa train'):\n"
-                               "    print('held', flush=True)\n    sys.stdin.read()"],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with lock_held_elsewhere(run, "run folder", "cffa train") as holder:
         code = main(["train", "--data", str(data), "--output_dir", str(tmp_path / "runs"), "--name", "t",
                      "--preset", "tiny", "--resolution", "64"])
         err = capsys.readouterr().err.strip()
@@ -210,9 +196,6 @@ def test_a_second_train_into_a_locked_run_folder_says_who_writes(tmp_path, capsy
                             rf"\(cffa train, pid {holder.pid} on \S+, since [\d-]+ [\d:]+\); wait for it to end \(a "
                             r"rerun then resumes from its last checkpoint\) or pick another --name", err), err
         assert sorted(p.name for p in run.iterdir()) == [LOCK_FILE], "the refused run wrote something"
-    finally:
-        holder.kill()
-        holder.wait()
 
 
 # ------------------------------------------------------------------ a full disk
