@@ -24,15 +24,17 @@ from cffa_ray.evaluate import metrics
 from cffa_ray.evaluate.translation import SCORES, predict, score_predictions, train_translation
 from cffa_ray.progress import Progress
 
+TASK_CPUS = 1  # each training's Ray task, and its torch threads
+
 
 def train_and_score(train_cf: np.ndarray, train_fa: np.ndarray, test_cf: np.ndarray, test_fa: np.ndarray,
-                    steps: int, seed: int, use_gpu: bool) -> dict[str, list[float]]:
-    """Ray task body: train on the thumbnails, score on the held-out ones -> {score: per test pair}."""
+                    steps: int, seed: int, use_gpu: bool, threads: int | None = None) -> dict[str, list[float]]:
+    """Ray task body: train on the thumbnails, score on the held-out ones -> {score: per test pair}.
+    `threads`: torch's CPU threads (the task's CPUs; None: torch's default)."""
     import torch  # a Ray worker process: torch is imported where the training runs
 
-    # one thread per CPU the task holds: Ray does not set OMP_NUM_THREADS here, and three tasks of torch's
-    # default (every core each) on 2 cores measured 5 min instead of ~2.5 (threads preempting each other)
-    torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
+    if threads:  # Ray sets no OMP_NUM_THREADS here: three tasks would each take every core
+        torch.set_num_threads(threads)
     device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
     model = train_translation(train_cf, train_fa, steps, seed, device)
     return score_predictions(predict(model, test_cf, device), test_cf, test_fa)
@@ -64,10 +66,10 @@ def run_tstr(generated: tuple[np.ndarray, np.ndarray], train: tuple[np.ndarray, 
     """
     n_real = min(len(train[0]), len(generated[0]))
     real = (train[0][:n_real], train[1][:n_real])
-    task = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0, max_retries=1)(train_and_score)
+    task = ray.remote(num_cpus=TASK_CPUS, num_gpus=1 if use_gpu else 0, max_retries=1)(train_and_score)
     test_refs = [ray.put(a) for a in test]
     jobs = {"synthetic": (generated, seed), "real": (real, seed), "real_seed2": (real, seed + 1)}
-    refs = {name: task.remote(*(ray.put(a) for a in pairs), *test_refs, steps, s, use_gpu)
+    refs = {name: task.remote(*(ray.put(a) for a in pairs), *test_refs, steps, s, use_gpu, TASK_CPUS)
             for name, (pairs, s) in jobs.items()}
     names = {ref: name for name, ref in refs.items()}
     scores, pending = {}, list(refs.values())
