@@ -34,7 +34,8 @@ class PairModel(nn.Module):
         super().__init_subclass__(**kwargs)
         facts = DESIGNS[design]
         cls.name, cls.ADAPTERS, cls.UNETS = facts.name, facts.adapters, facts.unets
-        cls.CACHE_COLUMNS, cls.FA_NOISES, cls.STRUCT_GUIDANCE = facts.cache_columns, facts.fa_noises, facts.struct_guidance
+        cls.CACHE_COLUMNS, cls.FA_NOISES = facts.cache_columns, facts.fa_noises
+        cls.STRUCT_GUIDANCE = facts.struct_guidance
 
     def _hold_base(self, parts, **loss) -> None:
         """What every design keeps of the frozen base, and its loss settings (config.LOSS_DEFAULTS' keys;
