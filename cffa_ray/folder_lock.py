@@ -9,8 +9,8 @@ writes; a second job refuses at once, in one line naming the holder (pid, host, 
 The lock is fcntl's POSIX record lock (lockf): released by the kernel when the holder exits in any
 way, kill -9 included (no stale lock to clean up), and honoured across the nodes of an NFS mount
 (NFSv4 and NLM carry these locks; plain flock is local on some clients). The holder removes the file
-as it lets go (a killed one leaves it, unlocked: the next job takes it over), and the folder too when
-the lock made it and nothing else was written. Object stores (s3://, gs://) have no locks: there
+as it lets go (a killed one leaves it, unlocked: the next job takes it over), and the folders too
+that the lock made (the run folder and its missing parents) when nothing else was written in them. Object stores (s3://, gs://) have no locks: there
 nothing is checked.
 """
 from __future__ import annotations
@@ -45,7 +45,7 @@ def folder_lock(folder: str, flag: str, job: str, rerun: str = "makes only what 
     if is_uri(folder):
         yield
         return
-    made = not os.path.isdir(folder)
+    made = _missing_folders(folder)
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, LOCK_FILE)
     fd = _lock(path, f"{flag} {folder}: another job is writing into it ({{holder}}); wait for it to end (a rerun "
@@ -60,9 +60,24 @@ def folder_lock(folder: str, flag: str, job: str, rerun: str = "makes only what 
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)  # before the lock goes: a job that opened it meanwhile sees it gone (_lock)
         os.close(fd)
-        if made:
-            with contextlib.suppress(OSError):  # not empty: something was written
-                os.rmdir(folder)
+        for made_folder in made:  # innermost first
+            try:
+                os.rmdir(made_folder)
+            except OSError:  # not empty: something was written
+                break
+
+
+def _missing_folders(folder: str) -> list[str]:
+    """`folder` and each of its missing parents, innermost first: what makedirs(folder) would make."""
+    missing = []
+    folder = os.path.abspath(folder)
+    while not os.path.isdir(folder):
+        missing.append(folder)
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            break
+        folder = parent
+    return missing
 
 
 def _lock(path: str, refusal: str) -> int:

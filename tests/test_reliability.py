@@ -179,9 +179,12 @@ def test_a_second_generate_into_a_locked_folder_says_who_writes(tmp_path, capsys
     with folder_lock(str(out), "--output_dir", "test"):  # the killed holder's file is taken over
         assert (out / LOCK_FILE).read_text().startswith(f"test, pid {os.getpid()} on ")
     assert not (out / LOCK_FILE).exists()
-    with folder_lock(str(tmp_path / "new"), "--output_dir", "test"):
-        assert (tmp_path / "new" / LOCK_FILE).is_file()
-    assert not (tmp_path / "new").exists(), "the lock made the folder and nothing else was written: it is gone"
+    with folder_lock(str(tmp_path / "new" / "run"), "--output_dir", "test"):
+        assert (tmp_path / "new" / "run" / LOCK_FILE).is_file()
+    assert not (tmp_path / "new").exists(), "the lock made the folders and nothing else was written: they are gone"
+    with folder_lock(str(tmp_path / "new" / "run"), "--output_dir", "test"):
+        (tmp_path / "new" / "kept.txt").write_text("a job's output beside the run folder")
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["kept.txt"], "only the empty ones go"
 
 
 def test_a_second_train_into_a_locked_run_folder_says_who_writes(tmp_path, capsys, data):
