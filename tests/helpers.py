@@ -45,13 +45,17 @@ def run_cli(*args: str, timeout: float = CLI_TIMEOUT_S, env: dict | None = None,
                           text=True, timeout=timeout, cwd=REPO, env=_cli_env(env, local))
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_cli(*args: str, env: dict | None = None, local: bool = False) -> subprocess.Popen:
     """`cffa <args>` in the background, in its own session so the test can signal it (and a local Ray).
     SIGINT starts at its default, as in a terminal: a test session started in the background of a script
     (`pytest ... &`) ignores it, and an ignored signal stays ignored in every child."""
     return subprocess.Popen([sys.executable, "-m", "cffa_ray.cli", *map(str, args)], cwd=REPO,
                             env=_cli_env(env, local), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            start_new_session=True, preexec_fn=_default_sigint)
 
 
 def assert_ok(proc: subprocess.CompletedProcess) -> None:
@@ -197,7 +201,11 @@ class RayHead:
             [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={self.gcs_port}",
              f"--dashboard-port={self.dashboard}", "--dashboard-host=127.0.0.1",
              f"--ray-client-server-port={free_port()}", f"--num-cpus={self.num_cpus}", f"--temp-dir={self.temp_dir}"],
-            env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+            env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+            # SIGINT at its default, as in a terminal: a test session in the background (`pytest ... &`) ignores it,
+            # every child inherits that, and Ray's workers then fail on a cancelled task ("'Handlers' object is not
+            # callable": Ray's DeferSigint calls the saved SIG_IGN) with an extra error line after the job's own
+            preexec_fn=_default_sigint)
         deadline = time.time() + 120
         while self.ray("job", "list").returncode != 0:
             assert self.proc.poll() is None, self.proc.stdout.read()
