@@ -9,7 +9,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,6 +19,8 @@ import numpy as np
 import torch
 import yaml
 from PIL import Image
+
+from tests.sim_cluster import RAY, default_sigint, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 CLI_TIMEOUT_S = 600  # a hang (e.g. Ray Data starved of CPUs) fails the test instead of blocking CI
@@ -45,17 +46,13 @@ def run_cli(*args: str, timeout: float = CLI_TIMEOUT_S, env: dict | None = None,
                           text=True, timeout=timeout, cwd=REPO, env=_cli_env(env, local))
 
 
-def _default_sigint() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 def start_cli(*args: str, env: dict | None = None, local: bool = False) -> subprocess.Popen:
     """`cffa <args>` in the background, in its own session so the test can signal it (and a local Ray).
     SIGINT starts at its default, as in a terminal: a test session started in the background of a script
     (`pytest ... &`) ignores it, and an ignored signal stays ignored in every child."""
     return subprocess.Popen([sys.executable, "-m", "cffa_ray.cli", *map(str, args)], cwd=REPO,
                             env=_cli_env(env, local), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True, preexec_fn=_default_sigint)
+                            start_new_session=True, preexec_fn=default_sigint)
 
 
 def assert_ok(proc: subprocess.CompletedProcess) -> None:
@@ -146,7 +143,6 @@ def odd_pairs(folder):
 
 # ------------------------------------------------------------------ a Ray head of the tests' own
 
-RAY = str(Path(sys.executable).with_name("ray"))
 
 
 @contextlib.contextmanager
@@ -163,13 +159,6 @@ def lock_held_elsewhere(folder: Path, flag: str, job: str):
     finally:
         holder.kill()
         holder.wait()
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class RayHead:
@@ -202,10 +191,7 @@ class RayHead:
              f"--dashboard-port={self.dashboard}", "--dashboard-host=127.0.0.1",
              f"--ray-client-server-port={free_port()}", f"--num-cpus={self.num_cpus}", f"--temp-dir={self.temp_dir}"],
             env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-            # SIGINT at its default, as in a terminal: a test session in the background (`pytest ... &`) ignores it,
-            # every child inherits that, and Ray's workers then fail on a cancelled task ("'Handlers' object is not
-            # callable": Ray's DeferSigint calls the saved SIG_IGN) with an extra error line after the job's own
-            preexec_fn=_default_sigint)
+            preexec_fn=default_sigint)
         deadline = time.time() + 120
         while self.ray("job", "list").returncode != 0:
             assert self.proc.poll() is None, self.proc.stdout.read()
@@ -221,7 +207,7 @@ class RayHead:
     def stop(self) -> None:
         """Stop this cluster only: its `ray start --block` process group (never `ray stop`)."""
         if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
+            os.killpg(self.proc.pid, signal.SIGINT)  # `ray start --block` ends in ~1 s on it (10 s over SIGTERM)
             try:
                 self.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:

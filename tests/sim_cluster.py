@@ -47,6 +47,7 @@ AGENT_WAIT = {"RAY_agent_register_timeout_ms": "120000"}
 
 
 def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -78,12 +79,20 @@ def wait_for(predicate, timeout: float, what: str, every: float = 0.2):
         time.sleep(every)
 
 
-def kill_group(proc: subprocess.Popen, grace: float = 10) -> None:
-    """SIGTERM the process group `proc` leads (started with start_new_session), SIGKILL after `grace`."""
+def default_sigint() -> None:
+    """preexec_fn: SIGINT at its default, as in a terminal. A test session in the background (`pytest ... &`)
+    ignores it and every child inherits that: `ray start --block` would not end on it, and Ray's workers fail
+    on a cancelled task ("'Handlers' object is not callable": Ray's DeferSigint calls the saved SIG_IGN)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def kill_group(proc: subprocess.Popen, grace: float = 10, signum: int = signal.SIGTERM) -> None:
+    """`signum` to the process group `proc` leads (started with start_new_session), SIGKILL after `grace`.
+    (`ray start --block` ends in ~1 s on SIGINT, as on Ctrl-C, but takes 10 s over SIGTERM.)"""
     if proc.poll() is not None:
         return
     with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
+        os.killpg(proc.pid, signum)
     try:
         proc.wait(timeout=grace)
     except subprocess.TimeoutExpired:
@@ -186,7 +195,7 @@ class Ray:
             with contextlib.suppress(Exception):
                 self.call("shutdown", timeout=60)
         for proc in reversed(self.procs):
-            kill_group(proc)
+            kill_group(proc, signum=signal.SIGINT if proc.args[:2] == [RAY, "start"] else signal.SIGTERM)
         survivors = kill_leftovers(self.temp_dir)
         for _ in range(3):  # workers of a killed raylet exit on their own; catch any that did not
             time.sleep(0.5)
@@ -275,7 +284,7 @@ class AutoscalingHead(Ray):
     def __enter__(self) -> "AutoscalingHead":
         with open(self.root / "head.log", "w") as out:
             self.procs.append(subprocess.Popen(self.start, env=self.env, stdout=out, stderr=subprocess.STDOUT,
-                                               start_new_session=True))
+                                               start_new_session=True, preexec_fn=default_sigint))
         self._start_helper()
         try:
             wait_for(self._gcs_listening, 120, "the autoscaling head to come up", every=0.5)
