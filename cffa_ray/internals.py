@@ -9,6 +9,8 @@ the fix is here (and only here); the rest of the package calls these functions.
                Ray Train v2's LoggingConfig; a user exception's text inside Ray's wrapped error;
                the block references behind a dataset (progress.materialize)
     torch-fidelity  its InceptionV3 module, loaded without the package __init__ (which needs torchvision)
+    DeepSpeed  the table of ops it may JIT-compile (`deepspeed.ops.__compatible_ops__`), to keep its CPU
+               backend from compiling a shared-memory all-reduce
 """
 from __future__ import annotations
 
@@ -82,6 +84,26 @@ def iter_block_bundles(ds):
     """(block object refs, row count) per finished bundle of a Ray Dataset, as it executes."""
     for bundle in ds.iter_internal_ref_bundles():
         yield list(bundle.block_refs), bundle.num_rows() or 0
+
+
+# ------------------------------------------------------------------ DeepSpeed
+
+DEEPSPEED_SHM_OP = "deepspeed_shm_comm"  # ShareMemCommBuilder.NAME
+
+
+def skip_deepspeed_shm_op() -> None:
+    """Keep DeepSpeed's CPU backend on torch.distributed's (gloo) all-reduce in this process.
+
+    Every process that starts DeepSpeed's TorchBackend on CPU JIT-compiles a shared-memory all-reduce
+    (C++, with ninja) when `__compatible_ops__` says it can be built: ~25 s of both cores on a 2-core
+    machine the first time, again whenever a different ninja is first on PATH (the two disagree about the
+    build log), and a C++ compiler is needed. cffa's CPU training is for tests, demos and small runs,
+    whose few all-reduces of LoRA gradients gloo does in microseconds; marked not compatible, the op is
+    never built and DeepSpeed takes the path it takes where it cannot be built.
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__[DEEPSPEED_SHM_OP] = False
 
 
 # ------------------------------------------------------------------ torch-fidelity

@@ -47,8 +47,6 @@ NOISE = re.compile("|".join([
     r"Failed to query Ray Train Controller actor state\. State API may be temporarily unavailable",
     # transformers' bar while it reads a local text encoder (a base folder such as tiny-retina): instant
     r"Loading weights: +\d+%\|",
-    # DeepSpeed on CPU compiles its shared-memory collective op once per worker
-    r"DeepSpeed deepspeed\.ops\.comm\.deepspeed_shm_comm_op built successfully",
 ]))
 
 _active = False  # set while `terminal()` runs: only the CLI asks for the filters

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
+import subprocess
+import sys
 
 import pytest
 import ray
@@ -85,3 +88,22 @@ def test_torch_fidelity_modules_load_without_a_working_torchvision():
     stand_in = sys.modules.get("torch_fidelity")
     assert stand_in is None or "torch_fidelity" in before or hasattr(stand_in, "__file__"), \
         "the stand-in for torch_fidelity's __init__ was left in sys.modules"
+
+
+def test_skipping_deepspeeds_shm_op_builds_nothing_and_leaves_gloo(tmp_path):
+    """In a fresh process (DS_ACCELERATOR is read at deepspeed's first import), with an empty extensions folder."""
+    code = f"""
+import deepspeed.ops, os
+from deepspeed.accelerator import get_accelerator
+from deepspeed.comm.torch import build_shm_op
+from cffa_ray import internals
+builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+assert builder is not None and builder.NAME == internals.DEEPSPEED_SHM_OP, "DeepSpeed renamed its CPU shm op"
+assert deepspeed.ops.__compatible_ops__[builder.NAME] is True, "the op is not built here anyway"
+internals.skip_deepspeed_shm_op()
+assert build_shm_op() is None, "DeepSpeed no longer reads __compatible_ops__ before building its shm op"
+assert os.listdir({str(tmp_path)!r}) == [], "something was compiled"
+"""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]

@@ -14,6 +14,7 @@ import ray.train
 import torch
 import torch.distributed as dist
 
+from cffa_ray.internals import skip_deepspeed_shm_op
 from cffa_ray.models.build import build_model
 from cffa_ray.train.config import TrainConfig
 from cffa_ray.train.run_folder import RunFolder
@@ -53,6 +54,8 @@ def build_engine(cfg: TrainConfig, world_size: int, rank: int, fused: bool | Non
     """
     import deepspeed  # after DS_ACCELERATOR (see the module docstring)
 
+    if not cfg.use_gpu:
+        skip_deepspeed_shm_op()  # no C++ build of a CPU all-reduce at start-up (internals.py)
     torch.manual_seed(cfg.seed)  # identical LoRA init on every rank
     model, error = None, ""
     try:

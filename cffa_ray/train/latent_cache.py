@@ -46,8 +46,6 @@ class MomentEncoder:
 
 def cache_latents(pixels, cfg: TrainConfig):
     """Decoded pairs -> their posterior moments (materialised in the object store)."""
-
-
     gpus = int(ray.cluster_resources().get("GPU", 0)) if cfg.use_gpu else 0
     actors = max(1, min(cfg.num_workers, gpus)) if cfg.use_gpu else 1
     encoded = pixels.map_batches(
