@@ -9,7 +9,7 @@ from cffa_ray.evaluate import memorisation, topology, utility
 from cffa_ray.evaluate.vessels import fa_vessels, pair_masks
 from cffa_ray.synth import make_pair
 
-TSTR_STEPS = 150  # per training (4 of them, about a minute on 2 idle cores); the CLI default is 300
+TSTR_STEPS = 100  # per training (4 of them, 31 s on 2 idle cores; 150 took 45 s); the CLI default is 300
 
 
 def synthetic_pairs(n, size=64, seed=0):
