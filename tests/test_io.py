@@ -81,3 +81,24 @@ def test_a_killed_runs_staging_files_are_removed(tmp_path, as_uri):
     assert remove_leftovers(f"file://{tmp_path}" if as_uri else str(tmp_path)) == 2
     assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == [
         "parquet", "parquet/part-000004-000007-n4.parquet", "png", "png/shard_0000", "png/shard_0000/pair_000000"]
+
+
+def test_a_killed_training_runs_staging_is_removed_and_nothing_else(tmp_path):
+    from cffa_ray.train.run_folder import RunFolder
+
+    run = tmp_path / "run"
+    for kept in ("best_checkpoint/model.json", "latest_checkpoints/step_000004/model.json", "training_log.txt",
+                 "ray_train/.checkpoint_000004.tmp", ".cffa.lock"):
+        (run / kept).parent.mkdir(parents=True, exist_ok=True)
+        (run / kept).write_text("kept")
+    # what a run killed mid-write leaves: the staging folders and files of io.py, made by io.py itself
+    io.staging_dir(run / "latest_checkpoints/step_000008")
+    io.staging_dir(run / "step_000008_random_pairs")
+    (run / ".best_checkpoint.old-1a2b3c4d").mkdir()
+    (run / ".training_log.txt.x1y2z3.tmp").write_text("half")
+    assert RunFolder(str(run)).remove_leftovers() == 4
+    assert sorted(p.relative_to(run).as_posix() for p in run.rglob("*") if p.is_file()) == [
+        ".cffa.lock", "best_checkpoint/model.json", "latest_checkpoints/step_000004/model.json",
+        "ray_train/.checkpoint_000004.tmp", "training_log.txt"]
+    assert sorted(p.name for p in run.iterdir()) == [".cffa.lock", "best_checkpoint", "latest_checkpoints",
+                                                     "ray_train", "training_log.txt"]

@@ -100,7 +100,6 @@ def remove_leftovers(output_dir: str) -> int:
 
     Local folders and file:// only: object stores never show a key before its upload completes.
     """
-
     fs, root = filesystem(output_dir)
     if not isinstance(fs, pafs.LocalFileSystem):
         return 0

@@ -98,6 +98,7 @@ def train(cfg: TrainConfig):
 
 def _train(cfg: TrainConfig, records: list[dict]):
     """train() once the run folder is checked and locked."""
+    RunFolder(cfg.run_dir).remove_leftovers()  # a killed run's half-staged checkpoints and samples
     done = RunFolder(cfg.run_dir).resumable_step()
     if done >= cfg.max_steps:  # a finished run: nothing for Ray to start
         print(f"[cffa] run {cfg.run_dir} is already at step {done} (--max_steps {cfg.max_steps}): nothing to "

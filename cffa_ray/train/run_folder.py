@@ -9,6 +9,7 @@ import json
 import math
 import re
 import shutil
+from pathlib import Path
 
 import pyarrow.fs as pafs
 
@@ -122,6 +123,19 @@ class RunFolder:
                 fs.delete_dir(p)
             else:
                 shutil.rmtree(target, ignore_errors=True)
+
+    def remove_leftovers(self) -> int:
+        """Delete the hidden staging folders and files (io.py) a killed run left in the run folder and in
+        latest_checkpoints/; returns how many. Only under the run-folder lock: no other run writes here.
+        Ray Train's own folder is left to Ray. Local folders only (object stores show no half-made keys).
+        """
+        if is_uri(self.root):
+            return 0
+        junk = [p for folder in (Path(self.root), Path(self.root, LATEST))
+                for pattern in (".*.tmp-*", ".*.old-*", ".*.tmp") for p in folder.glob(pattern)]
+        for path in junk:
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        return len(junk)
 
     def write_json(self, name: str, payload: dict) -> None:
         atomic_write_text(self.path(name), json.dumps(payload, indent=2, sort_keys=True))
