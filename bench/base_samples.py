@@ -27,6 +27,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import cffa_ray  # noqa: E402
 from cffa_ray.evaluate import topology, vessels  # noqa: E402
 from cffa_ray.models.presets import SD_SCHEDULER, TINY_RETINA_FOLDER  # noqa: E402
 from cffa_ray.synth import write_synthetic_pairs  # noqa: E402
@@ -34,14 +35,11 @@ from cffa_ray.synth import write_synthetic_pairs  # noqa: E402
 SIZE = 64
 
 
-def base_fa(prompt: str, n: int, steps: int, seed: int) -> np.ndarray:
-    """uint8 [n, SIZE, SIZE] grey images the tiny-retina base samples from `prompt` (DDIM, no LoRA)."""
+def base_fa(folder: Path, prompt: str, n: int, steps: int, seed: int) -> np.ndarray:
+    """uint8 [n, SIZE, SIZE] grey images the base in `folder` samples from `prompt` (DDIM, no LoRA)."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    import cffa_ray
-
-    folder = Path(cffa_ray.__file__).parent / TINY_RETINA_FOLDER
     unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch.float32).eval()
     vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch.float32).eval()
     tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
@@ -79,19 +77,21 @@ def main() -> None:
     p.add_argument("--n", type=int, default=32, help="images per set")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--base", default=None, help="a pretraining output folder (default: the shipped tiny-retina)")
     p.add_argument("--generated", default=None, help="a cffa generate output folder: its FA as one more set")
     p.add_argument("--grid", default=None, help="write a PNG grid here (8 per row)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
 
     t0 = time.time()
+    base = Path(args.base) if args.base else Path(cffa_ray.__file__).parent / TINY_RETINA_FOLDER
     work = Path(f"/tmp/cffa-base-samples-{args.seed}")
     for draw in (1, 2):  # the reference set, and another draw of it: the measures' own noise
         write_synthetic_pairs(work / str(draw), args.n, SIZE, seed=args.seed + draw)
     reference = read_fa(glob.glob(f"{work}/1/fa/*.png"), args.n)
     sets = {"real synthetic FA, another draw": read_fa(glob.glob(f"{work}/2/fa/*.png"), args.n),
-            'base alone, prompt "fa"': base_fa("fa", args.n, args.steps, args.seed),
-            'base alone, empty prompt': base_fa("", args.n, args.steps, args.seed)}
+            'base alone, prompt "fa"': base_fa(base, "fa", args.n, args.steps, args.seed),
+            'base alone, empty prompt': base_fa(base, "", args.n, args.steps, args.seed)}
     if args.generated:
         sets["generated (LoRA-trained dual_unet)"] = read_fa(glob.glob(f"{args.generated}/png/*/*/fa.png"), args.n)
     real = topologies(reference)
