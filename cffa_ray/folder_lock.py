@@ -10,8 +10,8 @@ The lock is fcntl's POSIX record lock (lockf): released by the kernel when the h
 way, kill -9 included (no stale lock to clean up), and honoured across the nodes of an NFS mount
 (NFSv4 and NLM carry these locks; plain flock is local on some clients). The holder removes the file
 as it lets go (a killed one leaves it, unlocked: the next job takes it over), and the folders too
-that the lock made (the run folder and its missing parents) when nothing else was written in them. Object stores (s3://, gs://) have no locks: there
-nothing is checked.
+that the lock made (the run folder and its missing parents) when nothing else was written in them.
+Object stores (s3://, gs://) have no locks: there nothing is checked.
 """
 from __future__ import annotations
 
