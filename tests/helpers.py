@@ -56,7 +56,8 @@ def start_cli(*args: str, env: dict | None = None, local: bool = False) -> subpr
 
 
 def assert_ok(proc: subprocess.CompletedProcess) -> None:
-    assert proc.returncode == 0, f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-6000:]}"
+    assert proc.returncode == 0, (f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\n"
+                                  f"STDERR:\n{proc.stderr[-6000:]}")
 
 
 def write_tiny_tokenizer(folder: Path, max_length: int = 77):

@@ -391,8 +391,8 @@ def serve() -> None:
         cluster.shutdown()
         return {}
 
-    ops = {"start_head": start_head, "attach": attach, "add_node": add_node, "remove_node": remove_node, "nodes": alive_nodes,
-           "actors": actors, "shutdown": shutdown}
+    ops = {"start_head": start_head, "attach": attach, "add_node": add_node, "remove_node": remove_node,
+           "nodes": alive_nodes, "actors": actors, "shutdown": shutdown}
     for line in sys.stdin:
         command = json.loads(line)
         try:
