@@ -201,6 +201,13 @@ def staged(final: str | os.PathLike, marker: str | None = None) -> Iterator[Path
         raise
 
 
+def remove_paths(paths: list[Path]) -> int:
+    """Delete local files and folders (a killed job's staging leftovers); returns how many were given."""
+    for path in paths:
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    return len(paths)
+
+
 def staging_dir(final: str | os.PathLike) -> Path:
     """A fresh local folder to build `final` in (beside it when local, so the rename is atomic)."""
     if is_uri(final):

@@ -20,7 +20,7 @@ import torch
 import yaml
 from PIL import Image
 
-from tests.sim_cluster import RAY, default_sigint, free_port
+from tests.sim_cluster import RAY, default_sigint, free_port, kill_group
 
 REPO = Path(__file__).resolve().parents[1]
 CLI_TIMEOUT_S = 600  # a hang (e.g. Ray Data starved of CPUs) fails the test instead of blocking CI
@@ -207,13 +207,7 @@ class RayHead:
 
     def stop(self) -> None:
         """Stop this cluster only: its `ray start --block` process group (never `ray stop`)."""
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGINT)  # `ray start --block` ends in ~1 s on it (10 s over SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        kill_group(self.proc, signum=signal.SIGINT)  # `ray start --block` ends in ~1 s on it (10 s over SIGTERM)
         left = subprocess.run(["pgrep", "-f", self.temp_dir], capture_output=True, text=True).stdout.split()
         for pid in left:
             os.kill(int(pid), signal.SIGKILL)

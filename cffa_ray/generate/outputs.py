@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +26,15 @@ from cffa_ray import stop_signals
 from cffa_ray.config import PNG_LAYOUT_ALIASES
 from cffa_ray.errors import ConfigError
 from cffa_ray.images import PAIR_FILES, pair_pngs
-from cffa_ray.io import atomic_write_bytes, atomic_write_text, changed_fields, filesystem, publish_dir, staging_dir
+from cffa_ray.io import (
+    atomic_write_bytes,
+    atomic_write_text,
+    changed_fields,
+    filesystem,
+    publish_dir,
+    remove_paths,
+    staging_dir,
+)
 from cffa_ray.paths import join_path
 from cffa_ray.shared_storage import check_driver_record
 
@@ -106,9 +113,7 @@ def remove_leftovers(output_dir: str) -> int:
     root = Path(root)
     junk = [*root.glob(f"{PNG_DIR}/shard_*/.pair_*"), *root.glob(f"{PARQUET_DIR}/.part-*"), *root.glob(".[0-9]*.tmp-*"),
             *root.glob(".[0-9]*.old-*")]
-    for path in junk:
-        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
-    return len(junk)
+    return remove_paths(junk)
 
 
 def write_summary(output_dir: str, summary: dict) -> None:

@@ -98,8 +98,9 @@ def train(cfg: TrainConfig):
 
 def _train(cfg: TrainConfig, records: list[dict]):
     """train() once the run folder is checked and locked."""
-    RunFolder(cfg.run_dir).remove_leftovers()  # a killed run's half-staged checkpoints and samples
-    done = RunFolder(cfg.run_dir).resumable_step()
+    run = RunFolder(cfg.run_dir)
+    run.remove_leftovers()  # a killed run's half-staged checkpoints and samples
+    done = run.resumable_step()
     if done >= cfg.max_steps:  # a finished run: nothing for Ray to start
         print(f"[cffa] run {cfg.run_dir} is already at step {done} (--max_steps {cfg.max_steps}): nothing to "
               "train; raise --max_steps to train on", flush=True)

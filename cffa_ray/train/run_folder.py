@@ -14,7 +14,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 
 from cffa_ray.images import pair_pngs
-from cffa_ray.io import atomic_write_text, filesystem, read_text, staged
+from cffa_ray.io import atomic_write_text, filesystem, read_text, remove_paths, staged
 from cffa_ray.paths import is_uri, join_path
 from cffa_ray.run_layout import (
     BEST,
@@ -131,11 +131,8 @@ class RunFolder:
         """
         if is_uri(self.root):
             return 0
-        junk = [p for folder in (Path(self.root), Path(self.root, LATEST))
-                for pattern in (".*.tmp-*", ".*.old-*", ".*.tmp") for p in folder.glob(pattern)]
-        for path in junk:
-            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
-        return len(junk)
+        return remove_paths([p for folder in (Path(self.root), Path(self.root, LATEST))
+                             for pattern in (".*.tmp-*", ".*.old-*", ".*.tmp") for p in folder.glob(pattern)])
 
     def write_json(self, name: str, payload: dict) -> None:
         atomic_write_text(self.path(name), json.dumps(payload, indent=2, sort_keys=True))
