@@ -6,6 +6,7 @@ Each command imports its job's modules when it runs (the imports inside the func
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -149,25 +150,31 @@ def main(argv: list[str] | None = None) -> int:
         with terminal():
             return ns.run(ns)
     except (ConfigError, DataError) as e:
-        print(f"cffa {ns.command}: error: {e}", file=sys.stderr)
-        return 2
+        return last_line(ns, f"error: {e}", 2)
     except RunStopped as e:
-        print(f"cffa {ns.command}: error: {e}", file=sys.stderr)
-        return 1
+        return last_line(ns, f"error: {e}", 1)
     except (Interrupted, KeyboardInterrupt) as e:
         hint = str(e) or f"{stop_signals.interrupted()}; rerun the same command to go on from where it stopped"
-        print(f"cffa {ns.command}: {hint}", file=sys.stderr)
-        return stop_signals.exit_code()
+        return last_line(ns, hint, stop_signals.exit_code())
     except BaseException as e:
         if stop_signals.received() is not None:  # a stop signal that reached Ray's processes too can end
-            print(f"cffa {ns.command}: {stop_signals.interrupted()}; rerun the same command to go on from "
-                  "where it stopped", file=sys.stderr)  # the run in any of their errors
-            return stop_signals.exit_code()
+            return last_line(ns, f"{stop_signals.interrupted()}; rerun the same command to go on from where it "
+                                 "stopped", stop_signals.exit_code())  # the run in any of their errors
         full = disk_full(e) if isinstance(e, Exception) else None
         if full is None:
             raise
-        print(f"cffa {ns.command}: error: {no_space_message(ns, full)}", file=sys.stderr)
-        return 1
+        return last_line(ns, f"error: {no_space_message(ns, full)}", 1)
+
+
+def last_line(ns, message: str, code: int) -> int:
+    """Print the line that ends a command, and return its exit code. Ray is left first: its log thread would
+    still print worker lines that were on their way (a step line after "training interrupted")."""
+    ray = sys.modules.get("ray")  # (never imported here: `cffa synth` and a bad flag run without Ray)
+    if ray is not None and ray.is_initialized():
+        with contextlib.suppress(Exception):  # the line matters more than a clean disconnect
+            ray.shutdown()
+    print(f"cffa {ns.command}: {message}", file=sys.stderr)
+    return code
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -6,6 +6,7 @@ Most cases fail before Ray starts, so they run in-process through the real CLI e
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -15,7 +16,7 @@ import time
 
 import pytest
 
-from cffa_ray.cli import build_parser, main
+from cffa_ray.cli import build_parser, last_line, main
 from tests.helpers import MODEL_RECORD, fails_in_driver, gen_argv, odd_pairs, run_cli, train_argv
 
 
@@ -459,3 +460,12 @@ def test_fa_noise_negated_and_struct_guidance_need_the_dual_unet(capsys, tmp_pat
     fails_in_driver(capsys, gen_argv(joint, tmp_path / "out", "--struct_guidance", "2"),
                     r"--struct_guidance 2 needs the two UNets of dual_unet; this checkpoint is joint_sdxl, .*"
                     r"drop --struct_guidance", tmp_path / "out")
+
+
+def test_the_closing_line_names_the_command_and_leaves_ray_alone_when_it_never_started(capsys, monkeypatch):
+    """cli.last_line prints the one line that ends a failed command and returns its exit code; a command that
+    never imported Ray (a bad flag, `cffa synth`) does not import it just to leave it."""
+    monkeypatch.delitem(sys.modules, "ray", raising=False)
+    assert last_line(argparse.Namespace(command="synth"), "error: --n 0 must be > 0", 2) == 2
+    assert capsys.readouterr().err == "cffa synth: error: --n 0 must be > 0\n"
+    assert "ray" not in sys.modules
