@@ -12,6 +12,11 @@ from filelock import FileLock
 
 from tests.helpers import MODEL_RECORD, SHARED_HEAD_ENV, TRAIN_ARGS, RayHead, assert_ok, run_cli, write_tiny_tokenizer
 
+# Ray Train's controller polls its workers every 2 s by default, so a run's start and its end each wait ~1 s
+# for the next poll, and a tiny run takes ~4 s longer (measured). Every Ray the tests start (the shared head,
+# the simulated clusters, a CLI run's local Ray) inherits this environment.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+
 
 @pytest.fixture(scope="session")
 def ray_head(tmp_path_factory):

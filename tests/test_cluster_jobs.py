@@ -30,7 +30,7 @@ def test_jobs_refuse_a_client_without_the_token(cluster):
 def test_train_then_generate_through_ray_job_submit(cluster, pairs_dir, tmp_path):
     runs, out = f"file://{tmp_path}/runs", f"file://{tmp_path}/generated"
     cluster.submit("cffa-train", "python", "jobs/train.py", "--data", str(pairs_dir), "--output_dir", runs,
-                   "--name", "c", "--preset", "tiny", "--resolution", "64", "--max_steps", "8", "--num_workers", "2",
+                   "--name", "c", "--preset", "tiny", "--resolution", "64", "--max_steps", "8", "--num_workers", "1",
                    "--zero_stage", "2", "--batch_size", "2", "--val_every", "4", "--sample_every", "8",
                    "--num_sample_pairs", "2")
     assert cluster.wait("cffa-train") == "SUCCEEDED", cluster.logs("cffa-train")[-5000:]

@@ -11,11 +11,9 @@ import pytest
 
 from cffa_ray.quiet import NOISE
 from cffa_ray.train.run_folder import RunFolder
-from tests.helpers import assert_ok, odd_pairs, run_cli
+from tests.helpers import QUICK_TRAIN, assert_ok, odd_pairs, run_cli
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_head")]  # CLI runs join one Ray head
-
-TINY = ("--preset", "tiny", "--resolution", 64, "--batch_size", 1, "--num_sample_pairs", 0, "--log_every", 1)
 
 
 def error_line(proc, command: str) -> str:
@@ -32,8 +30,8 @@ def test_odd_images_warn_and_train_then_a_diverging_loss_stops_at_once(tmp_path)
     training goes on for two steps. Then a rerun with an absurd --lr resumes from step 2 (with the new --lr) and diverges:
     it stops at step 3 with one line, before anything of step 3 is saved."""
     data = odd_pairs(tmp_path / "odd")
-    argv = ("train", "--data", data, "--output_dir", tmp_path / "runs", "--name", "w", *TINY,
-            "--num_workers", 2, "--val_fraction", 0, "--val_every", 1, "--checkpoint_every", 1)
+    argv = ("train", "--data", data, "--output_dir", tmp_path / "runs", "--name", "w", *QUICK_TRAIN,
+            "--val_fraction", 0, "--val_every", 1, "--checkpoint_every", 1)
     proc = run_cli(*argv, "--max_steps", 2)
     assert_ok(proc)
     warnings = [ln for ln in proc.stderr.splitlines() if ln.startswith("[cffa] warning: ")]
@@ -69,7 +67,7 @@ def test_worker_error_that_no_retry_heals_stops_the_run_at_once(tmp_path, pairs_
     config["block_out_channels"] = [16, 64]  # the weights hold 32, 64
     (broken / "unet/config.json").write_text(json.dumps(config))
     proc = run_cli("train", "--data", pairs_dir, "--output_dir", tmp_path / "runs", "--base_model", broken,
-                   "--resolution", 64, "--num_workers", 2, "--max_steps", 2, "--max_failures", 3)
+                   "--resolution", 64, "--num_workers", 1, "--no-cache_latents", "--max_steps", 2, "--max_failures", 3)
     assert proc.returncode == 1, proc.stderr[-3000:]
     line = error_line(proc, "train")
     assert line.startswith("cffa train: error: the model could not be built on worker ") and "conv_in" in line, line

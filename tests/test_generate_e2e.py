@@ -87,11 +87,11 @@ def test_forty_pairs_in_parquet_and_png_shards(generated, trained_run):
     assert not [p for p in out.rglob("*") if p.name.startswith(".")], "temporary files left behind"
 
 
-def test_ray_data_reads_the_parquet(generated):
+def test_ray_data_reads_the_parquet(generated, ray_head):
     out, _ = generated
-    code = f"import ray; ray.init(num_cpus=1, include_dashboard=False); " \
-           f"print(ray.data.read_parquet({str(out / 'parquet')!r}).count())"
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    code = f"import ray; ray.init(); print(ray.data.read_parquet({str(out / 'parquet')!r}).count())"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **ray_head.cli_env})  # a plain Ray client of the shared head
     assert proc.stdout.strip().splitlines()[-1] == "40", proc.stderr[-2000:]
 
 

@@ -191,7 +191,7 @@ def test_generation_loses_a_node_and_nothing_else(trained_run, tmp_path):
 
 def test_autoscaler_grows_to_three_nodes_for_generation_and_back(trained_run, tmp_path):
     """The fake autoscaler with cluster.yaml's node types (1 CPU and one fake accelerator each, at most 3
-    of a type, idle after 0.5 min): `--concurrency 1-3 --worker_resources '{"gpu_24gb": 1}'` grows the
+    of a type, idle after 0.2 min): `--concurrency 1-3 --worker_resources '{"gpu_24gb": 1}'` grows the
     cluster to 3 gpu_24gb nodes while work queues (each actor held after its first call until the third
     is up), and it shrinks back to the head alone after the job. (Ray Data may also ask for CPUs, which
     the autoscaler meets with `cpu` nodes, as on the real cluster; the timeline shows them.)"""
@@ -200,7 +200,7 @@ def test_autoscaler_grows_to_three_nodes_for_generation_and_back(trained_run, tm
     n = 48
     events: list[tuple[float, str]] = []
     with hard_timeout(420, "the autoscaling test"), \
-            AutoscalingHead(tmp_path, REPO / "cluster.yaml", head_cpus=4, max_workers=3, idle_timeout_minutes=0.5,
+            AutoscalingHead(tmp_path, REPO / "cluster.yaml", head_cpus=4, max_workers=3, idle_timeout_minutes=0.2,
                             env={"CFFA_INJECT_FAULT": f"generate_batch=2,hold={gate}"}) as head:
         assert head.worker_nodes() == []
         t0 = time.time()

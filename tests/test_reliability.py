@@ -25,7 +25,7 @@ from cffa_ray.folder_lock import LOCK_FILE, folder_lock
 from cffa_ray.io import publish_dir, staging_dir
 from cffa_ray.pixels import geometry_warnings, open_image
 from cffa_ray.train.run_folder import RunFolder
-from tests.helpers import fails_in_driver, gen_argv, lock_held_elsewhere, run_cli, start_cli
+from tests.helpers import QUICK_TRAIN, fails_in_driver, gen_argv, lock_held_elsewhere, run_cli, start_cli
 
 # EXIF orientation -> how the stored pixels were turned from the upright picture (PIL's ROTATE_90 is
 # counter-clockwise): orientation 6 = "rotate 90° clockwise to view", so the camera stored it turned
@@ -295,8 +295,6 @@ def test_files_and_folders_get_the_umasks_permissions(tmp_path):
 
 # ------------------------------------------------------------------ the rows that need Ray (slow)
 
-TINY = ("--preset", "tiny", "--resolution", 64, "--batch_size", 1, "--num_sample_pairs", 0, "--log_every", 1)
-
 
 def files_in(folder) -> list[str]:
     return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*"))
@@ -350,8 +348,8 @@ def test_sigterm_then_ctrl_c_stop_training_at_the_step_they_name(tmp_path, pairs
     """`kill PID` (what `ray job stop` and a preempted node's shutdown send): Ray Train aborts the run before
     the line names its step, nothing is written after it, and the rerun resumes exactly there. The rerun is
     then stopped with Ctrl-C: exit 130, and the step it names is the one a rerun would resume from."""
-    argv = ("train", "--data", pairs_dir, "--output_dir", tmp_path / "runs", "--name", "t", *TINY,
-            "--num_workers", 2, "--val_every", 3, "--max_steps", 100000)
+    argv = ("train", "--data", pairs_dir, "--output_dir", tmp_path / "runs", "--name", "t", *QUICK_TRAIN,
+            "--val_every", 3, "--max_steps", 100000)
     proc = start_cli(*argv)
     lines = _stop_at(proc, r"\[cffa\] step 7/", signal.SIGTERM)
     assert proc.wait(timeout=300) == 143, "".join(lines[-30:])
@@ -425,7 +423,7 @@ def test_training_on_a_full_disk_stops_at_once_in_one_line(tmp_path, pairs_dir):
     with tmpfs(tmp_path / "disk", "3m") as disk:
         fill(disk, leave=40_000)
         t0 = time.time()
-        proc = run_cli("train", "--data", pairs_dir, "--output_dir", disk, "--name", "f", *TINY, "--num_workers", 2,
+        proc = run_cli("train", "--data", pairs_dir, "--output_dir", disk, "--name", "f", *QUICK_TRAIN,
                        "--max_steps", 20, "--val_every", 2, "--max_failures", 3)
         assert proc.returncode == 1, proc.stderr[-3000:]
         line = one_error_line(proc, "train")
