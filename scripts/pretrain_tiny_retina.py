@@ -34,8 +34,8 @@ The shipped pretraining.json records the second command's arguments (its --vae_*
 from __future__ import annotations
 
 import argparse
+import copy
 import json
-import math
 import sys
 import tempfile
 import time
@@ -58,44 +58,13 @@ from cffa_ray.models.presets import (  # noqa: E402
     TINY_RETINA_UNET,
     TINY_RETINA_VAE,
 )
-from cffa_ray.synth import make_pair  # noqa: E402
-
-IMAGE_SEED = 917_331  # synthetic images of the pretraining set; demo, tests and benches use small seeds
-
-
-def synthetic_images(count: int, size: int, seed: int = IMAGE_SEED) -> torch.Tensor:
-    """`count` CF and `count` FA images, unpaired (CF of pair 2k, FA of pair 2k+1): float [2*count, 3, S, S] in [-1, 1]."""
-    images = []
-    for k in range(count):
-        cf, _ = make_pair(np.random.default_rng([seed, 2 * k]), size)
-        _, fa = make_pair(np.random.default_rng([seed, 2 * k + 1]), size)
-        images += [np.asarray(cf), np.repeat(np.asarray(fa)[..., None], 3, axis=-1)]
-    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-
-
-def flips(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """Random horizontal and vertical flips: the synthetic fundus is symmetric under both."""
-    h = torch.rand(x.shape[0], generator=g) < 0.5
-    v = torch.rand(x.shape[0], generator=g) < 0.5
-    x = torch.where(h[:, None, None, None], x.flip(-1), x)
-    return torch.where(v[:, None, None, None], x.flip(-2), x)
+from scripts.pretraining import cosine_lr, flips, log, save_pipeline, synthetic_images, train_unet  # noqa: E402
 
 
 def sobel(x: torch.Tensor) -> torch.Tensor:
     k = torch.tensor([[1., 0., -1.], [2., 0., -2.], [1., 0., -1.]])
     kernels = torch.stack([k, k.T])[:, None].repeat(x.shape[1], 1, 1, 1)
     return F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), kernels, groups=x.shape[1])
-
-
-def cosine_lr(step: int, steps: int, lr: float, warmup: int = 100) -> float:
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup))))
-
-
-def log(stage: str, step: int, steps: int, t0: float, **values: float) -> None:
-    terms = " ".join(f"{k} {v:.4f}" for k, v in values.items())
-    print(f"[{stage}] step {step}/{steps} {terms} {time.time() - t0:.0f}s", flush=True)
 
 
 def train_vae(images: torch.Tensor, steps: int, batch: int, lr: float, kl_weight: float, grad_weight: float):
@@ -153,74 +122,36 @@ def prompt_embeddings(tokenizer):
         return encoder, encoder(ids)[0]
 
 
-def train_unet(moments: torch.Tensor, scaling_factor: float, contexts: torch.Tensor, steps: int, batch: int,
-               lr: float, offset_noise: float, ema_decay: float, p_uncond: float, init: str | None = None):
-    """moments: CF and FA alternating (row % 2: 0 CF, 1 FA). Each sample gets the empty prompt with
-    probability p_uncond, else its modality's prompt: with the empty prompt, the one the product
-    uses, the base makes both modalities; the prompts give it a modality switch that LoRA can reach."""
-    from diffusers import UNet2DConditionModel
-    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+def modality_prompts(contexts: torch.Tensor, p_uncond: float):
+    """train_unet's condition for the tiny-retina base. moments: CF and FA alternating (row % 2: 0 CF,
+    1 FA). Each sample gets the empty prompt with probability p_uncond, else its modality's prompt: with
+    the empty prompt, the one the product uses, the base makes both modalities; the prompts give it a
+    modality switch that LoRA can reach."""
+    def condition(rows: torch.Tensor, g: torch.Generator) -> dict:
+        prompt = torch.where(torch.rand(len(rows), generator=g) < p_uncond, 0, 1 + rows % 2)
+        return {"encoder_hidden_states": contexts[prompt]}
+    return condition
 
-    from cffa_ray.models.vae import noise_schedule
+
+def base_unet(init: str | None):
+    from diffusers import UNet2DConditionModel
 
     torch.manual_seed(PRESET_SEED)
     unet = UNet2DConditionModel(**TINY_RETINA_UNET)
     if init:
         unet.load_state_dict(UNet2DConditionModel.from_pretrained(init, subfolder="unet").state_dict())
-    ema = UNet2DConditionModel(**TINY_RETINA_UNET)
-    ema.load_state_dict(unet.state_dict())
-    ema.requires_grad_(False)
-    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
-    alphas = noise_schedule(SD_SCHEDULER)
-    g = torch.Generator().manual_seed(2)
-    t0, history = time.time(), []
-    for step in range(steps):
-        for group in opt.param_groups:
-            group["lr"] = cosine_lr(step, steps, lr)
-        rows = torch.randint(0, len(moments), (batch,), generator=g)
-        m = moments[rows]
-        prompt = torch.where(torch.rand(batch, generator=g) < p_uncond, 0, 1 + rows % 2)
-        x0 = DiagonalGaussianDistribution(m).sample(g) * scaling_factor
-        noise = torch.randn(x0.shape, generator=g) + offset_noise * torch.randn(
-            (batch, x0.shape[1], 1, 1), generator=g)
-        t = torch.randint(0, len(alphas), (batch,), generator=g)
-        a = alphas[t].view(-1, 1, 1, 1)
-        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        eps = unet(x_t, t, encoder_hidden_states=contexts[prompt]).sample
-        loss = F.mse_loss(eps, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        with torch.no_grad():
-            decay = min(ema_decay, (1 + step) / (10 + step))
-            for pe, p in zip(ema.parameters(), unet.parameters()):
-                pe.lerp_(p, 1 - decay)
-        history.append(loss.item())
-        if (step + 1) % 100 == 0 or step == 0:
-            log("unet", step + 1, steps, t0, mse=float(np.mean(history[-100:])))
-    return ema.eval(), {"steps": steps, "mse": float(np.mean(history[-200:])), "seconds": round(time.time() - t0)}
+    return unet
 
 
 def save_folder(out: Path, vae, unet, text_encoder, tokenizer, record: dict) -> None:
-    import copy
-    import shutil
-
     from diffusers import DDPMScheduler, StableDiffusionPipeline
 
-    vae, unet, text_encoder = (copy.deepcopy(m).half() for m in (vae, unet, text_encoder))  # stored in fp16: half the MB
-    with tempfile.TemporaryDirectory() as tmp:
-        pipe = StableDiffusionPipeline(
-            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-            scheduler=DDPMScheduler.from_config(SD_SCHEDULER), safety_checker=None, feature_extractor=None,
-            requires_safety_checker=False)
-        staging = Path(tmp) / "model"
-        pipe.save_pretrained(staging, safe_serialization=True)
-        (staging / "pretraining.json").write_text(json.dumps(record, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copytree(staging, out)
+    # stored in fp16: half the MB
+    vae, unet, text_encoder = (copy.deepcopy(m).half() for m in (vae, unet, text_encoder))
+    save_pipeline(out, StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+        scheduler=DDPMScheduler.from_config(SD_SCHEDULER), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False), record)
 
 
 @torch.no_grad()
@@ -287,8 +218,9 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = tiny_tokenizer(Path(tmp))
     text_encoder, contexts = prompt_embeddings(tokenizer)
-    unet, unet_record = train_unet(moments, vae.config.scaling_factor, contexts, args.unet_steps, args.unet_batch,
-                                   args.unet_lr, args.offset_noise, args.ema_decay, args.p_uncond, args.unet_from)
+    unet, unet_record = train_unet(base_unet(args.unet_from), moments, vae.config.scaling_factor,
+                                   modality_prompts(contexts, args.p_uncond), args.unet_steps, args.unet_batch,
+                                   args.unet_lr, args.offset_noise, args.ema_decay)
     record = {"script": "scripts/pretrain_tiny_retina.py", "args": vars(args), "vae": vae_record, "unet": unet_record,
               "scaling_factor": vae.config.scaling_factor, "torch": torch.__version__,
               "seconds": round(time.time() - t0)}
