@@ -20,7 +20,7 @@ from cffa_ray.errors import ConfigError
 from cffa_ray.flags import flag
 
 MODELS = ("dual_unet", "joint_sdxl")
-PRESETS = {"dual_unet": ("tiny", "tiny-retina", "sd15-random"), "joint_sdxl": ("tiny-sdxl", "sdxl-random")}
+PRESETS = {"dual_unet": ("tiny", "tiny-retina", "sd15-random"), "joint_sdxl": ("tiny-sdxl", "tiny-retina-joint", "sdxl-random")}
 DEFAULT_BASE_MODEL = {
     "dual_unet": "stable-diffusion-v1-5/stable-diffusion-v1-5",
     "joint_sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
@@ -169,7 +169,8 @@ class ModelConfig:
         None,
         "a built-in base instead of --base_model (for trials and tests): tiny | sd15-random (dual_unet), "
         "tiny-sdxl | sdxl-random (joint_sdxl) are built with seeded random weights; tiny-retina (dual_unet, "
-        "64 px) has a VAE and UNet pre-trained on synthetic retinas, shipped with the package",
+        "64 px) and tiny-retina-joint (joint_sdxl, 64 px) have a VAE and UNet pre-trained on synthetic "
+        "retinas, shipped with the package",
         default_text="none: load --base_model",
     )
     resolution: int = flag(512, "side of the square CF and FA images, in pixels")

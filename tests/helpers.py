@@ -256,3 +256,10 @@ class RayHead:
 
     def logs(self, job_id: str) -> str:
         return self.ray("job", "logs", job_id).stdout
+
+
+def colourfulness(images: torch.Tensor) -> torch.Tensor:
+    """Per image [3, R, R] in [-1, 1]: mean red minus mean blue over the fundus (a CF is orange, an FA grey);
+    the black surround is left out."""
+    inside = images.mean(1) > -0.8
+    return torch.stack([(im[0][m] - im[2][m]).mean() for im, m in zip(images, inside)])

@@ -11,7 +11,7 @@ import torch
 
 from cffa_ray.models.base import load_base, load_vae
 from cffa_ray.models.presets import preset_source, vae_config
-from tests.helpers import REPO
+from tests.helpers import REPO, colourfulness
 
 FOLDER = Path(preset_source("", "tiny-retina")[0])
 
@@ -68,12 +68,6 @@ def test_retina_vae_reconstructs_synthetic_cf_and_fa_far_better_than_the_random_
         assert ours > 22 and ours > random + 12, (ours, random)
 
 
-def _colourfulness(images: torch.Tensor) -> torch.Tensor:
-    """Per image: mean red minus mean blue over the fundus (a CF is orange, an FA grey)."""
-    inside = images.mean(1) > -0.8  # [B, R, R], the black surround left out
-    return torch.stack([(im[0][m] - im[2][m]).mean() for im, m in zip(images, inside)])
-
-
 @pytest.mark.slow  # trains 40 steps and samples 32 pairs: minutes on 2 cores
 def test_a_few_dozen_lora_steps_on_the_retina_base_make_the_cf_unet_draw_fundi_and_the_fa_unet_angiograms():
     """The base makes both modalities from the empty prompt; the demo's recipe (40 steps, lr 3e-3,
@@ -91,7 +85,7 @@ def test_a_few_dozen_lora_steps_on_the_retina_base_make_the_cf_unet_draw_fundi_a
 
     def colours():
         cf, fa = sample(model, noise)
-        return _colourfulness(cf), _colourfulness(fa)
+        return colourfulness(cf), colourfulness(fa)
 
     cf_before, _ = colours()
     assert (cf_before < 0.2).any(), cf_before  # the base alone: some "CF" samples are angiograms

@@ -1,5 +1,6 @@
 """Model configs for the built-in presets: real architectures or tiny ones, seeded random weights,
-and `tiny-retina`, the one preset with trained weights (a diffusers folder shipped in the package).
+and `tiny-retina` / `tiny-retina-joint`, the presets with trained weights (diffusers folders shipped in
+the package), one per design.
 
 Presets exist because weights cannot always be downloaded (tests, demos, benchmarks): the same
 code path as a real base model runs, only the weights are seeded random numbers. Building a preset
@@ -93,6 +94,20 @@ TINY_SDXL_UNET = dict(
 )
 TINY_CLIP_G = {**TINY_CLIP, "hidden_act": "gelu"}
 
+# tiny-retina-joint: the joint design's base on the toy world (scripts/pretrain_tiny_retina_joint.py): the
+# tiny-retina VAE, the tiny SDXL text encoders, and an SDXL-layout UNet of tiny-retina's size pre-trained on
+# joint CF|FA images (64 x 128 px -> 4x16x32 latents) whose halves come from different eyes, so that it
+# knows both modalities and their places but not which FA belongs to which CF (as the dual base does not).
+TINY_RETINA_JOINT_FOLDER = "models/weights/tiny-retina-joint"
+TINY_RETINA_JOINT_UNET = dict(
+    in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64, 64),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=(2, 4, 4), transformer_layers_per_block=(1, 1, 1), cross_attention_dim=64,
+    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=32 + 6 * 8, norm_num_groups=8,
+)
+
 PRESETS = {
     "tiny": {"family": "sd15", "unet": TINY_UNET, "vae": TINY_VAE, "text_encoders": [TINY_CLIP]},
     "sd15-random": {"family": "sd15", "unet": SD15_UNET, "vae": SD_VAE, "text_encoders": [CLIP_L]},
@@ -101,6 +116,7 @@ PRESETS = {
     "tiny-sdxl": {"family": "sdxl", "unet": TINY_SDXL_UNET, "vae": {**TINY_VAE, "scaling_factor": 0.13025, "force_upcast": True},
                   "text_encoders": [TINY_CLIP, TINY_CLIP_G]},
     "sdxl-random": {"family": "sdxl", "unet": SDXL_UNET, "vae": SDXL_VAE, "text_encoders": [CLIP_L, CLIP_G]},
+    "tiny-retina-joint": {"family": "sdxl", "folder": TINY_RETINA_JOINT_FOLDER},
 }
 PRESET_SEED = 1234
 
