@@ -120,11 +120,13 @@ def quiet_ray_data() -> None:
 
 def quiet_ray() -> None:
     """In the training driver and workers: Ray Data's per-execution bars and Ray Train's per-report lines
-    drown the run's own log; DeepSpeed's ZeRO gathers warn of a deprecated collective once per step."""
+    drown the run's own log; DeepSpeed's ZeRO gathers and reduce-scatters warn of deprecated collectives once
+    per step."""
     quiet_ray_data()
     for name in ("ray.train", internals.ray_train_report_logger()):
         logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor).* is deprecated",
+                            category=FutureWarning)  # (reduce_scatter: ZeRO-3's gradients, torch >= 2.13)
 
 
 def train_logging():
