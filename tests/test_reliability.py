@@ -334,6 +334,9 @@ def _stop_at(proc, pattern: str, signum: int) -> list[str]:
     return lines + proc.stdout.readlines()
 
 
+TRAIN_ACTORS = r"^ray::(RayTrainWorker|TrainController)"  # the process titles of a run's Ray Train actors
+
+
 def _resume_step(line: str, how: str) -> int:
     match = re.fullmatch(rf"cffa train: training interrupted{how}; rerun the same command to resume "
                          r"(from step (\d+), its last checkpoint|from the start \(no checkpoint was saved yet\))",
@@ -358,7 +361,10 @@ def test_sigterm_then_ctrl_c_stop_training_at_the_step_they_name(tmp_path, pairs
     step = _resume_step(lines[-1], " by SIGTERM")
     run = tmp_path / "runs/t"
     before = files_in(run)
-    time.sleep(5)  # Ray's workers outlive the driver by a moment: had the run not been aborted, they would write
+    # Ray's workers outlive the driver by a moment: had the run not been aborted, they would write until they end
+    deadline = time.time() + 30
+    while time.time() < deadline and subprocess.run(["pgrep", "-f", TRAIN_ACTORS], capture_output=True).returncode == 0:
+        time.sleep(0.2)
     assert files_in(run) == before, "the run went on writing after the line"
 
     proc = start_cli(*argv)
