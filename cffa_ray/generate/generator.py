@@ -31,6 +31,12 @@ class ModelBatchTooLarge(RuntimeError):
     """Sampling ran out of memory: the message names --model_batch and a value to try."""
 
 
+def as_tensor(array: np.ndarray) -> torch.Tensor:
+    """A batch column as a tensor. A batch that came from another node's object store is read-only, and torch
+    warns once per actor about such arrays (printed to the user's terminal): those are copied (small)."""
+    return torch.from_numpy(np.require(array, requirements="W"))
+
+
 class PairGenerator:
     def __init__(self, checkpoint_dir: str, cfg: dict):
         # imported here, in the actor's process: the driver, which only names this class, never loads
@@ -58,10 +64,10 @@ class PairGenerator:
         maybe_fail("generate_batch", self.calls)
         sources = None
         if cfg["mode"] == "from_data":
-            sources = (torch.from_numpy(batch["src_cf"]), torch.from_numpy(batch["src_fa"]))
+            sources = (as_tensor(batch["src_cf"]), as_tensor(batch["src_fa"]))
         try:
             cf, fa = self.sample(
-                self.model, torch.from_numpy(batch["noise"]), cfg["model_batch"], init_images=sources,
+                self.model, as_tensor(batch["noise"]), cfg["model_batch"], init_images=sources,
                 steps=cfg["steps"], scheduler=cfg["scheduler"], strength=cfg["strength"],
                 mixed_precision=cfg["mixed_precision"], fa_noise=cfg["fa_noise"],
                 struct_guidance=cfg["struct_guidance"], as_uint8=True)
