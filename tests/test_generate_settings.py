@@ -100,21 +100,3 @@ def test_fa_noise_is_checked_and_an_older_layout_name_still_resumes(tmp_path):
     with pytest.raises(ConfigError, match="holds pairs made with different arguments"):
         check_identity(str(tmp_path), {**ident, "steps": 3})
 
-
-def test_a_read_only_batch_column_becomes_a_tensor_without_torchs_warning():
-    """A batch from another node's object store is read-only: torch would warn on the user's terminal."""
-    import warnings
-
-    import numpy as np
-
-    from cffa_ray.generate.generator import as_tensor
-
-    frozen = np.arange(6, dtype=np.float32).reshape(2, 3)
-    frozen.flags.writeable = False
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        t = as_tensor(frozen)
-    assert t.tolist() == frozen.tolist()
-    writable = np.zeros(3, np.float32)
-    as_tensor(writable)[0] = 1  # a writable column is not copied
-    assert writable[0] == 1

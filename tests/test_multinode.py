@@ -6,8 +6,9 @@ The jobs run as a user runs them on a cluster: `python -m cffa_ray.cli train|gen
 RAY_ADDRESS pointing at the cluster's head, placed on the worker nodes with --worker_resources.
 "Mid-run" does not depend on the machine's speed: the workers hold at a known point (the `hold` of
 CFFA_INJECT_FAULT, cffa_ray/faults.py) until the test has made its fault, and a node is killed once a checkpoint or a
-pair is there, never after a sleep. Every test has a hard timeout, its own RAY_TMPDIR and ports,
-and stops only the processes it started.
+pair is there, never after a sleep. Every test has a hard timeout, every simulated cluster its own
+RAY_TMPDIR and ports, and a test stops only the processes it started (the generation test's one-node
+reference joins the session's shared head).
 """
 from __future__ import annotations
 

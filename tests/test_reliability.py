@@ -319,13 +319,14 @@ def one_error_line(proc, command: str) -> str:
     return lines[-1]
 
 
-def _stop_at(proc, pattern: str, signum: int) -> list[str]:
-    """Read `proc`'s output until a line matches `pattern`, send `signum` (SIGINT to the whole foreground
-    group, as Ctrl-C in a terminal does), and return every line it printed."""
+def _stop_at(proc, pattern: str, signum: int, before=lambda: None) -> list[str]:
+    """Read `proc`'s output until a line matches `pattern`, call `before`, send `signum` (SIGINT to the whole
+    foreground group, as Ctrl-C in a terminal does), and return every line it printed."""
     lines = []
     for line in proc.stdout:
         lines.append(line)
         if re.search(pattern, line):
+            before()
             if signum == signal.SIGINT:
                 os.killpg(proc.pid, signum)
             else:
@@ -334,7 +335,13 @@ def _stop_at(proc, pattern: str, signum: int) -> list[str]:
     return lines + proc.stdout.readlines()
 
 
-TRAIN_ACTORS = r"^ray::(RayTrainWorker|TrainController)"  # the process titles of a run's Ray Train actors
+def train_actors(head) -> list[str]:
+    """Pids of Ray Train actors (process titles ray::RayTrainWorker, ray::TrainController) that the shared
+    head's raylet runs: another Ray on the machine (another checkout's suite) does not count."""
+    raylet = subprocess.run(["pgrep", "-f", f"raylet.*{head.temp_dir}"], capture_output=True, text=True).stdout.split()
+    assert len(raylet) == 1, f"the shared head's raylet: {raylet}"
+    return subprocess.run(["pgrep", "-P", raylet[0], "-f", r"^ray::(RayTrainWorker|TrainController)"],
+                          capture_output=True, text=True).stdout.split()
 
 
 def _resume_step(line: str, how: str) -> int:
@@ -346,15 +353,16 @@ def _resume_step(line: str, how: str) -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.usefixtures("ray_head")
-def test_sigterm_then_ctrl_c_stop_training_at_the_step_they_name(tmp_path, pairs_dir):
+def test_sigterm_then_ctrl_c_stop_training_at_the_step_they_name(tmp_path, pairs_dir, ray_head):
     """`kill PID` (what `ray job stop` and a preempted node's shutdown send): Ray Train aborts the run before
     the line names its step, nothing is written after it, and the rerun resumes exactly there. The rerun is
     then stopped with Ctrl-C: exit 130, and the step it names is the one a rerun would resume from."""
     argv = ("train", "--data", pairs_dir, "--output_dir", tmp_path / "runs", "--name", "t", *QUICK_TRAIN,
             "--val_every", 3, "--max_steps", 100000)
     proc = start_cli(*argv)
-    lines = _stop_at(proc, r"\[cffa\] step 7/", signal.SIGTERM)
+    running = []
+    lines = _stop_at(proc, r"\[cffa\] step 7/", signal.SIGTERM, before=lambda: running.extend(train_actors(ray_head)))
+    assert running, "no Train actor found under the head's raylet while the run stepped: the wait below would be void"
     assert proc.wait(timeout=300) == 143, "".join(lines[-30:])
     text = "".join(lines)
     assert "Traceback" not in text and "SIGTERM received" not in text and "\x1b[" not in text, text[-3000:]
@@ -363,7 +371,8 @@ def test_sigterm_then_ctrl_c_stop_training_at_the_step_they_name(tmp_path, pairs
     before = files_in(run)
     # Ray's workers outlive the driver by a moment: had the run not been aborted, they would write until they end
     deadline = time.time() + 30
-    while time.time() < deadline and subprocess.run(["pgrep", "-f", TRAIN_ACTORS], capture_output=True).returncode == 0:
+    while train_actors(ray_head):
+        assert time.time() < deadline, f"the run's Train actors outlived it by 30 s: {train_actors(ray_head)}"
         time.sleep(0.2)
     assert files_in(run) == before, "the run went on writing after the line"
 

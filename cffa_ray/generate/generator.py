@@ -21,6 +21,7 @@ import time
 import numpy as np
 import torch
 
+from cffa_ray.batches import as_tensor
 from cffa_ray.faults import maybe_fail
 from cffa_ray.io import local_copy
 
@@ -29,12 +30,6 @@ OOM_HINT = "--model_batch"
 
 class ModelBatchTooLarge(RuntimeError):
     """Sampling ran out of memory: the message names --model_batch and a value to try."""
-
-
-def as_tensor(array: np.ndarray) -> torch.Tensor:
-    """A batch column as a tensor. A batch that came from another node's object store is read-only, and torch
-    warns once per actor about such arrays (printed to the user's terminal): those are copied (small)."""
-    return torch.from_numpy(np.require(array, requirements="W"))
 
 
 class PairGenerator:

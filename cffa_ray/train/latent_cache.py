@@ -16,6 +16,7 @@ import numpy as np
 import ray.data
 import torch
 
+from cffa_ray.batches import as_tensor
 from cffa_ray.data import CF, FA, PAIR_ID
 from cffa_ray.progress import materialize
 from cffa_ray.train.config import TrainConfig
@@ -39,7 +40,7 @@ class MomentEncoder:
         cast(self.vae, self.device, DTYPES[mixed_precision])  # what DeepSpeed casts it to in training
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        cf, fa = (torch.from_numpy(batch[k]).to(self.device) for k in (CF, FA))
+        cf, fa = (as_tensor(batch[k]).to(self.device) for k in (CF, FA))
         moments = self.design.cache_moments(self.vae, cf, fa)
         return {PAIR_ID: batch[PAIR_ID], **{k: v.half().cpu().numpy() for k, v in moments.items()}}
 
