@@ -99,4 +99,3 @@ def test_fa_noise_is_checked_and_an_older_layout_name_still_resumes(tmp_path):
     check_identity(str(tmp_path), ident)
     with pytest.raises(ConfigError, match="holds pairs made with different arguments"):
         check_identity(str(tmp_path), {**ident, "steps": 3})
-
