@@ -162,8 +162,10 @@ def test_generation_loses_a_node_and_nothing_else(trained_run, tmp_path):
         proc = cluster.start_cffa(log, "generate", "--checkpoint_dir", ckpt, "--output_dir", out, *GENERATE,
                                   "--concurrency", 3, "--worker_resources", ON_WORKERS)
         wait_for(lambda: running(proc, log) and committed_pair_ids(out), 180, "the first committed pairs")
+        # every actor is held before its 2nd call, so the job cannot end before the others are up: await them
+        wait_for(lambda: len({a["node_id"] for a in cluster.actors("PairGenerator")}) >= 2, 120,
+                 "model actors alive on two nodes", every=1)
         actors = cluster.actors("PairGenerator")
-        assert len({a["node_id"] for a in actors}) >= 2, actors
         t_kill = time.time()
         cluster.remove_node(actors[0]["node_id"])
         done_at_kill = len(committed_pair_ids(out))
