@@ -17,6 +17,8 @@ a seed also draws its own validation split).
     python bench/quality.py --seeds 0 1 --out /tmp/quality
     python bench/quality.py --steps 600 --loss_weighting alpha_bar   # longer training, struct 0.3 vs 0
     python bench/quality.py --struct_lambda 0.3 --loss_weighting alpha_bar --struct_guidance 0 1 3 10  # guidance
+    python bench/quality.py --struct_lambda 0.3 --loss_weighting alpha_bar --fa_noise negated \
+        --struct_guidance 0 0.003 0.01 0.03 --struct_guidance_target vessels  # guided on vessel maps
 
 Columns: alignment normalised = (generated - floor) / (real - floor) of the vessel soft Dice (0 =
 unrelated vessel trees, 1 = as aligned as real pairs; floor = mismatched real pairs); Dice of the
@@ -74,9 +76,12 @@ def run_one(args, work: Path, design: str, struct: float, weighting: str, seed: 
     rows = []
     for fa_noise, guidance in variants(args, design):
         tag = f"{name}_{fa_noise}" + (f"_guidance{guidance:g}" if guidance else "")
+        if guidance and args.struct_guidance_target != "latent_edges":
+            tag += f"_{args.struct_guidance_target}"
         gen = GenerateConfig(checkpoint_dir=os.path.join(cfg.run_dir, "best_checkpoint"), num_samples=args.samples,
                              steps=args.sample_steps, seed=42, batch_size=16, concurrency="2", fa_noise=fa_noise,
-                             struct_guidance=guidance, output_dir=str(work / "generated" / tag))
+                             struct_guidance=guidance, struct_guidance_target=args.struct_guidance_target,
+                             output_dir=str(work / "generated" / tag))
         summary = generate(gen)
         ev = evaluate(EvaluateConfig(generated=gen.output_dir, real=str(work / "real"),
                                      output=str(work / "eval" / tag),
@@ -84,7 +89,7 @@ def run_one(args, work: Path, design: str, struct: float, weighting: str, seed: 
                                      utility=args.utility))
         a, r = ev["alignment"], ev["realism"]
         rows.append({"design": design, "struct": struct, "weighting": weighting, "seed": seed, "fa_noise": fa_noise,
-                     "guidance": guidance,
+                     "guidance": guidance, "target": args.struct_guidance_target if guidance else "",
                      "normalised": a["normalised"], "dice": a["generated"]["mean"], "dice_std": a["generated"]["std"],
                      "own_floor": a["generated_mismatched"]["mean"], "real": a["real"]["mean"],
                      "floor": a["mismatched"]["mean"], "swd_cf": r["cf"]["mean"], "swd_fa": r["fa"]["mean"],
@@ -101,6 +106,10 @@ def _num(value) -> str:
     return "n/a" if value is None else f"{value:.3f}"  # evaluate's normalised score is None when real <= floor
 
 
+def _guidance(scale: float, target: str) -> str:
+    return f"{scale:g}" + (f" ({target})" if scale and target else "")
+
+
 def settings(args) -> list[tuple[str, float, str]]:
     return [(design, struct, weighting) for design in args.designs for struct in args.struct_lambda
             for weighting in args.loss_weighting]
@@ -113,7 +122,7 @@ def table(rows: list[dict], args) -> str:
              "|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['design']} | {r['struct']:g} | {r['weighting']} | {r['seed']} | {r['fa_noise']} | "
-                     f"{r['guidance']:g} | "
+                     f"{_guidance(r['guidance'], r['target'])} | "
                      f"**{_num(r['normalised'])}** | {r['dice']:.4f} ({r['dice_std']:.4f}) | {r['own_floor']:.4f} | "
                      f"{r['swd_cf']:.1f} | {r['swd_fa']:.1f} | {_num(r['topology_fa'])} | {r['memorised']:.0%} | "
                      f"{_num(r['tstr_dice'])} | {r['train_s']:.0f} | {_num(r['gen_s_per_pair'])} |")
@@ -130,7 +139,8 @@ def table(rows: list[dict], args) -> str:
                                                               "guidance")) == key]
                 norm = np.array([np.nan if r["normalised"] is None else r["normalised"] for r in sel])
                 topology = [r["topology_fa"] for r in sel if r["topology_fa"] is not None]
-                lines.append(f"| {design} | {struct:g} | {weighting} | {fa_noise} | {guidance:g} | "
+                lines.append(f"| {design} | {struct:g} | {weighting} | {fa_noise} | "
+                             f"{_guidance(guidance, args.struct_guidance_target if guidance else '')} | "
                              f"{norm.mean():.3f} ± {norm.std(ddof=1):.3f} | "
                              f"{np.mean([r['swd_cf'] for r in sel]):.1f} | {np.mean([r['swd_fa'] for r in sel]):.1f} | "
                              f"{_num(np.mean(topology) if topology else None)} | "
@@ -167,6 +177,8 @@ def main() -> None:
                    help="generate and score each run's pairs once per value (cffa generate --fa_noise)")
     p.add_argument("--struct_guidance", type=float, nargs="+", default=[0.0],
                    help="and once per value of cffa generate --struct_guidance (sampling-time guidance, 0 = off)")
+    p.add_argument("--struct_guidance_target", default="latent_edges", choices=["latent_edges", "vessels"],
+                   help="what the guided generations make agree (cffa generate --struct_guidance_target)")
     args = p.parse_args()
 
     from cffa_ray.synth import write_synthetic_pairs

@@ -37,6 +37,7 @@ ZERO_STAGES = (0, 1, 2, 3)
 SCHEDULERS = ("ddim", "dpm++")
 GENERATION_MODES = ("noise", "from_data")
 FA_NOISES = ("same", "negated")
+GUIDANCE_TARGETS = ("latent_edges", "vessels")  # what --struct_guidance makes agree (vessel_agreement.py)
 PNG_LAYOUTS = ("sharded", "seed")
 PNG_LAYOUT_ALIASES = {"numbered": "seed"}  # the name before the issue spelt out `seed`
 LOSS_WEIGHTINGS = ("alpha_bar", "none")

@@ -56,15 +56,17 @@ def sampling_autocast(model: PairModel, device: torch.device, mixed_precision: s
 
 
 def denoise_step(model: PairModel | None, sched, state: torch.Tensor, t: torch.Tensor, t_host: int,
-                 eps: torch.Tensor | None = None, struct_guidance: float = 0.0) -> torch.Tensor:
+                 eps: torch.Tensor | None = None, struct_guidance: float = 0.0,
+                 struct_guidance_target: str = "latent_edges") -> torch.Tensor:
     """One step of the walk: the model's eps_hat at `t` (a device tensor), nudged by `struct_guidance`
-    (dual_unet: the two predicted clean latents pulled towards one structure, PairModel.guide), then the
+    (dual_unet: the two predicted clean latents pulled towards one structure, measured on
+    `struct_guidance_target`, PairModel.guide), then the
     scheduler's step at `t_host` (the same timestep as a Python int: no host sync in the scheduler).
     `eps` given: only the scheduler's step (bench/op_count.py counts the two apart)."""
     if eps is None:
         eps = model.predict_noise(sched.scale_model_input(state, t), t)
     if struct_guidance:
-        eps = model.guide(state, eps.float(), sched.alphas_cumprod[t_host], struct_guidance)
+        eps = model.guide(state, eps.float(), sched.alphas_cumprod[t_host], struct_guidance, struct_guidance_target)
     return sched.step(eps.float(), t_host, state).prev_sample
 
 
@@ -72,12 +74,14 @@ def denoise_step(model: PairModel | None, sched, state: torch.Tensor, t: torch.T
 def sample_pairs(model: PairModel, noise: torch.Tensor, *, steps: int, scheduler: str = "ddim",
                  init_images: tuple[torch.Tensor, torch.Tensor] | None = None, strength: float = 1.0,
                  mixed_precision: str = "no", fa_noise: str = "same",
-                 struct_guidance: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+                 struct_guidance: float = 0.0, struct_guidance_target: str = "latent_edges",
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Denoise a batch of pairs -> (cf, fa) images [B, 3, R, R] in [-1, 1], float32 on the model's device.
 
     noise:      [B, *model.noise_shape] initial z0, one per pair (both modalities share it).
     fa_noise:   same | negated (dual_unet: the FA UNet starts from -z0), see GenerateConfig.fa_noise.
     struct_guidance: S >= 0 (dual_unet), see GenerateConfig.struct_guidance; 0 is the unguided walk, bit for bit.
+    struct_guidance_target: latent_edges | vessels, see GenerateConfig.struct_guidance_target.
     init_images: (cf, fa) real pairs [B, 3, R, R], uint8 or in [-1, 1] (from_data mode): encoded (latent mode,
                 no sampling), noised with that same z0 to `strength` (1.0 = pure noise) and
                 denoised from there, as diffusers' img2img does.
@@ -98,7 +102,8 @@ def sample_pairs(model: PairModel, noise: torch.Tensor, *, steps: int, scheduler
         state = sched.add_noise(init_state.to(device).float(), z0, timesteps[:1].repeat(z0.shape[0]))
     with sampling_autocast(model, device, mixed_precision):
         for t, t_host in zip(timesteps, timesteps.tolist()):
-            state = denoise_step(model, sched, state, t, t_host, struct_guidance=struct_guidance)
+            state = denoise_step(model, sched, state, t, t_host, struct_guidance=struct_guidance,
+                                 struct_guidance_target=struct_guidance_target)
     # Decoding runs outside autocast: the SDXL VAE overflows in fp16, and it is a few % of the cost.
     return model.decode(state)
 

@@ -165,9 +165,10 @@ def test_from_data_mode(trained_run, pairs_dir, tmp_path):
     out = tmp_path / "fd"
     proc = run_cli("generate", "--checkpoint_dir", run / "best_checkpoint", "--output_dir", out, "--num_samples", 6,
                    "--steps", 4, "--batch_size", 4, "--mode", "from_data", "--data", pairs_dir, "--strength", 0.5,
-                   "--struct_guidance", 1.5)  # guided too: the actors take the flag, generation.json records it
+                   "--struct_guidance", 1.5, "--struct_guidance_target", "vessels")
     assert_ok(proc)
-    assert json.loads((out / "generation.json").read_text())["struct_guidance"] == 1.5
+    recorded = json.loads((out / "generation.json").read_text())  # guided too: the actors take the flags
+    assert (recorded["struct_guidance"], recorded["struct_guidance_target"]) == (1.5, "vessels")
     df = pd.read_parquet(out / "parquet").sort_values("pair_id")
     assert list(df.pair_id) == list(range(6))
     assert (df["mode"] == "from_data").all() and (df.strength == 0.5).all()

@@ -40,6 +40,11 @@ def test_identity_records_the_concrete_choices():
     assert "struct_guidance" not in ident  # likewise --struct_guidance: recorded when on
     guided = identity(resolve(GenerateConfig(checkpoint_dir="c", steps=7, struct_guidance=1.5), None), RECORD)
     assert guided == {**ident, "struct_guidance": 1.5}
+    on_vessels = identity(resolve(GenerateConfig(checkpoint_dir="c", steps=7, struct_guidance=1.5,
+                                                 struct_guidance_target="vessels"), None), RECORD)
+    assert on_vessels == {**guided, "struct_guidance_target": "vessels"}  # the default target is left out
+    with pytest.raises(ConfigError, match=r"^--struct_guidance_target 'edges'; choose latent_edges or vessels$"):
+        GenerateConfig(checkpoint_dir="c", struct_guidance_target="edges").validate()
     with pytest.raises(ConfigError, match=r"^--struct_guidance -1 must be >= 0 \(0 turns the guidance off\)$"):
         GenerateConfig(checkpoint_dir="c", struct_guidance=-1.0).validate()
 

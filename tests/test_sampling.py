@@ -114,3 +114,14 @@ def test_struct_guidance_aligns_the_latents_and_a_pair_stays_a_function_of_seed_
     assert not torch.equal(cf_plain[0], cf_one[0])
     dpm, _ = sample_pairs(model, noise[:1], steps=3, scheduler="dpm++", struct_guidance=2.0)
     assert torch.isfinite(dpm).all()
+
+
+@torch.no_grad()
+def test_vessel_guidance_keeps_a_pair_a_function_of_seed_and_id(model):
+    noise = pair_noise(model, 32, 42, list(range(3)))
+    on_vessels = dict(steps=3, struct_guidance=2.0, struct_guidance_target="vessels")
+    cf_all, fa_all = sample_in_fixed_batches(model, noise, 2, **on_vessels)
+    cf_one, fa_one = sample_in_fixed_batches(model, noise[2:3], 2, **on_vessels)
+    assert torch.equal(cf_one[0], cf_all[2]) and torch.equal(fa_one[0], fa_all[2])
+    cf_edges, _ = sample_in_fixed_batches(model, noise[2:3], 2, steps=3, struct_guidance=2.0)
+    assert not torch.equal(cf_edges[0], cf_one[0])  # the target decides the nudge

@@ -21,7 +21,7 @@ GENERATED, REAL = "generated", "real"
 META_COLUMNS = ("pair_id", "mode", "steps", "scheduler", "strength", "source_pair_id", "checkpoint", "model",
                 "resolution")
 IDENTITY_KEYS = ("checkpoint", "trained_steps", "model", "resolution", "mode", "steps", "scheduler", "seed",
-                 "strength", "data", "fa_noise", "struct_guidance")
+                 "strength", "data", "fa_noise", "struct_guidance", "struct_guidance_target")
 
 
 @dataclass
@@ -96,6 +96,8 @@ def read_generated(path: str) -> GeneratedSet:
     if identity.get("model") == "dual_unet":
         identity.setdefault("fa_noise", "same")  # generation.json names these only when not the default
         identity.setdefault("struct_guidance", 0.0)
+        if identity["struct_guidance"]:
+            identity.setdefault("struct_guidance_target", "latent_edges")
     for key in IDENTITY_KEYS:  # shards written by any version carry these per row
         if key not in identity and key in rows[0]:
             identity[key] = rows[0][key]

@@ -7,6 +7,7 @@ from cffa_ray.config import (
     AUTO,
     FA_NOISES,
     GENERATION_MODES,
+    GUIDANCE_TARGETS,
     MIXED_PRECISION,
     MODELS,
     PNG_LAYOUT_ALIASES,
@@ -67,6 +68,13 @@ class GenerateConfig:
              "loss between the two predicted clean latents nudges both latents towards one vessel layout. "
              "0: off, the sampler as before, bit for bit; on tiny-retina 0.3-1 aligned pairs a little better "
              "and made FA less real (BENCHMARKS.md#quality)")
+    struct_guidance_target: str = flag(
+        "latent_edges", "what --struct_guidance makes the two halves agree on. latent_edges: the training structure "
+                        "loss's edge maps of the two clean latents (a few convolutions a step) | vessels: the decoded "
+                        "images' vessel maps, dark in the CF and bright in the FA, as cffa evaluate judges them (a "
+                        "VAE decode and its backward pass a step; on tiny-retina S 0.01 took alignment from 0.48 to "
+                        "about 0.8 at ~9x the time per pair, BENCHMARKS.md#quality)",
+        choices=GUIDANCE_TARGETS)
     batch_size: int = flag(32, "pairs per actor call (one Ray Data batch); split into --model_batch calls")
     model_batch: str | int = flag(
         AUTO, "pairs per UNet/VAE call, a fixed shape (the last call is padded), so pair k is byte-identical whatever "
@@ -115,6 +123,8 @@ class GenerateConfig:
             raise ConfigError(f"--fa_noise {self.fa_noise!r}; choose same or negated")
         if self.struct_guidance < 0:
             raise ConfigError(f"--struct_guidance {self.struct_guidance:g} must be >= 0 (0 turns the guidance off)")
+        if self.struct_guidance_target not in GUIDANCE_TARGETS:
+            raise ConfigError(f"--struct_guidance_target {self.struct_guidance_target!r}; choose latent_edges or vessels")
         parse_concurrency(self.concurrency)
         if self.model_batch != AUTO and (not isinstance(self.model_batch, int) or self.model_batch <= 0):
             raise ConfigError(f"--model_batch {self.model_batch!r} must be a positive number or auto")

@@ -65,7 +65,8 @@ class PairGenerator:
                 self.model, as_tensor(batch["noise"]), cfg["model_batch"], init_images=sources,
                 steps=cfg["steps"], scheduler=cfg["scheduler"], strength=cfg["strength"],
                 mixed_precision=cfg["mixed_precision"], fa_noise=cfg["fa_noise"],
-                struct_guidance=cfg["struct_guidance"], as_uint8=True)
+                struct_guidance=cfg["struct_guidance"], struct_guidance_target=cfg["struct_guidance_target"],
+                as_uint8=True)
         except RuntimeError as e:  # torch.OutOfMemoryError on CUDA; a plain RuntimeError from the CPU allocator
             if isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e):
                 raise ModelBatchTooLarge(self._oom_message()) from None

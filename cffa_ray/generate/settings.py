@@ -105,4 +105,6 @@ def identity(cfg: GenerateConfig, record: dict) -> dict:
         out["fa_noise"] = cfg.fa_noise
     if cfg.struct_guidance:  # likewise: unguided folders keep the identity they had before the flag
         out["struct_guidance"] = cfg.struct_guidance
+        if cfg.struct_guidance_target != "latent_edges":  # and guided folders made before the target flag
+            out["struct_guidance_target"] = cfg.struct_guidance_target
     return out

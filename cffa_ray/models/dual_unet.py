@@ -9,6 +9,7 @@ from cffa_ray.models.interface import PairModel
 from cffa_ray.models.lora import LORA_TARGETS, twin, with_lora
 from cffa_ray.models.paired import is_zero3_partitioned, paired_merged, paired_view
 from cffa_ray.models.vae import decode_latents, encode_images, latent_moments, sample_latents
+from cffa_ray.vessel_agreement import vessel_guidance
 
 
 class DualUNet(PairModel, design="dual_unet"):
@@ -81,8 +82,15 @@ class DualUNet(PairModel, design="dual_unet"):
         return torch.stack([self._unet_eps(self.unet_cf, state[:, 0], t),
                             self._unet_eps(self.unet_fa, state[:, 1], t)], dim=1)
 
-    def guide(self, state, eps, ab, scale):
-        return torch.stack(D.structure_guidance(state[:, 0], state[:, 1], eps[:, 0], eps[:, 1], ab, scale), dim=1)
+    def guide(self, state, eps, ab, scale, target="latent_edges"):
+        halves = (state[:, 0], state[:, 1], eps[:, 0], eps[:, 1], ab, scale)
+        if target == "vessels":
+            guided = vessel_guidance(*halves, decode=lambda latents: decode_latents(self.vae, latents))
+        elif target == "latent_edges":
+            guided = D.structure_guidance(*halves)
+        else:
+            raise ValueError(f"struct guidance target {target!r}: latent_edges or vessels")
+        return torch.stack(guided, dim=1)
 
     def merge_lora(self) -> None:
         """Both LoRAs folded into per-half weights of one plain UNet (models/paired.py): a sampling step

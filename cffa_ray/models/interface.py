@@ -98,8 +98,10 @@ class PairModel(nn.Module):
         """eps_hat for a noisy state at integer timestep(s) t."""
         raise NotImplementedError
 
-    def guide(self, state: torch.Tensor, eps: torch.Tensor, ab: torch.Tensor, scale: float) -> torch.Tensor:
-        """eps_hat with --struct_guidance `scale` applied (diffusion.structure_guidance), at alpha_bar `ab`."""
+    def guide(self, state: torch.Tensor, eps: torch.Tensor, ab: torch.Tensor, scale: float,
+              target: str = "latent_edges") -> torch.Tensor:
+        """eps_hat with --struct_guidance `scale` applied at alpha_bar `ab`, towards agreement on `target`
+        (latent_edges: diffusion.structure_guidance; vessels: vessel_agreement.vessel_guidance)."""
         raise ValueError(f"--struct_guidance needs the two UNets of dual_unet, not {self.name}")
 
     def decode(self, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
