@@ -124,7 +124,8 @@ class GenerateConfig:
         if self.struct_guidance < 0:
             raise ConfigError(f"--struct_guidance {self.struct_guidance:g} must be >= 0 (0 turns the guidance off)")
         if self.struct_guidance_target not in GUIDANCE_TARGETS:
-            raise ConfigError(f"--struct_guidance_target {self.struct_guidance_target!r}; choose latent_edges or vessels")
+            raise ConfigError(f"--struct_guidance_target {self.struct_guidance_target!r}; "
+                              "choose latent_edges or vessels")
         parse_concurrency(self.concurrency)
         if self.model_batch != AUTO and (not isinstance(self.model_batch, int) or self.model_batch <= 0):
             raise ConfigError(f"--model_batch {self.model_batch!r} must be a positive number or auto")
