@@ -133,11 +133,12 @@ def modality_prompts(contexts: torch.Tensor, p_uncond: float):
     return condition
 
 
-def base_unet(init: str | None):
+def base_unet(init: str | None, channels: tuple[int, ...] | None = None):
+    """The preset's UNet (or one with other `channels` per level: an experiment, not loadable as the preset)."""
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(PRESET_SEED)
-    unet = UNet2DConditionModel(**TINY_RETINA_UNET)
+    unet = UNet2DConditionModel(**{**TINY_RETINA_UNET, **({"block_out_channels": channels} if channels else {})})
     if init:
         unet.load_state_dict(UNet2DConditionModel.from_pretrained(init, subfolder="unet").state_dict())
     return unet
@@ -192,6 +193,9 @@ def main(argv=None) -> None:
     p.add_argument("--ema_decay", type=float, default=0.999)
     p.add_argument("--p_uncond", type=float, default=0.5, help="share of UNet samples with the empty prompt")
     p.add_argument("--unet_from", default=None, help="start the UNet from an earlier output folder")
+    p.add_argument("--unet_channels", default=None,
+                   help="UNet channels per level, e.g. 64,128,128 (default: the preset's 32,64,64); for measuring "
+                        "what capacity buys (bench/base_samples.py --base), not loadable as the tiny-retina preset")
     p.add_argument("--vae_from", default=None, help="reuse the VAE of an earlier output folder (skips stage 1)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--preview", default=None, help="write a PNG: real / reconstructed / sampled rows")
@@ -218,7 +222,8 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = tiny_tokenizer(Path(tmp))
     text_encoder, contexts = prompt_embeddings(tokenizer)
-    unet, unet_record = train_unet(base_unet(args.unet_from), moments, vae.config.scaling_factor,
+    channels = tuple(int(c) for c in args.unet_channels.split(",")) if args.unet_channels else None
+    unet, unet_record = train_unet(base_unet(args.unet_from, channels), moments, vae.config.scaling_factor,
                                    modality_prompts(contexts, args.p_uncond), args.unet_steps, args.unet_batch,
                                    args.unet_lr, args.offset_noise, args.ema_decay)
     record = {"script": "scripts/pretrain_tiny_retina.py", "args": vars(args), "vae": vae_record, "unet": unet_record,
