@@ -63,9 +63,9 @@ def fundus_mask(brightness: torch.Tensor, rim: int) -> torch.Tensor:
 def scaled_in(vmap: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """`vmap` zero outside `mask`, divided by its 99th percentile inside (held constant), at most 1."""
     vmap = vmap * mask
-    scales = [torch.quantile(v[m], MAP_PERCENTILE) if m.any() else v.new_tensor(1.0) for v, m in zip(vmap, mask)]
-    scale = torch.stack(scales).detach().clamp_min(1e-8).reshape(-1, 1, 1, 1)
-    return (vmap / scale).clamp(max=1.0)
+    inside = torch.where(mask, vmap.detach(), torch.full_like(vmap, float("nan"))).flatten(1)
+    scale = torch.nanquantile(inside, MAP_PERCENTILE, dim=1).nan_to_num(1.0).clamp_min(1e-8)  # (no host sync)
+    return (vmap / scale.reshape(-1, 1, 1, 1)).clamp(max=1.0)
 
 
 def vessel_dice(cf: torch.Tensor, fa: torch.Tensor, sigmas: tuple[float, ...] = SIGMAS,
