@@ -72,8 +72,8 @@ class GenerateConfig:
         "latent_edges", "what --struct_guidance makes the two halves agree on. latent_edges: the training structure "
                         "loss's edge maps of the two clean latents (a few convolutions a step) | vessels: the decoded "
                         "images' vessel maps, dark in the CF and bright in the FA, as cffa evaluate judges them (a "
-                        "VAE decode and its backward pass a step; on tiny-retina S 0.01 took alignment from 0.48 to "
-                        "about 0.8 at ~9x the time per pair, BENCHMARKS.md#quality)",
+                        "VAE decode and its backward pass a step; on tiny-retina S 0.03 took alignment from 0.46 to "
+                        "0.92 at 3-8x the time a pair, BENCHMARKS.md#quality)",
         choices=GUIDANCE_TARGETS)
     batch_size: int = flag(32, "pairs per actor call (one Ray Data batch); split into --model_batch calls")
     model_batch: str | int = flag(
