@@ -22,6 +22,8 @@ Decisions on the points SPEC.md leaves open (also in README "Design decisions"):
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -120,23 +122,24 @@ def structure_loss(pred_x0_cf: torch.Tensor, pred_x0_fa: torch.Tensor, weight: t
     return (weight * structure_disagreement(pred_x0_cf, pred_x0_fa)).mean()
 
 
-def structure_guidance(x_t_cf: torch.Tensor, x_t_fa: torch.Tensor, eps_cf: torch.Tensor, eps_fa: torch.Tensor,
-                       ab: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def guided_eps(x_t_cf: torch.Tensor, x_t_fa: torch.Tensor, eps_cf: torch.Tensor, eps_fa: torch.Tensor,
+               ab: torch.Tensor, scale: float,
+               pair_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-modal guidance of one sampling step: both eps predictions moved so that the step's clean
-    latents agree more in structure, as classifier guidance moves eps along a classifier's gradient.
+    latents agree more, as classifier guidance moves eps along a classifier's gradient.
 
-    The loss is the training structure term with its alpha_bar weighting, per pair and summed over
-    the latent's cells (so a cell's gradient does not shrink with the latent's size, nor with the batch):
-    g = grad over x_t of  ab * HW * structure_disagreement(x0_cf, x0_fa),  x0 = (x_t - sqrt(1 - ab) eps) / sqrt(ab),
-    with eps held constant (no gradient through the UNets: the guidance then costs a few 3x3 convolutions,
-    not a backward pass through both UNets). Each modality then gets eps + scale * sqrt(1 - ab) * g, so a
-    DDIM step's clean latent moves by -scale * (1 - ab) * grad over x0: fully at large t, fading to 0 at t = 0.
+    g = grad over x_t of  ab * pair_loss(x0_cf, x0_fa),  x0 = (x_t - sqrt(1 - ab) eps) / sqrt(ab),
+    summed over pairs (a pair's gradient is its own), with eps held constant: no gradient through the
+    UNets, only through the x0 formula and whatever `pair_loss` computes. Each modality then gets
+    eps + scale * sqrt(1 - ab) * g, so a DDIM step's clean latent moves by -scale * (1 - ab) * grad over
+    x0: fully at large t, fading to 0 at t = 0.
 
     Args:
         x_t_cf, x_t_fa: the noisy latents of the step [B, C, H, W].
         eps_cf, eps_fa: the UNets' eps predictions for them [B, C, H, W].
         ab: alpha_bar of the step's timestep, a scalar or [B] tensor.
         scale: the guidance strength S (>= 0; 0 returns the eps unchanged).
+        pair_loss: (x0_cf, x0_fa) -> [B], the disagreement of each pair (lower = more alike).
     Returns:
         The guided (eps_cf, eps_fa), float32.
     """
@@ -147,10 +150,21 @@ def structure_guidance(x_t_cf: torch.Tensor, x_t_fa: torch.Tensor, eps_cf: torch
         eps = [e.detach().float() for e in (eps_cf, eps_fa)]
         a = ab.float().to(x_t[0].device).reshape(-1, *([1] * (x_t[0].ndim - 1)))
         x0 = [(x - (1 - a).sqrt() * e) / a.sqrt() for x, e in zip(x_t, eps)]
-        cells = x0[0].shape[-2] * x0[0].shape[-1]
-        loss = (a.flatten() * cells * structure_disagreement(*x0)).sum()  # per pair: a pair's gradient is its own
-        grads = torch.autograd.grad(loss, x_t)
+        grads = torch.autograd.grad((a.flatten() * pair_loss(*x0)).sum(), x_t)
     return tuple(e + scale * (1 - a).sqrt() * g for e, g in zip(eps, grads))
+
+
+def structure_guidance(x_t_cf: torch.Tensor, x_t_fa: torch.Tensor, eps_cf: torch.Tensor, eps_fa: torch.Tensor,
+                       ab: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """guided_eps towards the training structure term (`--struct_guidance_target latent_edges`): per pair,
+    structure_disagreement summed over the latent's cells (so a cell's gradient does not shrink with the
+    latent's size), with the term's alpha_bar weight. The gradient then costs a few 3x3 convolutions, not
+    a backward pass through both UNets. Args and Returns as guided_eps."""
+
+    def summed_over_cells(x0_cf: torch.Tensor, x0_fa: torch.Tensor) -> torch.Tensor:
+        return x0_cf.shape[-2] * x0_cf.shape[-1] * structure_disagreement(x0_cf, x0_fa)
+
+    return guided_eps(x_t_cf, x_t_fa, eps_cf, eps_fa, ab, scale, summed_over_cells)
 
 
 def modality_loss(eps_hat: torch.Tensor, eps: torch.Tensor, pred_x0: torch.Tensor, x0: torch.Tensor,

@@ -18,6 +18,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from cffa_ray.diffusion import guided_eps
+
 FUNDUS_THRESHOLD = 0.04  # of the image's 99th percentile, as evaluate/vessels.py
 MAP_PERCENTILE = 0.99
 SIGMAS = (1.0, 1.5)  # ridge scales in pixels: on 64 px synthetic pairs the best separation of registered
@@ -93,31 +95,19 @@ def vessel_dice(cf: torch.Tensor, fa: torch.Tensor, sigmas: tuple[float, ...] = 
 def vessel_guidance(x_t_cf: torch.Tensor, x_t_fa: torch.Tensor, eps_cf: torch.Tensor, eps_fa: torch.Tensor,
                     ab: torch.Tensor, scale: float, decode: Callable[[torch.Tensor], torch.Tensor]
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cross-modal guidance of one sampling step towards one vessel tree in both decoded images.
-
-    As diffusion.structure_guidance, with the loss measured on the images: the step's clean latents
-    x0 = (x_t - sqrt(1 - ab) eps) / sqrt(ab) (eps held constant) are decoded, and
-    g = grad over x_t of  ab * HW * (1 - vessel_dice(cf, fa)),  per pair (HW: the image's pixels);
-    each eps becomes eps + scale * sqrt(1 - ab) * g.
+    """diffusion.guided_eps towards one vessel tree in both decoded images (`--struct_guidance_target vessels`):
+    per pair, the clean latents are decoded and the loss is HW * (1 - vessel_dice(cf, fa)) (HW: the image's
+    pixels, so a pixel's gradient does not shrink with the image's size).
 
     Args:
-        x_t_cf, x_t_fa: the noisy latents of the step [B, C, h, w].
-        eps_cf, eps_fa: the UNets' eps predictions for them [B, C, h, w].
-        ab: alpha_bar of the step's timestep, a scalar or [B] tensor.
-        scale: the guidance strength S (>= 0; 0 returns the eps unchanged).
+        x_t_cf, x_t_fa, eps_cf, eps_fa, ab, scale: as diffusion.guided_eps.
         decode: latents [N, C, h, w] -> images [N, 3, H, W] in [-1, 1], differentiable (the VAE decoder).
     Returns:
         The guided (eps_cf, eps_fa), float32.
     """
-    if scale == 0:
-        return eps_cf, eps_fa
-    with torch.enable_grad(), torch.autocast(x_t_cf.device.type, enabled=False):
-        x_t = [x.detach().float().requires_grad_(True) for x in (x_t_cf, x_t_fa)]
-        eps = [e.detach().float() for e in (eps_cf, eps_fa)]
-        a = ab.float().to(x_t[0].device).reshape(-1, *([1] * (x_t[0].ndim - 1)))
-        x0 = [(x - (1 - a).sqrt() * e) / a.sqrt() for x, e in zip(x_t, eps)]
-        cf, fa = decode(torch.cat(x0)).chunk(2)
-        pixels = cf.shape[-2] * cf.shape[-1]
-        loss = (a.flatten() * pixels * (1 - vessel_dice(cf, fa))).sum()  # per pair: a pair's gradient is its own
-        grads = torch.autograd.grad(loss, x_t)
-    return tuple(e + scale * (1 - a).sqrt() * g for e, g in zip(eps, grads))
+
+    def vessel_disagreement(x0_cf: torch.Tensor, x0_fa: torch.Tensor) -> torch.Tensor:
+        cf, fa = decode(torch.cat([x0_cf, x0_fa])).chunk(2)
+        return cf.shape[-2] * cf.shape[-1] * (1 - vessel_dice(cf, fa))
+
+    return guided_eps(x_t_cf, x_t_fa, eps_cf, eps_fa, ab, scale, vessel_disagreement)
