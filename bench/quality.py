@@ -76,11 +76,12 @@ def run_one(args, work: Path, design: str, struct: float, weighting: str, seed: 
     rows = []
     for fa_noise, guidance in variants(args, design):
         tag = f"{name}_{fa_noise}" + (f"_guidance{guidance:g}" if guidance else "")
-        if guidance and args.struct_guidance_target != "latent_edges":
-            tag += f"_{args.struct_guidance_target}"
+        target = args.struct_guidance_target if guidance else "latent_edges"  # (the flag needs S > 0)
+        if target != "latent_edges":
+            tag += f"_{target}"
         gen = GenerateConfig(checkpoint_dir=os.path.join(cfg.run_dir, "best_checkpoint"), num_samples=args.samples,
                              steps=args.sample_steps, seed=42, batch_size=16, concurrency="2", fa_noise=fa_noise,
-                             struct_guidance=guidance, struct_guidance_target=args.struct_guidance_target,
+                             struct_guidance=guidance, struct_guidance_target=target,
                              output_dir=str(work / "generated" / tag))
         summary = generate(gen)
         ev = evaluate(EvaluateConfig(generated=gen.output_dir, real=str(work / "real"),
@@ -89,7 +90,7 @@ def run_one(args, work: Path, design: str, struct: float, weighting: str, seed: 
                                      utility=args.utility))
         a, r = ev["alignment"], ev["realism"]
         rows.append({"design": design, "struct": struct, "weighting": weighting, "seed": seed, "fa_noise": fa_noise,
-                     "guidance": guidance, "target": args.struct_guidance_target if guidance else "",
+                     "guidance": guidance, "target": target,
                      "normalised": a["normalised"], "dice": a["generated"]["mean"], "dice_std": a["generated"]["std"],
                      "own_floor": a["generated_mismatched"]["mean"], "real": a["real"]["mean"],
                      "floor": a["mismatched"]["mean"], "swd_cf": r["cf"]["mean"], "swd_fa": r["fa"]["mean"],
@@ -107,7 +108,7 @@ def _num(value) -> str:
 
 
 def _guidance(scale: float, target: str) -> str:
-    return f"{scale:g}" + (f" ({target})" if scale and target else "")
+    return f"{scale:g}" + (f" ({target})" if scale else "")
 
 
 def settings(args) -> list[tuple[str, float, str]]:
@@ -140,7 +141,7 @@ def table(rows: list[dict], args) -> str:
                 norm = np.array([np.nan if r["normalised"] is None else r["normalised"] for r in sel])
                 topology = [r["topology_fa"] for r in sel if r["topology_fa"] is not None]
                 lines.append(f"| {design} | {struct:g} | {weighting} | {fa_noise} | "
-                             f"{_guidance(guidance, args.struct_guidance_target if guidance else '')} | "
+                             f"{_guidance(guidance, args.struct_guidance_target)} | "
                              f"{norm.mean():.3f} ± {norm.std(ddof=1):.3f} | "
                              f"{np.mean([r['swd_cf'] for r in sel]):.1f} | {np.mean([r['swd_fa'] for r in sel]):.1f} | "
                              f"{_num(np.mean(topology) if topology else None)} | "

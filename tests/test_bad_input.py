@@ -460,6 +460,9 @@ def test_fa_noise_negated_and_struct_guidance_need_the_dual_unet(capsys, tmp_pat
     fails_in_driver(capsys, gen_argv(joint, tmp_path / "out", "--struct_guidance", "2"),
                     r"--struct_guidance 2 needs the two UNets of dual_unet; this checkpoint is joint_sdxl, .*"
                     r"drop --struct_guidance", tmp_path / "out")
+    # and a guidance target without guidance would change nothing: said before anything is read
+    fails_in_driver(capsys, gen_argv(fake_checkpoint, tmp_path / "out", "--struct_guidance_target", "vessels"),
+                    r"--struct_guidance_target vessels has no effect with --struct_guidance 0", tmp_path / "out")
 
 
 def test_the_closing_line_names_the_command_and_leaves_ray_alone_when_it_never_started(capsys, monkeypatch):

@@ -44,7 +44,10 @@ def test_identity_records_the_concrete_choices():
                                                  struct_guidance_target="vessels"), None), RECORD)
     assert on_vessels == {**guided, "struct_guidance_target": "vessels"}  # the default target is left out
     with pytest.raises(ConfigError, match=r"^--struct_guidance_target 'edges'; choose latent_edges or vessels$"):
-        GenerateConfig(checkpoint_dir="c", struct_guidance_target="edges").validate()
+        GenerateConfig(checkpoint_dir="c", struct_guidance=1.0, struct_guidance_target="edges").validate()
+    with pytest.raises(ConfigError, match=r"^--struct_guidance_target vessels has no effect with --struct_guidance "
+                                          r"0: add --struct_guidance S \(e.g. 0.03\), or drop the target$"):
+        GenerateConfig(checkpoint_dir="c", struct_guidance_target="vessels").validate()
     with pytest.raises(ConfigError, match=r"^--struct_guidance -1 must be >= 0 \(0 turns the guidance off\)$"):
         GenerateConfig(checkpoint_dir="c", struct_guidance=-1.0).validate()
 

@@ -26,6 +26,7 @@ from cffa_ray.io import publish_dir, staging_dir
 from cffa_ray.pixels import geometry_warnings, open_image
 from cffa_ray.train.run_folder import RunFolder
 from tests.helpers import QUICK_TRAIN, fails_in_driver, gen_argv, lock_held_elsewhere, run_cli, start_cli
+from tests.sim_cluster import wait_for
 
 # EXIF orientation -> how the stored pixels were turned from the upright picture (PIL's ROTATE_90 is
 # counter-clockwise): orientation 6 = "rotate 90° clockwise to view", so the camera stored it turned
@@ -370,10 +371,7 @@ def test_sigterm_then_ctrl_c_stop_training_at_the_step_they_name(tmp_path, pairs
     run = tmp_path / "runs/t"
     before = files_in(run)
     # Ray's workers outlive the driver by a moment: had the run not been aborted, they would write until they end
-    deadline = time.time() + 30
-    while train_actors(ray_head):
-        assert time.time() < deadline, f"the run's Train actors outlived it by 30 s: {train_actors(ray_head)}"
-        time.sleep(0.2)
+    wait_for(lambda: not train_actors(ray_head), 30, "the run's Train actors to end")
     assert files_in(run) == before, "the run went on writing after the line"
 
     proc = start_cli(*argv)

@@ -126,6 +126,9 @@ class GenerateConfig:
         if self.struct_guidance_target not in GUIDANCE_TARGETS:
             raise ConfigError(f"--struct_guidance_target {self.struct_guidance_target!r}; "
                               "choose latent_edges or vessels")
+        if self.struct_guidance_target != "latent_edges" and not self.struct_guidance:
+            raise ConfigError(f"--struct_guidance_target {self.struct_guidance_target} has no effect with "
+                              "--struct_guidance 0: add --struct_guidance S (e.g. 0.03), or drop the target")
         parse_concurrency(self.concurrency)
         if self.model_batch != AUTO and (not isinstance(self.model_batch, int) or self.model_batch <= 0):
             raise ConfigError(f"--model_batch {self.model_batch!r} must be a positive number or auto")
