@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 from filelock import FileLock
 
 from tests.helpers import MODEL_RECORD, SHARED_HEAD_ENV, TRAIN_ARGS, RayHead, assert_ok, run_cli, write_tiny_tokenizer
@@ -16,6 +17,13 @@ from tests.helpers import MODEL_RECORD, SHARED_HEAD_ENV, TRAIN_ARGS, RayHead, as
 # for the next poll, and a tiny run takes ~4 s longer (measured). Every Ray the tests start (the shared head,
 # the simulated clusters, a CLI run's local Ray) inherits this environment.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+
+# Under pytest-xdist (the README's `-n 2`) two test streams share the cores, so each runs torch on one thread,
+# and so does every process it starts (Ray's too): OpenMP threads of one stream spinning while the other's
+# processes hold the cores made the in-process training tests ~10x slower (measured, 2 cores).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
@@ -37,9 +45,11 @@ def ray_head(tmp_path_factory):
 def pairs_dir(tmp_path_factory) -> Path:
     from cffa_ray.synth import write_synthetic_pairs
 
-    out = tmp_path_factory.mktemp("pairs")
-    write_synthetic_pairs(out, 16, 64, seed=0)
-    return out
+    def make(folder: Path) -> str:
+        write_synthetic_pairs(folder, 16, 64, seed=0)
+        return str(folder)
+
+    return Path(once_per_session(tmp_path_factory, "pairs", make))
 
 
 @pytest.fixture(scope="session")
@@ -65,25 +75,30 @@ def sd15_folder(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, pairs_dir, ray_head):
-    """The training issue's 'done when' command, run once per test session: (run folder, completed process).
-    Under pytest-xdist (`-n 2`) the first worker to ask trains and the others wait for its run (a file lock
-    in the run's shared temp dir), as pytest-xdist's docs advise for an expensive session fixture."""
-    if not os.environ.get("PYTEST_XDIST_WORKER"):
-        return _train_tiny(tmp_path_factory.mktemp("runs"), pairs_dir)
-    shared = tmp_path_factory.getbasetemp().parent  # this test session's folder, above every worker's
-    record = shared / "trained_run.json"
-    with FileLock(str(record) + ".lock"):
-        if not record.exists():
-            run, proc = _train_tiny(shared / "trained_run", pairs_dir)
-            record.write_text(json.dumps({"run": str(run), "stdout": proc.stdout, "stderr": proc.stderr}))
-    done = json.loads(record.read_text())
+    """The training issue's 'done when' command, run once per test session: (run folder, completed process)."""
+
+    def make(folder: Path) -> dict:
+        proc = run_cli("train", "--data", pairs_dir, "--output_dir", folder, "--name", "t", *TRAIN_ARGS)
+        assert_ok(proc)
+        return {"run": str(folder / "t"), "stdout": proc.stdout, "stderr": proc.stderr}
+
+    done = once_per_session(tmp_path_factory, "trained_run", make)
     return Path(done["run"]), subprocess.CompletedProcess([], 0, done["stdout"], done["stderr"])
 
 
-def _train_tiny(out: Path, pairs: Path) -> tuple[Path, subprocess.CompletedProcess]:
-    proc = run_cli("train", "--data", pairs, "--output_dir", out, "--name", "t", *TRAIN_ARGS)
-    assert_ok(proc)
-    return out / "t", proc
+def once_per_session(tmp_path_factory, name: str, make):
+    """make(folder) -> a JSON value, run once per test session. Under pytest-xdist (the README's `-n 2`) the
+    first worker to ask makes it in the session's shared temp dir and the others wait for it (a file lock),
+    as pytest-xdist's docs advise for an expensive session fixture: every worker reads the same folder."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return make(tmp_path_factory.mktemp(name))
+    shared = tmp_path_factory.getbasetemp().parent  # this test session's folder, above every worker's
+    record = shared / f"{name}.json"
+    with FileLock(str(record) + ".lock"):
+        if not record.exists():
+            (shared / name).mkdir()
+            record.write_text(json.dumps(make(shared / name)))
+    return json.loads(record.read_text())
 
 
 @pytest.fixture
@@ -107,3 +122,9 @@ def fake_checkpoint(tmp_path):
         save_file({"lora_A.weight": torch.zeros(4, 4)}, str(ckpt / folder / "adapter_model.safetensors"))
     (ckpt / "model.json").write_text(json.dumps(MODEL_RECORD))
     return ckpt
+
+
+def pytest_collection_modifyitems(items):
+    """The slow (end-to-end) tests first, each module's tests together: under `-n 2 --dist loadfile` the
+    long modules start early and the many short unit-test modules even out the two workers' ends."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # a stable sort: files stay in order

@@ -233,8 +233,14 @@ class RayHead:
             runtime_env = yaml.safe_load((REPO / "jobs/runtime_env.yaml").read_text())
             runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), **env_vars}
             env_args = ["--runtime-env-json", json.dumps(runtime_env)]
-        proc = self.ray("job", "submit", "--submission-id", job_id, "--working-dir", ".", *env_args,
-                        "--no-wait", "--", *entrypoint)
+        argv = ("job", "submit", "--submission-id", job_id, "--working-dir", ".", *env_args, "--no-wait", "--",
+                *entrypoint)
+        deadline = time.time() + 120
+        # the head answers 500 "No available agent ... please try again later" until its node's agent has
+        # registered, which a loaded machine can take a while to do: try again, as the message says
+        while (proc := self.ray(*argv)).returncode and "No available agent" in proc.stdout + proc.stderr:
+            assert time.time() < deadline, proc.stdout + proc.stderr
+            time.sleep(2)
         assert proc.returncode == 0, proc.stdout + proc.stderr
 
     def status(self, job_id: str) -> str:

@@ -154,7 +154,7 @@ def test_generation_loses_a_node_and_nothing_else(trained_run, tmp_path):
     one_node, out, log, gate = tmp_path / "one_node", tmp_path / "generated", tmp_path / "generate.log", tmp_path / "go"
     reference = run_cli("generate", "--checkpoint_dir", ckpt, "--output_dir", one_node, *GENERATE)  # the shared head
     assert_ok(reference)
-    with hard_timeout(300, "the generation node-loss test"), \
+    with hard_timeout(480, "the generation node-loss test"), \
             SimCluster(tmp_path, head_cpus=2, env={"CFFA_INJECT_FAULT": f"generate_batch=2,hold={gate}"}) as cluster:
         for _ in range(3):
             cluster.add_node(num_cpus=1, resources={ACCELERATOR: 1})
@@ -163,7 +163,7 @@ def test_generation_loses_a_node_and_nothing_else(trained_run, tmp_path):
                                   "--concurrency", 3, "--worker_resources", ON_WORKERS)
         wait_for(lambda: running(proc, log) and committed_pair_ids(out), 180, "the first committed pairs")
         # every actor is held before its 2nd call, so the job cannot end before the others are up: await them
-        wait_for(lambda: len({a["node_id"] for a in cluster.actors("PairGenerator")}) >= 2, 120,
+        wait_for(lambda: len({a["node_id"] for a in cluster.actors("PairGenerator")}) >= 2, 240,
                  "model actors alive on two nodes", every=1)
         actors = cluster.actors("PairGenerator")
         t_kill = time.time()
