@@ -123,8 +123,3 @@ def fake_checkpoint(tmp_path):
     (ckpt / "model.json").write_text(json.dumps(MODEL_RECORD))
     return ckpt
 
-
-def pytest_collection_modifyitems(items):
-    """The slow (end-to-end) tests first, each module's tests together: under `-n 2 --dist loadfile` the
-    long modules start early and the many short unit-test modules even out the two workers' ends."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # a stable sort: files stay in order

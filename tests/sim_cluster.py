@@ -179,9 +179,11 @@ class Ray:
     def worker_nodes(self) -> list[dict]:
         return [n for n in self.nodes() if not n["is_head"]]
 
-    def actors(self, class_part: str) -> list[dict]:
-        """Alive actors whose class name contains `class_part`: {class_name, node_id, pid}."""
-        return self.call("actors", class_part=class_part)["actors"]
+    def actors(self, class_part: str, state: str | None = "ALIVE") -> list[dict]:
+        """Actors whose class name contains `class_part`, in `state` (None: any): {class_name, node_id, pid,
+        state}."""
+        found = self.call("actors", class_part=class_part)["actors"]
+        return [a for a in found if state is None or a["state"] == state]
 
     # ---- the end
     def __exit__(self, exc_type, *exc) -> None:
@@ -382,8 +384,8 @@ def serve() -> None:
                            "is_head": "node:__internal_head__" in n["Resources"]} for n in ray.nodes() if n["Alive"]]}
 
     def actors(class_part: str) -> dict:
-        found = list_actors(filters=[("state", "=", "ALIVE")], detail=True, limit=1000, raise_on_missing_output=False)
-        return {"actors": [{"class_name": a.class_name, "node_id": a.node_id, "pid": a.pid}
+        found = list_actors(detail=True, limit=1000, raise_on_missing_output=False)
+        return {"actors": [{"class_name": a.class_name, "node_id": a.node_id, "pid": a.pid, "state": a.state}
                            for a in found if class_part in a.class_name]}
 
     def shutdown() -> dict:

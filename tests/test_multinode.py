@@ -163,8 +163,12 @@ def test_generation_loses_a_node_and_nothing_else(trained_run, tmp_path):
                                   "--concurrency", 3, "--worker_resources", ON_WORKERS)
         wait_for(lambda: running(proc, log) and committed_pair_ids(out), 180, "the first committed pairs")
         # every actor is held before its 2nd call, so the job cannot end before the others are up: await them
-        wait_for(lambda: len({a["node_id"] for a in cluster.actors("PairGenerator")}) >= 2, 240,
-                 "model actors alive on two nodes", every=1)
+        try:
+            wait_for(lambda: len({a["node_id"] for a in cluster.actors("PairGenerator")}) >= 2, 240,
+                     "model actors alive on two nodes", every=1)
+        except AssertionError as e:
+            raise AssertionError(f"{e}; the model actors: {cluster.actors('PairGenerator', state=None)}\n"
+                                 f"{log.read_text()[-4000:]}") from None
         actors = cluster.actors("PairGenerator")
         t_kill = time.time()
         cluster.remove_node(actors[0]["node_id"])
