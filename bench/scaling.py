@@ -97,10 +97,12 @@ def main() -> None:
     base = results[args.actors[0]]
     print(f"\ncffa generate, {args.preset} {args.resolution}px, {args.num_samples} pairs x {args.steps} steps, "
           f"batch {args.batch_size}; one node (1 CPU, 1 {ACCELERATOR}) per actor")
-    print(f"{'actors':>6} {'wall s':>8} {'pairs/s':>8} {'ratio':>6} {'steady pairs/s':>15} {'ratio':>6} {'start-up s':>11}")
+    print(f"{'actors':>6} {'wall s':>8} {'pairs/s':>8} {'ratio':>6} {'steady pairs/s':>15} {'ratio':>6} "
+          f"{'start-up s':>11}")
     for k, r in results.items():
         print(f"{k:>6} {r['wall_s']:>8.1f} {r['pairs_per_s']:>8.3f} {r['pairs_per_s'] / base['pairs_per_s']:>6.2f} "
-              f"{r['steady_pairs_per_s'] or 0:>15.3f} {(r['steady_pairs_per_s'] or 0) / base['steady_pairs_per_s']:>6.2f} "
+              f"{r['steady_pairs_per_s'] or 0:>15.3f} "
+              f"{(r['steady_pairs_per_s'] or 0) / base['steady_pairs_per_s']:>6.2f} "
               f"{r['startup_s']:>11.1f}")
     if loss:
         print(f"\nnode lost ({most} actors, SIGKILL {loss['killed_at_s']:.1f}s in, {loss['committed_at_kill']} pairs "

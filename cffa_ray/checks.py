@@ -200,7 +200,8 @@ def check_base_model(base_model: str, model: str) -> None:
         scheduler_config = path / "scheduler/scheduler_config.json"
         if scheduler_config.is_file():
             check_prediction_type(read_json_file(scheduler_config, "--base_model"), base_model)
-        check_model_folder(path, tuple(p.split("/")[0] for p in BASE_FOLDER_PARTS[family] if p.endswith("/config.json")),
+        check_model_folder(path, tuple(p.split("/")[0] for p in BASE_FOLDER_PARTS[family]
+                                       if p.endswith("/config.json")),
                            "--base_model")
         return
     if not HUB_ID.match(base_model):

@@ -2,8 +2,9 @@
 of every flag, the loss defaults, and the checks the jobs' configs share.
 
 Each job's own settings are a dataclass beside the job (train/config.py, generate/config.py,
-evaluate/config.py), built the same way: each dataclass field is a CLI flag (same name, `--field_name`), a key in the dict that Ray
-workers receive, and a key in the JSON records written next to checkpoints. `help` lives in the
+evaluate/config.py), built the same way: each dataclass field is a CLI flag (same name,
+`--field_name`), a key in the dict that Ray workers receive, and a key in the JSON records written
+next to checkpoints. `help` lives in the
 field metadata so the CLI, the README and the workers never drift apart. Validation happens once,
 in `validate()`, and raises `ConfigError` with a message that names the flag.
 """
@@ -20,7 +21,8 @@ from cffa_ray.errors import ConfigError
 from cffa_ray.flags import flag
 
 MODELS = ("dual_unet", "joint_sdxl")
-PRESETS = {"dual_unet": ("tiny", "tiny-retina", "sd15-random"), "joint_sdxl": ("tiny-sdxl", "tiny-retina-joint", "sdxl-random")}
+PRESETS = {"dual_unet": ("tiny", "tiny-retina", "sd15-random"),
+           "joint_sdxl": ("tiny-sdxl", "tiny-retina-joint", "sdxl-random")}
 DEFAULT_BASE_MODEL = {
     "dual_unet": "stable-diffusion-v1-5/stable-diffusion-v1-5",
     "joint_sdxl": "stabilityai/stable-diffusion-xl-base-1.0",

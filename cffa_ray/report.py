@@ -206,7 +206,8 @@ def render_html(run_dir: str, train: dict, val: dict, losses: bytes, cells: list
                  "(the same starting noise at every step); each cell: CF | FA | chessboard</p>")
     if cells:
         cols = max(len(s) for _, s in cells)
-        parts.append("<div style='overflow-x:auto'><table><tr><th>step</th>" + "".join(f"<th>pair {c:02d}</th>" for c in range(cols)) + "</tr>")
+        heads = "".join(f"<th>pair {c:02d}</th>" for c in range(cols))
+        parts.append(f"<div style='overflow-x:auto'><table><tr><th>step</th>{heads}</tr>")
         for step, strips in cells:
             imgs = "".join(f"<td><img class='cell' alt='step {step} pair {c}' "
                            f"src='{_data_uri(_jpeg(s), 'image/jpeg')}'></td>" for c, s in enumerate(strips))

@@ -43,7 +43,8 @@ def local_folder(path: str) -> str | None:
 
 
 def message(flag: str, path: str, nodes: str) -> str:
-    return f"{flag} {path} is not the same folder on every node ({nodes} cannot see what the driver writes there); {FIX}"
+    return (f"{flag} {path} is not the same folder on every node ({nodes} cannot see what the driver writes "
+            f"there); {FIX}")
 
 
 def _node_name(node_id: str, address: str) -> str:

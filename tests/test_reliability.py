@@ -133,6 +133,12 @@ def test_a_run_name_that_is_no_plain_folder_name_is_refused(capsys, tmp_path, na
 
 # ------------------------------------------------------------------ SIGTERM, SIGHUP: like Ctrl-C
 
+def running(proc: subprocess.Popen) -> bool:
+    """True while `proc` runs; an AssertionError with its output once it has ended."""
+    assert proc.poll() is None, f"the command ended early (exit {proc.returncode}):\n{proc.stdout.read()[-3000:]}"
+    return True
+
+
 def caught_signals(pid: int) -> int:
     """The signals a process has handlers for (bit n-1 for signal n), from /proc/PID/status's SigCgt."""
     for line in open(f"/proc/{pid}/status"):
@@ -152,10 +158,8 @@ def test_a_stop_signal_is_one_line_and_its_exit_code(tmp_path, data, fake_checkp
             "generate": ("generate", "--checkpoint_dir", fake_checkpoint, "--output_dir", out)}[command]
     proc = start_cli(*argv, env={"CFFA_INJECT_FAULT": f"command=1,hold={tmp_path / 'never'}"})
     wanted = (1 << (signal.SIGTERM - 1)) | (1 << (signal.SIGHUP - 1))
-    deadline = time.time() + 60
-    while caught_signals(proc.pid) & wanted != wanted:  # stop_signals.install() has run
-        assert time.time() < deadline and proc.poll() is None, "the handlers never came"
-        time.sleep(0.02)
+    wait_for(lambda: running(proc) and caught_signals(proc.pid) & wanted == wanted, 60,
+             "stop_signals.install() to have run", every=0.02)
     os.kill(proc.pid, signum)
     assert proc.wait(timeout=60) == code
     name = "" if signum == signal.SIGINT else f" by {signal.Signals(signum).name}"
@@ -405,10 +409,8 @@ def test_generate_sighup_then_a_full_disk_then_a_clean_finish(tmp_path, trained_
                         "--rows_per_shard", 2)
         hold = tmp_path / "go"
         proc = start_cli(*argv, env={"CFFA_INJECT_FAULT": f"generate_batch=3,hold={hold}"})
-        deadline = time.time() + 300
-        while not list(out.glob("parquet/*.parquet")):  # two model calls made and committed; the third waits
-            assert time.time() < deadline and proc.poll() is None, proc.stdout.read() if proc.poll() else "timeout"
-            time.sleep(0.2)
+        # two model calls made and committed; the third waits
+        wait_for(lambda: running(proc) and list(out.glob("parquet/*.parquet")), 300, "the first committed shard")
         os.kill(proc.pid, signal.SIGHUP)
         assert proc.wait(timeout=120) == 129
         lines = proc.stdout.read().strip().splitlines()

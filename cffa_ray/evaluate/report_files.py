@@ -232,7 +232,8 @@ def print_summary(output: str, ev: dict) -> None:
               f"{_fmt(f['cf']['kid_mean'], 5)} | FA {_fmt(f['fa']['kid_mean'], 5)}", flush=True)
     if ev["from_data"]:
         d = ev["from_data"]
-        print(f"[cffa] from_data vs source: SSIM CF {_fmt(d['ssim_cf']['mean'], 3)} | FA {_fmt(d['ssim_fa']['mean'], 3)}"
+        print(f"[cffa] from_data vs source: SSIM CF {_fmt(d['ssim_cf']['mean'], 3)} | "
+              f"FA {_fmt(d['ssim_fa']['mean'], 3)}"
               f"; PSNR CF {_fmt(d['psnr_cf']['mean'], 2)} dB | FA {_fmt(d['psnr_fa']['mean'], 2)} dB", flush=True)
     for line in summary_lines(ev):
         print(line, flush=True)

@@ -37,7 +37,8 @@ class GenerateConfig:
     name: str | None = flag(None, "instead of --checkpoint_dir: the training run <runs_root>/<name>, whose "
                                   "best_checkpoint is used; outputs go to <runs_root>_preds/<name>/<savedir>/",
                             aliases=("-n",))
-    runs_root: str = flag(storage_default("runs"), "with -n: the folder holding run folders (cffa train's --output_dir)",
+    runs_root: str = flag(storage_default("runs"),
+                          "with -n: the folder holding run folders (cffa train's --output_dir)",
                           default_text="runs, or $CFFA_STORAGE/runs when CFFA_STORAGE is set")
     savedir: str = flag("samples", "with -n: the output folder's name under <runs_root>_preds/<name>/")
     model: str | None = flag(None, "refuse a checkpoint of another design: dual_unet | joint_sdxl",
@@ -55,7 +56,8 @@ class GenerateConfig:
     seed: int = flag(42, "base seed; pair k's noise depends only on (seed, k)")
     scheduler: str = flag("ddim", "ddim (DDIM, good at 50 steps) | dpm++ (DPM-Solver++, good at 20-25 steps)",
                           choices=SCHEDULERS)
-    mode: str = flag("noise", "noise: from pure noise | from_data: image-to-image from real pairs", choices=GENERATION_MODES)
+    mode: str = flag("noise", "noise: from pure noise | from_data: image-to-image from real pairs",
+                     choices=GENERATION_MODES)
     data: str | None = flag(None, "real pairs for --mode from_data (folder or manifest, as for training)")
     strength: float = flag(0.6, "from_data: how far the real pair is noised, in (0, 1]")
     fa_noise: str = flag(
@@ -80,7 +82,8 @@ class GenerateConfig:
         AUTO, "pairs per UNet/VAE call, a fixed shape (the last call is padded), so pair k is byte-identical whatever "
               "--batch_size and --concurrency; auto: on GPU the largest that fits the GPU's memory, measured once "
               "and kept for the output folder, on CPU 8", parse=auto_or_int)
-    rows_per_shard: int = flag(256, "pairs per parquet shard (and per commit: a killed job redoes at most this many per writer)")
+    rows_per_shard: int = flag(256, "pairs per parquet shard (and per commit: a killed job redoes at most this "
+                                    "many per writer)")
     concurrency: str = flag(
         AUTO, "model actors (one GPU each with --use_gpu): N, a range MIN-MAX that Ray Data scales within as "
               "work queues up (and the cluster adds GPUs), or auto: with --use_gpu 1 up to every GPU the cluster "

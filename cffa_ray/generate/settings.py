@@ -97,7 +97,8 @@ def identity(cfg: GenerateConfig, record: dict) -> dict:
            "model": record["model"], "resolution": record["resolution"], "mode": cfg.mode, "steps": cfg.steps,
            "seed": cfg.seed, "scheduler": cfg.scheduler, "model_batch": cfg.model_batch,
            "mixed_precision": cfg.mixed_precision, "compile": cfg.compile,
-           "png_layout": cfg.png_layout, "sampler": "merged-lora+fused-qkv",  # folders from the unfused sampler differ in the last bits
+           # folders from the unfused sampler differ in the last bits
+           "png_layout": cfg.png_layout, "sampler": "merged-lora+fused-qkv",
            "use_gpu": cfg.use_gpu}  # CPU and GPU kernels differ in the last bits: not mixed in one folder
     if cfg.mode == "from_data":
         out.update(strength=cfg.strength, data=absolute(cfg.data))

@@ -113,7 +113,8 @@ PRESETS = {
     "sd15-random": {"family": "sd15", "unet": SD15_UNET, "vae": SD_VAE, "text_encoders": [CLIP_L]},
     # pre-trained weights: a diffusers folder inside the package, loaded like any --base_model folder
     "tiny-retina": {"family": "sd15", "folder": TINY_RETINA_FOLDER},
-    "tiny-sdxl": {"family": "sdxl", "unet": TINY_SDXL_UNET, "vae": {**TINY_VAE, "scaling_factor": 0.13025, "force_upcast": True},
+    "tiny-sdxl": {"family": "sdxl", "unet": TINY_SDXL_UNET,
+                  "vae": {**TINY_VAE, "scaling_factor": 0.13025, "force_upcast": True},
                   "text_encoders": [TINY_CLIP, TINY_CLIP_G]},
     "sdxl-random": {"family": "sdxl", "unet": SDXL_UNET, "vae": SDXL_VAE, "text_encoders": [CLIP_L, CLIP_G]},
     "tiny-retina-joint": {"family": "sdxl", "folder": TINY_RETINA_JOINT_FOLDER},

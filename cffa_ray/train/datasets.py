@@ -55,7 +55,8 @@ def training_datasets(cfg: TrainConfig, train_records: list[dict], val_records: 
     columns = model_columns(cfg.model, cfg.cache_latents)
 
     def subset(records):
-        return pairs.filter(expr=col(PAIR_ID).is_in([r[PAIR_ID] for r in records])).select_columns(columns).materialize()
+        ids = [r[PAIR_ID] for r in records]
+        return pairs.filter(expr=col(PAIR_ID).is_in(ids)).select_columns(columns).materialize()
 
     train, val = subset(train_records), subset(val_records)
     copies = repeats_for(len(train_records), train.size_bytes() / max(len(train_records), 1))
