@@ -18,7 +18,7 @@ from tests.helpers import MODEL_RECORD, SHARED_HEAD_ENV, TRAIN_ARGS, RayHead, as
 # the simulated clusters, a CLI run's local Ray) inherits this environment.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
-# Under pytest-xdist (the README's `-n 2`) two test streams share the cores, so each runs torch on one thread,
+# Under pytest-xdist (`-n 2`: README, Development) two test streams share the cores, so each runs torch on one thread,
 # and so does every process it starts (Ray's too): OpenMP threads of one stream spinning while the other's
 # processes hold the cores made the in-process training tests ~10x slower (measured, 2 cores).
 if os.environ.get("PYTEST_XDIST_WORKER"):
@@ -87,8 +87,8 @@ def trained_run(tmp_path_factory, pairs_dir, ray_head):
 
 
 def once_per_session(tmp_path_factory, name: str, make):
-    """make(folder) -> a JSON value, run once per test session. Under pytest-xdist (the README's `-n 2`) the
-    first worker to ask makes it in the session's shared temp dir and the others wait for it (a file lock),
+    """make(folder) -> a JSON value, run once per test session. Under pytest-xdist (`-n 2`) the first
+    worker to ask makes it in the session's shared temp dir and the others wait for it (a file lock),
     as pytest-xdist's docs advise for an expensive session fixture: every worker reads the same folder."""
     if not os.environ.get("PYTEST_XDIST_WORKER"):
         return make(tmp_path_factory.mktemp(name))
@@ -122,4 +122,3 @@ def fake_checkpoint(tmp_path):
         save_file({"lora_A.weight": torch.zeros(4, 4)}, str(ckpt / folder / "adapter_model.safetensors"))
     (ckpt / "model.json").write_text(json.dumps(MODEL_RECORD))
     return ckpt
-

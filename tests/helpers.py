@@ -236,8 +236,8 @@ class RayHead:
         argv = ("job", "submit", "--submission-id", job_id, "--working-dir", ".", *env_args, "--no-wait", "--",
                 *entrypoint)
         deadline = time.time() + 120
-        # the head answers 500 "No available agent ... please try again later" until its node's agent has
-        # registered, which a loaded machine can take a while to do: try again, as the message says
+        # the head may answer 500 "No available agent to submit job, please try again later" (seen on a doubly
+        # loaded machine, two pytest-xdist workers): try again, as the message says
         while (proc := self.ray(*argv)).returncode and "No available agent" in proc.stdout + proc.stderr:
             assert time.time() < deadline, proc.stdout + proc.stderr
             time.sleep(2)
