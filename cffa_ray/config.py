@@ -4,9 +4,9 @@ of every flag, the loss defaults, and the checks the jobs' configs share.
 Each job's own settings are a dataclass beside the job (train/config.py, generate/config.py,
 evaluate/config.py), built the same way: each dataclass field is a CLI flag (same name,
 `--field_name`), a key in the dict that Ray workers receive, and a key in the JSON records written
-next to checkpoints. `help` lives in the
-field metadata so the CLI, the README and the workers never drift apart. Validation happens once,
-in `validate()`, and raises `ConfigError` with a message that names the flag.
+next to checkpoints. `help` lives in the field metadata so the CLI, the README and the workers
+never drift apart. Validation happens once, in `validate()`, and raises `ConfigError` with a
+message that names the flag.
 """
 from __future__ import annotations
 

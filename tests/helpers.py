@@ -55,6 +55,15 @@ def start_cli(*args: str, env: dict | None = None, local: bool = False) -> subpr
                             start_new_session=True, preexec_fn=default_sigint)
 
 
+def running(proc: subprocess.Popen, log: Path | None = None) -> bool:
+    """True while `proc` runs (a predicate for wait_for); once it has ended, an AssertionError with the tail
+    of its output: `log`, the file it writes to, or else its stdout pipe."""
+    if proc.poll() is not None:
+        output = log.read_text() if log is not None else proc.stdout.read()
+        raise AssertionError(f"the command ended early (exit {proc.returncode}):\n{output[-4000:]}")
+    return True
+
+
 def assert_ok(proc: subprocess.CompletedProcess) -> None:
     assert proc.returncode == 0, (f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\n"
                                   f"STDERR:\n{proc.stderr[-6000:]}")

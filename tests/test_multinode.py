@@ -22,7 +22,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tests.helpers import REPO, assert_ok, run_cli
+from tests.helpers import REPO, assert_ok, run_cli, running
 from tests.sim_cluster import (
     AutoscalingHead,
     SimCluster,
@@ -60,11 +60,6 @@ def committed_pair_ids(out: Path) -> list[int]:
     """Pair ids in the committed parquet shards (hidden files are writes in flight)."""
     shards = sorted(p for p in (out / "parquet").glob("*.parquet") if not p.name.startswith("."))
     return [i for p in shards for i in pd.read_parquet(p, columns=["pair_id"]).pair_id]
-
-
-def running(proc: subprocess.Popen, log: Path) -> bool:
-    assert proc.poll() is None, f"the job ended early (exit {proc.returncode}):\n{log.read_text()[-4000:]}"
-    return True
 
 
 def finished(proc: subprocess.Popen, log: Path, timeout: float) -> str:

@@ -25,7 +25,7 @@ from cffa_ray.folder_lock import LOCK_FILE, folder_lock
 from cffa_ray.io import publish_dir, staging_dir
 from cffa_ray.pixels import geometry_warnings, open_image
 from cffa_ray.train.run_folder import RunFolder
-from tests.helpers import QUICK_TRAIN, fails_in_driver, gen_argv, lock_held_elsewhere, run_cli, start_cli
+from tests.helpers import QUICK_TRAIN, fails_in_driver, gen_argv, lock_held_elsewhere, run_cli, running, start_cli
 from tests.sim_cluster import wait_for
 
 # EXIF orientation -> how the stored pixels were turned from the upright picture (PIL's ROTATE_90 is
@@ -132,12 +132,6 @@ def test_a_run_name_that_is_no_plain_folder_name_is_refused(capsys, tmp_path, na
 
 
 # ------------------------------------------------------------------ SIGTERM, SIGHUP: like Ctrl-C
-
-def running(proc: subprocess.Popen) -> bool:
-    """True while `proc` runs; an AssertionError with its output once it has ended."""
-    assert proc.poll() is None, f"the command ended early (exit {proc.returncode}):\n{proc.stdout.read()[-3000:]}"
-    return True
-
 
 def caught_signals(pid: int) -> int:
     """The signals a process has handlers for (bit n-1 for signal n), from /proc/PID/status's SigCgt."""
