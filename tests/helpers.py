@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,13 @@ def run_cli(*args: str, timeout: float = CLI_TIMEOUT_S, env: dict | None = None,
     shared Ray head when a test module asked for one (`ray_head`), else (or with `local`) starts its own."""
     return subprocess.run([sys.executable, "-m", "cffa_ray.cli", *map(str, args)], capture_output=True,
                           text=True, timeout=timeout, cwd=REPO, env=_cli_env(env, local))
+
+
+def run_clis(*commands: tuple) -> list[subprocess.CompletedProcess]:
+    """Independent `cffa` commands at the same time (each as run_cli), their results in order: one job's
+    single-threaded start-up (imports, actor starts) leaves a core idle that another job's can fill."""
+    with ThreadPoolExecutor(max_workers=len(commands)) as pool:
+        return list(pool.map(lambda argv: run_cli(*argv), commands))
 
 
 def start_cli(*args: str, env: dict | None = None, local: bool = False) -> subprocess.Popen:

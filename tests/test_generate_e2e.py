@@ -176,18 +176,6 @@ def test_from_data_mode(trained_run, pairs_dir, tmp_path):
     assert len(png_digest(out)) == 24
 
 
-def test_auto_model_batch_keeps_the_folders_choice(trained_run, tmp_path):
-    run, _ = trained_run
-    out = tmp_path / "mb"
-    base = ("generate", "--checkpoint_dir", run / "best_checkpoint", "--output_dir", out, "--steps", 2,
-            "--concurrency", 1)
-    assert_ok(run_cli(*base, "--num_samples", 3, "--model_batch", 2))
-    proc = run_cli(*base, "--num_samples", 5)  # --model_batch auto: the folder's 2, not the CPU default 8
-    assert_ok(proc)
-    assert "generated 2 pairs, skipped 3 already done" in proc.stdout
-    assert json.loads((out / "summary.json").read_text())["model_batch"] == 2
-
-
 def test_out_of_memory_names_model_batch(trained_run, tmp_path):
     run, _ = trained_run
     out = tmp_path / "oom"
@@ -201,18 +189,25 @@ def test_out_of_memory_names_model_batch(trained_run, tmp_path):
     assert not list(out.glob("parquet/*.parquet"))
 
 
-def test_seed_b_interface_writes_numbered_folders_beside_the_runs(trained_run):
-    """`-n EXP --savedir NAME --amount N`: the run's best_checkpoint, outputs in <runs>_preds/EXP/NAME/1, 2, ..."""
+def test_seed_b_interface_writes_numbered_folders_and_a_rerun_keeps_the_folders_model_batch(trained_run):
+    """`-n EXP --savedir NAME --amount N`: the run's best_checkpoint, outputs in <runs>_preds/EXP/NAME/1, 2, ...
+    A rerun for more pairs makes only the missing ones, with the folder's --model_batch (2), not the CPU
+    default (8) that `--model_batch auto` would pick for a new folder."""
     run, _ = trained_run
-    proc = run_cli("generate", "-n", run.name, "--runs_root", run.parent, "--savedir", "exp1_noise", "--amount", 3,
-                   "--steps", 2, "--mode", "noise", "--concurrency", 1)
-    assert_ok(proc)
+    argv = ("generate", "-n", run.name, "--runs_root", run.parent, "--savedir", "exp1_noise", "--steps", 2, "--mode",
+            "noise", "--concurrency", 1)
+    assert_ok(run_cli(*argv, "--amount", 3, "--model_batch", 2))
     out = run.parent.parent / f"{run.parent.name}_preds" / run.name / "exp1_noise"
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["1", "2", "3", "parquet"]
-    for k in ("1", "2", "3"):
+    proc = run_cli(*argv, "--amount", 5)
+    assert_ok(proc)
+    assert "generated 2 pairs, skipped 3 already done" in proc.stdout
+    assert json.loads((out / "summary.json").read_text())["model_batch"] == 2
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["1", "2", "3", "4", "5", "parquet"]
+    for k in ("1", "2", "3", "4", "5"):
         assert sorted(p.name for p in (out / k).iterdir()) == ["cf.png", "cf_fa_chessboard.png", "fa.png", "joint.png"]
     df = pd.read_parquet(out / "parquet")
-    assert sorted(df.pair_id) == [0, 1, 2]
+    assert sorted(df.pair_id) == [0, 1, 2, 3, 4]
     assert df.set_index("pair_id").loc[0].cf_png == (out / "1/cf.png").read_bytes()  # folder k+1 is pair k
+    assert df.set_index("pair_id").loc[4].cf_png == (out / "5/cf.png").read_bytes()
     assert json.loads((out / "generation.json").read_text())["checkpoint"] == str(run / "best_checkpoint")
-

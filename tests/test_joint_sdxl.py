@@ -2,6 +2,7 @@
 an SDXL folder made with save_pretrained, and the design through the real train/generate jobs."""
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -11,7 +12,7 @@ from cffa_ray.config import ModelConfig
 from cffa_ray.models.base import load_base
 from cffa_ray.models.build import build_model
 from cffa_ray.models.joint_sdxl import DIFFUSERS_LORA_FILE, joint, sdxl_time_ids, split
-from tests.helpers import assert_ok, randomise_lora, run_cli, write_tiny_tokenizer
+from tests.helpers import assert_ok, randomise_lora, run_cli, run_clis, write_tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -107,28 +108,27 @@ def test_train_and_generate_through_the_same_jobs(pairs_dir, tmp_path):
     for name in ("cf.png", "fa.png", "joint.png"):
         assert (run / "step_000008_random_pairs/pair_01" / name).is_file()
 
-    out = tmp_path / "g"
-    gen = run_cli("generate", "--checkpoint_dir", run / "best_checkpoint", "--num_samples", 4, "--steps", 3,
-                  "--batch_size", 2, "--concurrency", 2, "--output_dir", out)
+    # the two generation modes and two refusals, as independent jobs at once (tests/helpers.run_clis)
+    out, ckpt = tmp_path / "g", run / "best_checkpoint"
+    gen, fd, wrong, retrain = run_clis(
+        ("generate", "--checkpoint_dir", ckpt, "--num_samples", 4, "--steps", 3, "--batch_size", 2,
+         "--concurrency", 2, "--output_dir", out),
+        ("generate", "--checkpoint_dir", ckpt, "--num_samples", 2, "--steps", 3, "--mode", "from_data", "--data",
+         pairs_dir, "--strength", 0.6, "--output_dir", tmp_path / "fd"),
+        ("generate", "--checkpoint_dir", ckpt, "--model", "dual_unet", "--output_dir", tmp_path / "w"),
+        ("train", "--model", "dual_unet", "--preset", "tiny", "--data", pairs_dir, "--output_dir", tmp_path, "--name",
+         "x", "--resolution", 64))
     assert_ok(gen)
     df = pd.read_parquet(out / "parquet")
     assert sorted(df.pair_id) == [0, 1, 2, 3] and (df.model == "joint_sdxl").all()
     pair = out / "png/shard_0000/pair_000002"
     joint_png = Image.open(pair / "joint.png")
     assert joint_png.size == (128, 64)
-    import numpy as np
-
     j = np.asarray(joint_png)
     assert np.array_equal(j[:, :64], np.asarray(Image.open(pair / "cf.png")))       # CF = left half, exactly
     assert np.array_equal(j[:, 64:, 0], np.asarray(Image.open(pair / "fa.png")))    # FA = right half
-    fd = run_cli("generate", "--checkpoint_dir", run / "best_checkpoint", "--num_samples", 2, "--steps", 3,
-                 "--mode", "from_data", "--data", pairs_dir, "--strength", 0.6, "--output_dir", tmp_path / "fd")
     assert_ok(fd)
     assert set(pd.read_parquet(tmp_path / "fd/parquet").source_pair_id) == {"synth_00000", "synth_00001"}
     # a joint checkpoint is not a dual-UNet one, and the jobs say so
-    wrong = run_cli("generate", "--checkpoint_dir", run / "best_checkpoint", "--model", "dual_unet",
-                    "--output_dir", tmp_path / "w")
     assert wrong.returncode == 2 and "holds a joint_sdxl model" in wrong.stderr
-    retrain = run_cli("train", "--model", "dual_unet", "--preset", "tiny", "--data", pairs_dir, "--output_dir",
-                      tmp_path, "--name", "x", "--resolution", 64)
     assert retrain.returncode == 2 and "model 'joint_sdxl' -> 'dual_unet'" in retrain.stderr
