@@ -47,6 +47,9 @@ NOISE = re.compile("|".join([
     r"Failed to query Ray Train Controller actor state\. State API may be temporarily unavailable",
     # transformers' bar while it reads a local text encoder (a base folder such as tiny-retina): instant
     r"Loading weights: +\d+%\|",
+    # Ray Data killing its model actors as a stopped job ends, with a call in flight: nothing is retried
+    r"Task \S+ failed\. There are infinite retries remaining, so the task will be retried\. Error: The actor is "
+    r"dead because it was killed by `ray\.kill`",
 ]))
 
 _active = False  # set while `terminal()` runs: only the CLI asks for the filters

@@ -11,7 +11,7 @@ import sys
 
 import ray
 
-from cffa_ray import quiet, stop_signals
+from cffa_ray import faults, quiet, stop_signals
 from cffa_ray.errors import ConfigError
 
 
@@ -28,7 +28,9 @@ def init_ray(num_cpus_needed: float) -> None:
         return
     plain_prefixes()
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True, **quiet.ray_init_kwargs(local=False))
+        env_vars = faults.job_env_vars()  # (a local Ray's workers inherit this process's environment)
+        ray.init(log_to_driver=True, **({"runtime_env": {"env_vars": env_vars}} if env_vars else {}),
+                 **quiet.ray_init_kwargs(local=False))
     else:
         # The dashboard also serves the state API that Train's placement-group cleaner polls.
         ray.init(num_cpus=max(os.cpu_count() or 1, int(num_cpus_needed + 0.999) + 2), log_to_driver=True,

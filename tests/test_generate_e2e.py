@@ -113,7 +113,7 @@ def test_pairs_do_not_depend_on_batch_size_concurrency_or_a_dead_actor(generated
     fault = f"generate_batch=2,once={tmp_path / 'fault-fired'}"
     proc = run_cli("generate", "--checkpoint_dir", run / "best_checkpoint", "--output_dir", tmp_path / "g2",
                    "--num_samples", 12, "--steps", 4, "--batch_size", 3, "--concurrency", "1-2",
-                   env={FAULT_ENV: fault}, local=True)  # its own Ray: the actors inherit the fault's variable
+                   env={FAULT_ENV: fault})  # the driver hands the variable to its actors (faults.job_env_vars)
     assert_ok(proc)
     assert fired(fault), "the injected fault did not fire"
     mine, reference = png_digest(tmp_path / "g2"), png_digest(out)

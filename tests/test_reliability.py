@@ -411,7 +411,7 @@ def test_generate_sighup_then_a_full_disk_then_a_clean_finish(tmp_path, trained_
         assert "[cffa] generating 40 pairs (0 already done), model_batch 8, 1 model actor -> " in "\n".join(lines)
         assert re.fullmatch(rf"cffa generate: generation interrupted by SIGHUP with \d+ of 40 pairs finished in "
                             rf"{re.escape(str(out))}; rerun the same command to make the rest", lines[-1]), lines[-5:]
-        assert not [ln for ln in lines if "Traceback" in ln or "\x1b[" in ln]
+        assert not [ln for ln in lines if "Traceback" in ln or "\x1b[" in ln], "\n".join(lines[-60:])
 
         fill(disk, leave=60_000)
         full = run_cli(*argv)
