@@ -7,8 +7,9 @@ actor dies at a named point, once, when the environment asks for it.
 `once` names a marker file: the fault fires only while it is absent (and creates it), so the restarted
 worker or actor goes on. The process exits at once (os._exit), as a crashed or killed one would. With
 the variable unset (normal use) a check costs one dictionary lookup. The variable must reach the
-process: a local Ray's workers inherit the driver's environment, and a `cffa` driver that joins a
-cluster hands it to its job's workers in the job's runtime env (`job_env_vars`).
+process: a local Ray's workers inherit the driver's environment, a `cffa` driver that joins a
+cluster hands it to its job's workers in the job's runtime env (`job_env_vars`), and a job sent with
+`ray job submit` carries it in its own (`--runtime-env-json '{"env_vars": {"CFFA_INJECT_FAULT": ...}}'`).
 
 `hold` names a file to wait for instead: the job stops at the point, from there on, until the test
 creates the file, so that a fault the test makes itself (a node killed) lands mid-run whatever the
@@ -77,8 +78,12 @@ def fired(spec: str) -> bool:
     return bool(marker) and Path(marker).exists()
 
 
+SUBMITTED_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray in the driver of a `ray job submit` job
+
+
 def job_env_vars() -> dict[str, str]:
     """The fault's variable, for the runtime env of a job that joins a cluster (whose workers were not
-    started from this process's environment); {} when no fault is asked for."""
+    started from this process's environment); {} when no fault is asked for, and in a submitted job,
+    whose own runtime env already reaches its workers (Ray refuses a key given in both)."""
     spec = os.environ.get(FAULT_ENV)
-    return {FAULT_ENV: spec} if spec else {}
+    return {FAULT_ENV: spec} if spec and SUBMITTED_JOB_ENV not in os.environ else {}

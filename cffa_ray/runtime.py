@@ -29,7 +29,7 @@ def init_ray(num_cpus_needed: float) -> None:
     plain_prefixes()
     if os.environ.get("RAY_ADDRESS"):
         env_vars = faults.job_env_vars()  # (a local Ray's workers inherit this process's environment)
-        ray.init(log_to_driver=True, **({"runtime_env": {"env_vars": env_vars}} if env_vars else {}),
+        ray.init(log_to_driver=True, runtime_env={"env_vars": env_vars} if env_vars else None,
                  **quiet.ray_init_kwargs(local=False))
     else:
         # The dashboard also serves the state API that Train's placement-group cleaner polls.

@@ -7,7 +7,7 @@ import sys
 import threading
 import time
 
-from cffa_ray.faults import FAULT_ENV, fired, maybe_fail
+from cffa_ray.faults import FAULT_ENV, SUBMITTED_JOB_ENV, fired, job_env_vars, maybe_fail
 
 CALL = "from cffa_ray.faults import maybe_fail; maybe_fail({point!r}, {index}, {rank}); print('went on')"
 
@@ -53,3 +53,13 @@ def test_hold_waits_from_its_index_until_the_file_exists(tmp_path, monkeypatch):
 def test_unset_does_nothing(monkeypatch):
     monkeypatch.delenv(FAULT_ENV, raising=False)
     maybe_fail("train_step", 1)
+
+
+def test_a_driver_joining_a_cluster_hands_the_fault_on_unless_its_job_was_submitted(monkeypatch):
+    monkeypatch.delenv(FAULT_ENV, raising=False)
+    monkeypatch.delenv(SUBMITTED_JOB_ENV, raising=False)
+    assert job_env_vars() == {}
+    monkeypatch.setenv(FAULT_ENV, "generate_batch=2,once=/tmp/x")
+    assert job_env_vars() == {FAULT_ENV: "generate_batch=2,once=/tmp/x"}
+    monkeypatch.setenv(SUBMITTED_JOB_ENV, "{}")  # the job's own runtime env carries it: Ray refuses it twice
+    assert job_env_vars() == {}
