@@ -16,7 +16,7 @@ from cffa_ray.evaluate.config import EvaluateConfig
 from cffa_ray.faults import maybe_fail
 from cffa_ray.flags import add_flags, from_namespace
 from cffa_ray.generate.config import GenerateConfig
-from cffa_ray.quiet import terminal
+from cffa_ray.quiet import silenced, terminal
 from cffa_ray.train.config import TrainConfig
 
 
@@ -167,14 +167,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def last_line(ns, message: str, code: int) -> int:
-    """Print the line that ends a command, and return its exit code. Ray is left first: its log thread would
-    still print worker lines that were on their way (a step line after "training interrupted")."""
+    """Print the line that ends a command, and return its exit code. The line comes first, then Ray is left
+    with stdout and stderr silenced: a worker line still on its way (a step line after "training
+    interrupted") is dropped instead of printed after it, and a shutdown that ends the process itself
+    (Ray's native code can) cannot take the line with it."""
+    print(f"cffa {ns.command}: {message}", file=sys.stderr, flush=True)
     ray = sys.modules.get("ray")  # (never imported here: `cffa synth` and a bad flag run without Ray)
     if ray is not None and ray.is_initialized():
-        with contextlib.suppress(Exception):  # the line matters more than a clean disconnect
+        with silenced(), contextlib.suppress(Exception):  # the line matters more than a clean disconnect
             ray.shutdown()
-    print(f"cffa {ns.command}: {message}", file=sys.stderr)
     return code
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -132,6 +132,28 @@ def quiet_ray() -> None:
                             category=FutureWarning)  # (reduce_scatter: ZeRO-3's gradients, torch >= 2.13)
 
 
+@contextlib.contextmanager
+def silenced():
+    """stdout and stderr sent to /dev/null for the block: file descriptors 1 and 2 (native writes) and
+    Python's sys.stdout and sys.stderr; what was written before is flushed first, and both come back after."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    saved = [os.dup(1), os.dup(2)]
+    python = sys.stdout, sys.stderr
+    with open(os.devnull, "w") as null:
+        try:
+            os.dup2(null.fileno(), 1)
+            os.dup2(null.fileno(), 2)
+            sys.stdout = sys.stderr = null
+            yield
+        finally:
+            sys.stdout, sys.stderr = python
+            for fd, copy in zip((1, 2), saved):
+                os.dup2(copy, fd)
+                os.close(copy)
+
+
 def train_logging():
     """Ray Train's own log level: warnings and errors only."""
     return internals.train_logging_config("WARNING")

@@ -1,7 +1,12 @@
 """The noise filter of the forwarded Ray output (cffa_ray/quiet.py): Ray's routine lines go, errors stay."""
+import os
+import subprocess
+import sys
+
 import pytest
 
-from cffa_ray.quiet import is_noise
+from cffa_ray.quiet import is_noise, silenced
+from tests.helpers import REPO
 
 DROPPED = [
     "(raylet) Task MapWorker(MapBatches(add_noise)->MapBatches(PairGenerator)).submit failed. There are infinite "
@@ -26,3 +31,33 @@ def test_routine_ray_lines_are_noise(line):
 @pytest.mark.parametrize("line", KEPT)
 def test_errors_and_the_projects_lines_pass(line):
     assert not is_noise(line)
+
+
+def test_silenced_drops_native_and_python_writes_and_gives_both_back(capfd):
+    print("before", flush=True)
+    with silenced():
+        print("python out")
+        print("python err", file=sys.stderr)
+        os.write(1, b"native out\n")
+        os.write(2, b"native err\n")
+    print("after", file=sys.stderr)
+    assert capfd.readouterr() == ("before\n", "after\n")
+
+
+# A stand-in for Ray whose shutdown does what the real one does only by chance: prints a worker line that was
+# on its way, or ends the process from native code. (`cli.last_line` looks Ray up in sys.modules.)
+LEAVE_RAY = """
+import os, sys, types, argparse
+late = lambda: (print("(RayTrainWorker pid=1) [cffa] step 8/9"), os.write(2, b"[core_worker.cc] late\\n"))
+sys.modules["ray"] = types.SimpleNamespace(is_initialized=lambda: True, shutdown={shutdown})
+from cffa_ray.cli import last_line
+sys.exit(last_line(argparse.Namespace(command="train"), "training interrupted by SIGTERM", 143))
+"""
+
+
+@pytest.mark.parametrize("shutdown, code", [("late", 143), ("lambda: os._exit(1)", 1)])
+def test_the_closing_line_is_out_before_ray_is_left_and_nothing_follows_it(shutdown, code):
+    proc = subprocess.run([sys.executable, "-c", LEAVE_RAY.format(shutdown=shutdown)], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == code, proc.stderr
+    assert (proc.stdout, proc.stderr) == ("", "cffa train: training interrupted by SIGTERM\n")
