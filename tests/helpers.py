@@ -85,7 +85,8 @@ def write_tiny_tokenizer(folder: Path, max_length: int = 77):
 
 
 TRAIN_ARGS = ("--preset", "tiny", "--resolution", 64, "--max_steps", 12, "--num_workers", 2, "--zero_stage", 2,
-              "--batch_size", 2, "--val_every", 4, "--sample_every", 6, "--num_sample_pairs", 2)
+              "--batch_size", 2, "--val_every", 4, "--sample_every", 6, "--num_sample_pairs", 2,
+              "--sample_steps", 4)  # (previews: files of the right kind, not pictures worth 50 steps)
 
 
 # A tiny training for tests whose subject is not the data path or the sharding (signals, full disks, errors):

@@ -32,7 +32,7 @@ def test_train_then_generate_through_ray_job_submit(cluster, pairs_dir, tmp_path
     cluster.submit("cffa-train", "python", "jobs/train.py", "--data", str(pairs_dir), "--output_dir", runs,
                    "--name", "c", "--preset", "tiny", "--resolution", "64", "--max_steps", "8", "--num_workers", "1",
                    "--zero_stage", "2", "--batch_size", "2", "--val_every", "4", "--sample_every", "8",
-                   "--num_sample_pairs", "2")
+                   "--num_sample_pairs", "2", "--sample_steps", "4")
     assert cluster.wait("cffa-train") == "SUCCEEDED", cluster.logs("cffa-train")[-5000:]
     run = tmp_path / "runs/c"
     assert (run / "best_checkpoint/unet_cf_lora/adapter_model.safetensors").is_file()

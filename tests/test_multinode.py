@@ -92,7 +92,7 @@ def test_training_loses_the_node_of_rank_1(pairs_dir, tmp_path):
         proc = cluster.start_cffa(
             log, "train", "--data", pairs_dir, "--output_dir", tmp_path / "runs", "--name", "mn", "--preset", "tiny",
             "--resolution", 64, "--max_steps", steps, "--num_workers", 2, "--batch_size", 2, "--val_every", every,
-            "--sample_every", 1000, "--log_every", 1, "--max_failures", 2, "--worker_resources", ON_WORKERS,
+            "--num_sample_pairs", 0, "--log_every", 1, "--max_failures", 2, "--worker_resources", ON_WORKERS,
             "--no-cache_latents")  # (the latent cache, a ~6 s actor start before Train's, is not what this tests)
         wait_for(lambda: running(proc, log) and every in registered_steps(run) and held_at in logged_steps(run),
                  600, f"step {held_at} and the step-{every} checkpoint")
