@@ -45,16 +45,19 @@ def test_train_missing_data(capsys, tmp_path):
 
 def test_train_unpaired_images(capsys, tmp_path, data):
     (data / "fa/synth_00003.png").unlink()
-    fails_in_driver(capsys, train_argv(data, tmp_path / "out"), r"have no FA partner.*synth_00003\.png", tmp_path / "out")
+    fails_in_driver(capsys, train_argv(data, tmp_path / "out"), r"have no FA partner.*synth_00003\.png",
+                    tmp_path / "out")
     (data / "cf/synth_00003.png").unlink()
     (data / "cf/synth_00001.png").unlink()
-    fails_in_driver(capsys, train_argv(data, tmp_path / "out"), r"have no CF partner.*fa/synth_00001\.png", tmp_path / "out")
+    fails_in_driver(capsys, train_argv(data, tmp_path / "out"), r"have no CF partner.*fa/synth_00001\.png",
+                    tmp_path / "out")
 
 
 def test_train_empty_dataset(capsys, tmp_path):
     (tmp_path / "empty/cf").mkdir(parents=True)
     (tmp_path / "empty/fa").mkdir()
-    fails_in_driver(capsys, train_argv(tmp_path / "empty", tmp_path / "out"), r"no images in cf/ and fa/", tmp_path / "out")
+    fails_in_driver(capsys, train_argv(tmp_path / "empty", tmp_path / "out"), r"no images in cf/ and fa/",
+                    tmp_path / "out")
 
 
 def test_train_base_model_not_a_diffusers_folder(capsys, tmp_path, data):
@@ -74,7 +77,8 @@ def test_train_v_prediction_base_model_is_refused(capsys, tmp_path, data):
         (base / part).mkdir()
     (base / "scheduler/scheduler_config.json").write_text(json.dumps({"prediction_type": "v_prediction"}))
     argv = ["train", "--data", str(data), "--output_dir", str(tmp_path / "out"), "--base_model", str(base)]
-    fails_in_driver(capsys, argv, r"prediction_type 'v_prediction' is not supported; use an epsilon model", tmp_path / "out")
+    fails_in_driver(capsys, argv, r"prediction_type 'v_prediction' is not supported; use an epsilon model",
+                    tmp_path / "out")
 
 
 def test_train_refuses_to_resume_with_other_model_settings(capsys, tmp_path, data):
@@ -148,7 +152,8 @@ def test_generate_missing_or_foreign_checkpoint(capsys, tmp_path, fake_checkpoin
     (fake_checkpoint / "unet_cf_lora/adapter_model.safetensors").unlink()  # e.g. a half-uploaded folder
     fails_in_driver(capsys, gen_argv(fake_checkpoint, tmp_path / "g"), r"lacks unet_cf_lora", tmp_path / "g")
     shutil.rmtree(fake_checkpoint / "unet_fa_lora")
-    fails_in_driver(capsys, gen_argv(fake_checkpoint, tmp_path / "g"), r"lacks unet_cf_lora, unet_fa_lora", tmp_path / "g")
+    fails_in_driver(capsys, gen_argv(fake_checkpoint, tmp_path / "g"), r"lacks unet_cf_lora, unet_fa_lora",
+                    tmp_path / "g")
     (fake_checkpoint / "model.json").write_text(json.dumps({"model": "gan"}))
     fails_in_driver(capsys, gen_argv(fake_checkpoint, tmp_path / "g"), r"model 'gan' .* not a design", tmp_path / "g")
 

@@ -27,8 +27,8 @@ def error_line(proc, command: str) -> str:
 
 def test_odd_images_warn_and_train_then_a_diverging_loss_stops_at_once(tmp_path):
     """Odd images (and a 16-bit FA and an EXIF-turned CF, which need no warning): one warning per kind,
-    training goes on for two steps. Then a rerun with an absurd --lr resumes from step 2 (with the new --lr) and diverges:
-    it stops at step 3 with one line, before anything of step 3 is saved."""
+    training goes on for two steps. Then a rerun with an absurd --lr resumes from step 2 (with the new --lr) and
+    diverges: it stops at step 3 with one line, before anything of step 3 is saved."""
     data = odd_pairs(tmp_path / "odd")
     argv = ("train", "--data", data, "--output_dir", tmp_path / "runs", "--name", "w", *QUICK_TRAIN,
             "--val_fraction", 0, "--val_every", 1, "--checkpoint_every", 1)

@@ -139,12 +139,14 @@ def _argv(gen, real, out, *extra):
 
 def test_evaluate_bad_input(capsys, tmp_path, pairs_dir):
     out = tmp_path / "eval"
-    fails_in_driver(capsys, ["evaluate", "--real", str(pairs_dir), "--output", str(out)], r"--generated is missing", out)
-    fails_in_driver(capsys, ["evaluate", "--generated", str(pairs_dir), "--output", str(out)], r"--real is missing", out)
-    fails_in_driver(capsys, ["evaluate", "--generated", str(pairs_dir), "--real", str(pairs_dir)], r"--output is missing", out)
+    real, generated = ["--real", str(pairs_dir)], ["--generated", str(pairs_dir)]
+    fails_in_driver(capsys, ["evaluate", *real, "--output", str(out)], r"--generated is missing", out)
+    fails_in_driver(capsys, ["evaluate", *generated, "--output", str(out)], r"--real is missing", out)
+    fails_in_driver(capsys, ["evaluate", *generated, *real], r"--output is missing", out)
     fails_in_driver(capsys, _argv(tmp_path / "nope", pairs_dir, out), r"--generated .*nope does not exist", out)
     (tmp_path / "empty").mkdir()
-    fails_in_driver(capsys, _argv(tmp_path / "empty", pairs_dir, out), r"--generated .*empty holds no generated pairs", out)
+    fails_in_driver(capsys, _argv(tmp_path / "empty", pairs_dir, out), r"--generated .*empty holds no generated pairs",
+                    out)
     fails_in_driver(capsys, _argv(pairs_dir, tmp_path / "nope", out), r"--real .*nope does not exist", out)
     fails_in_driver(capsys, _argv(pairs_dir, pairs_dir, out, "--batch_size", 0), r"--batch_size 0 must be > 0", out)
 
@@ -166,7 +168,8 @@ def test_evaluate_bad_inception_weights(capsys, tmp_path, pairs_dir):
            r"--inception_weights .*none.pth is not a file", out)
     (tmp_path / "junk.pth").write_bytes(b"not a state dict")
     expected = r"is not an InceptionV3 FID state dict" if _fidelity_available() else r"needs torch-fidelity"
-    fails_in_driver(capsys, _argv(pairs_dir, pairs_dir, out, "--inception_weights", tmp_path / "junk.pth"), expected, out)
+    junk = tmp_path / "junk.pth"
+    fails_in_driver(capsys, _argv(pairs_dir, pairs_dir, out, "--inception_weights", junk), expected, out)
 
 
 def test_evaluate_job_wrapper_is_the_cli():

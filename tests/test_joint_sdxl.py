@@ -100,7 +100,8 @@ def test_train_and_generate_through_the_same_jobs(pairs_dir, tmp_path):
                    "--num_sample_pairs", 2, "--sample_steps", 4)
     assert_ok(proc)
     run = tmp_path / "x"
-    for ckpt in (run / "best_checkpoint", run / "latest_checkpoints/step_000004", run / "latest_checkpoints/step_000008"):
+    latest = run / "latest_checkpoints"
+    for ckpt in (run / "best_checkpoint", latest / "step_000004", latest / "step_000008"):
         assert (ckpt / "unet_lora/adapter_config.json").is_file()
         assert (ckpt / "unet_lora/adapter_model.safetensors").is_file()
         assert (ckpt / DIFFUSERS_LORA_FILE).is_file()

@@ -54,5 +54,6 @@ def test_shared_storage_helpers(tmp_path):
     check_driver_record("s3://bucket/out/generation.json", "--output_dir", "s3://bucket/out")  # never probed
     wrapped = RuntimeError(f"ray.exceptions.RayTaskError(NotShared): ...\n{NotShared.__name__}: --output_dir /x is "
                            "not the same folder on every node (node 1.2.3.4 ab) ...; use storage\n")
-    assert internals.user_exception_message(wrapped, NotShared).startswith("--output_dir /x is not the same folder on every node")
+    message = internals.user_exception_message(wrapped, NotShared)
+    assert message.startswith("--output_dir /x is not the same folder on every node")
     assert internals.user_exception_message(ValueError("other"), NotShared) is None

@@ -79,7 +79,8 @@ def test_gallery_rows_are_evenly_spaced_with_first_and_last():
 def test_report_bad_run_dir(capsys, tmp_path):
     fails_in_driver(capsys, ["report", str(tmp_path / "nope")], r"RUN_DIR .*nope is not a folder", tmp_path / "nope")
     (tmp_path / "empty").mkdir()
-    fails_in_driver(capsys, ["report", str(tmp_path / "empty")], r"has no training_log.txt", tmp_path / "empty" / REPORT_HTML)
+    fails_in_driver(capsys, ["report", str(tmp_path / "empty")], r"has no training_log.txt",
+                    tmp_path / "empty" / REPORT_HTML)
 
 
 @pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} not installed (apt-get install chromium)")
