@@ -19,9 +19,7 @@ import socket
 import time
 
 import numpy as np
-import torch
 
-from cffa_ray.batches import as_tensor
 from cffa_ray.faults import maybe_fail
 from cffa_ray.io import local_copy
 
@@ -34,8 +32,10 @@ class ModelBatchTooLarge(RuntimeError):
 
 class PairGenerator:
     def __init__(self, checkpoint_dir: str, cfg: dict):
-        # imported here, in the actor's process: the driver, which only names this class, never loads
-        # diffusers or peft (~8 s of its start-up on 2 cores)
+        # imported in the methods, in the actor's process: the driver, which only names this class, loads
+        # neither torch (1.4 s of its start-up on 2 cores) nor diffusers and peft (~8 s)
+        import torch
+
         from cffa_ray.models.build import load_for_generation
         from cffa_ray.models.inference import prepare_for_sampling
         from cffa_ray.sampling import sample_in_fixed_batches, warm_up
@@ -54,6 +54,10 @@ class PairGenerator:
             print(f"[cffa] UNets compiled in {seconds:.0f}s (once per actor)", flush=True)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        from cffa_ray.batches import as_tensor
+
         cfg = self.cfg
         self.calls += 1
         maybe_fail("generate_batch", self.calls)
@@ -81,6 +85,8 @@ class PairGenerator:
         return out
 
     def _oom_message(self) -> str:
+        import torch
+
         mb = self.cfg["model_batch"]
         where = "the CPU"
         if self.device.type == "cuda":

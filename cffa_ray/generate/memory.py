@@ -6,8 +6,6 @@ measured calls, at batch 1 and batch 2, give both parts; `choose_model_batch` is
 """
 from __future__ import annotations
 
-import torch
-
 from cffa_ray.io import local_copy
 
 GIB = 2**30
@@ -29,6 +27,8 @@ def measure_sampling_memory(model, resolution: int, mixed_precision: str) -> tup
 
     One denoising step and the decode: peak memory does not grow with the number of steps.
     """
+    import torch
+
     from cffa_ray.sampling import pair_noise, sample_pairs  # in the GPU task's process (see calibrate)
 
     peaks = []
@@ -46,7 +46,10 @@ def measure_sampling_memory(model, resolution: int, mixed_precision: str) -> tup
 
 def calibrate(checkpoint_dir: str, mixed_precision: str) -> dict:
     """Runs on one GPU (a Ray task): load the checkpoint as an actor would, measure, choose."""
-    # imported here, in the task's process: the generation driver never loads diffusers or peft (~8 s)
+    # imported here, in the task's process: the generation driver, which names this function, loads neither
+    # torch (1.4 s) nor diffusers and peft (~8 s)
+    import torch
+
     from cffa_ray.models.build import load_for_generation
     from cffa_ray.models.inference import prepare_for_sampling
 
