@@ -97,6 +97,11 @@ QUICK_TRAIN = ("--preset", "tiny", "--resolution", 64, "--batch_size", 1, "--num
                "--num_workers", 1, "--no-cache_latents")
 
 
+def log_steps(path) -> list[int]:
+    """The steps of a run's training_log.txt or validation_log.txt, in file order."""
+    return [int(m.group(1)) for line in path.read_text().splitlines() if (m := re.match(r"step=(\d+)", line))]
+
+
 def train_argv(data, out, *extra):
     return ["train", "--data", str(data), "--output_dir", str(out), "--name", "r", "--preset", "tiny",
             "--resolution", "32", "--num_workers", "2", "--batch_size", "1", *map(str, extra)]

@@ -1,6 +1,6 @@
-"""Issue 12, the rows that need Ray Train or a finished run: warnings that let training go on, errors
-inside the workers that stop the run at once, and a rerun after a failed generation (Ctrl-C and the
-other stop signals: test_reliability.py)."""
+"""Issue 12, the rows that need Ray Train: warnings that let training go on, and errors inside the workers
+that stop the run at once (Ctrl-C and the other stop signals: test_reliability.py; a generation into a
+folder a failed run left: test_generate_e2e.py)."""
 import json
 import os
 import re
@@ -11,7 +11,7 @@ import pytest
 
 from cffa_ray.quiet import NOISE
 from cffa_ray.train.run_folder import RunFolder
-from tests.helpers import QUICK_TRAIN, assert_ok, odd_pairs, run_cli
+from tests.helpers import QUICK_TRAIN, assert_ok, log_steps, odd_pairs, run_cli
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_head")]  # CLI runs join one Ray head
 
@@ -27,13 +27,16 @@ def error_line(proc, command: str) -> str:
 
 def test_odd_images_warn_and_train_then_a_diverging_loss_stops_at_once(tmp_path):
     """Odd images (and a 16-bit FA and an EXIF-turned CF, which need no warning): one warning per kind,
-    training goes on for two steps. Then a rerun with an absurd --lr resumes from step 2 (with the new --lr) and
-    diverges: it stops at step 3 with one line, before anything of step 3 is saved."""
+    training goes on for four steps, keeping the 3 latest checkpoints. Then a rerun for more steps with an absurd
+    --lr resumes from step 4 (with the new --lr) and diverges: it stops at step 5 with one line, before anything
+    of step 5 is saved."""
     data = odd_pairs(tmp_path / "odd")
     argv = ("train", "--data", data, "--output_dir", tmp_path / "runs", "--name", "w", *QUICK_TRAIN,
             "--val_fraction", 0, "--val_every", 1, "--checkpoint_every", 1)
-    proc = run_cli(*argv, "--max_steps", 2)
+    proc = run_cli(*argv, "--max_steps", 4)
     assert_ok(proc)
+    run = tmp_path / "runs/w"
+    assert sorted(os.listdir(run / "latest_checkpoints")) == ["step_000002", "step_000003", "step_000004"]
     warnings = [ln for ln in proc.stderr.splitlines() if ln.startswith("[cffa] warning: ")]
     kinds = ["pairs whose CF and FA differ", "images that are not square", "images much smaller than --resolution",
              "CF images that are greyscale", "images with transparent pixels", "over PIL's decompression-bomb limit",
@@ -49,13 +52,16 @@ def test_odd_images_warn_and_train_then_a_diverging_loss_stops_at_once(tmp_path)
     assert proc.returncode == 1, proc.stderr[-3000:]
     line = error_line(proc, "train")
     assert re.fullmatch(r"cffa train: error: training stopped: the (validation )?loss became NaN or infinite at "
-                        r"step 3, likely --lr 1e\+30 is too high: try a lower one; the last checkpoint \(step 2\) "
+                        r"step 5, likely --lr 1e\+30 is too high: try a lower one; the last checkpoint \(step 4\) "
                         r"is kept, and rerunning with the same --name resumes from it", line), line
-    assert "resuming at step 2" in proc.stdout
-    run = tmp_path / "runs/w"
-    assert sorted(os.listdir(run / "latest_checkpoints")) == ["step_000001", "step_000002"]
-    assert json.loads((run / "best_checkpoint/model.json").read_text())["trained_steps"] <= 2
-    assert RunFolder(str(run)).resumable_step() == 2
+    assert "resuming at step 4" in proc.stdout
+    assert sorted(os.listdir(run / "latest_checkpoints")) == ["step_000002", "step_000003", "step_000004"]
+    assert json.loads((run / "best_checkpoint/model.json").read_text())["trained_steps"] <= 4
+    assert RunFolder(str(run)).resumable_step() == 4
+    # the rerun's log lines follow the first run's, every step once (step 5's training loss was still finite: the
+    # update it made diverged, and its validation stopped the run)
+    assert log_steps(run / "training_log.txt") in ([1, 2, 3, 4], [1, 2, 3, 4, 5])
+    assert log_steps(run / "validation_log.txt") == [1, 2, 3, 4]
     print(f"non-finite loss: the run stopped {time.time() - t0:.0f}s after its start")
 
 
@@ -72,26 +78,3 @@ def test_worker_error_that_no_retry_heals_stops_the_run_at_once(tmp_path, pairs_
     line = error_line(proc, "train")
     assert line.startswith("cffa train: error: the model could not be built on worker ") and "conv_in" in line, line
     assert line.endswith("check --base_model (it must be readable on every node)")
-
-
-def test_generation_after_a_failed_run_into_the_same_folder(tmp_path, trained_run):
-    run, _ = trained_run
-    good = run / "best_checkpoint"
-    bad = tmp_path / "truncated"
-    shutil.copytree(good, bad)
-    weights = bad / "unet_cf_lora/adapter_model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:100])
-    out = tmp_path / "g"
-    t0 = time.time()
-    proc = run_cli("generate", "--checkpoint_dir", bad, "--output_dir", out, "--num_samples", 2, "--steps", 2)
-    assert proc.returncode == 2 and time.time() - t0 < 60
-    assert "unet_cf_lora/adapter_model.safetensors is not a readable safetensors file" in error_line(proc, "generate")
-    assert not out.exists()
-    # A folder left by a run that made no pair (its generation.json names other arguments) blocks nothing.
-    out.mkdir()
-    (out / "generation.json").write_text(json.dumps({"checkpoint": str(bad), "steps": 50}))
-    proc = run_cli("generate", "--checkpoint_dir", good, "--output_dir", out, "--num_samples", 2, "--steps", 2,
-                   "--batch_size", 2)
-    assert_ok(proc)
-    assert json.loads((out / "summary.json").read_text())["pairs_in_output"] == 2
-    assert json.loads((out / "generation.json").read_text())["steps"] == 2

@@ -105,32 +105,17 @@ def test_rerun_adds_nothing(generated, trained_run):
     assert {k: v for k, v in tree_digest(out).items() if k != "summary.json"} == before
 
 
-def test_pairs_do_not_depend_on_batch_size_concurrency_or_a_dead_actor(generated, trained_run, tmp_path):
-    """Another batch size, an autoscaling pool of 1 to 2 actors, and a model actor that dies in its
-    2nd call (once): Ray Data restarts it and redoes the call; every pair is made once, as before."""
-    out, _ = generated
-    run, _ = trained_run
-    fault = f"generate_batch=2,once={tmp_path / 'fault-fired'}"
-    proc = run_cli("generate", "--checkpoint_dir", run / "best_checkpoint", "--output_dir", tmp_path / "g2",
-                   "--num_samples", 12, "--steps", 4, "--batch_size", 3, "--concurrency", "1-2",
-                   env={FAULT_ENV: fault})  # the driver hands the variable to its actors (faults.job_env_vars)
-    assert_ok(proc)
-    assert fired(fault), "the injected fault did not fire"
-    mine, reference = png_digest(tmp_path / "g2"), png_digest(out)
-    assert len(mine) == 48
-    assert all(reference[k] == v for k, v in mine.items())
-    assert sorted(pd.read_parquet(tmp_path / "g2/parquet").pair_id) == list(range(12))  # none lost, none twice
-    # and pairs are not all alike
-    assert len({v for k, v in mine.items() if k.endswith("/cf.png")}) == 12
-
-
-def test_killed_job_resumes_with_only_the_missing_pairs(generated, trained_run, tmp_path):
+def test_killed_job_resumes_with_only_the_missing_pairs_whatever_the_batches_or_a_dead_actor(generated, trained_run,
+                                                                                            tmp_path):
+    """A job killed part-way; its rerun, with another batch size, an autoscaling pool of 1 to 2 actors and a
+    model actor that dies in its 2nd call (once: Ray Data restarts it and redoes the call), makes only the
+    missing pairs, each once, byte-identical to an uninterrupted run with other batches."""
     out_ref, _ = generated
     run, _ = trained_run
     out = tmp_path / "g"
-    args = ["generate", "--checkpoint_dir", run / "best_checkpoint", "--output_dir", out, "--num_samples", 40,
-            "--steps", 4, "--batch_size", 4, "--concurrency", 1, "--rows_per_shard", 4]
-    proc = start_cli(*args)
+    job = ["generate", "--checkpoint_dir", run / "best_checkpoint", "--output_dir", out, "--num_samples", 40,
+           "--steps", 4, "--rows_per_shard", 4]
+    proc = start_cli(*job, "--batch_size", 4, "--concurrency", 1)
     try:
         deadline = time.time() + 300
         while len(list((out / "parquet").glob("part-*.parquet"))) < 2:
@@ -146,8 +131,11 @@ def test_killed_job_resumes_with_only_the_missing_pairs(generated, trained_run, 
     assert 0 < len(done_before) < 40, "the job was not stopped part-way"
     pngs_before = {k: v for k, v in png_digest(out).items() if int(k.split("pair_")[1][:6]) in done_before}
 
-    proc = run_cli(*args)
+    fault = f"generate_batch=2,once={tmp_path / 'fault-fired'}"
+    proc = run_cli(*job, "--batch_size", 3, "--concurrency", "1-2",
+                   env={FAULT_ENV: fault})  # the driver hands the variable to its actors (faults.job_env_vars)
     assert_ok(proc)
+    assert fired(fault), "the injected fault did not fire"
     assert f"generated {40 - len(done_before)} pairs, skipped {len(done_before)}" in proc.stdout
     df = pd.read_parquet(out / "parquet")
     assert len(df) == 40 and df.pair_id.nunique() == 40
@@ -156,19 +144,26 @@ def test_killed_job_resumes_with_only_the_missing_pairs(generated, trained_run, 
     after = png_digest(out)
     assert all(after[k] == v for k, v in pngs_before.items())
     assert len([k for k in after if k.endswith("/joint.png")]) == 40
-    # and the result is the same as an uninterrupted run
+    assert len({v for k, v in after.items() if k.endswith("/cf.png")}) == 40  # and pairs are not all alike
+    # and the result is the same as an uninterrupted run with batches of 8 on 2 actors
     assert after == png_digest(out_ref)
 
 
-def test_from_data_mode(trained_run, pairs_dir, tmp_path):
+def test_from_data_mode_into_a_folder_a_failed_run_left(trained_run, pairs_dir, tmp_path):
+    """from_data with guidance, into a folder left by a run that made no pair: its generation.json names other
+    arguments and blocks nothing (a folder with pairs would refuse them: test_bad_input)."""
     run, _ = trained_run
     out = tmp_path / "fd"
+    out.mkdir()
+    (out / "generation.json").write_text(json.dumps({"checkpoint": "/a/failed/run", "steps": 50}))
     proc = run_cli("generate", "--checkpoint_dir", run / "best_checkpoint", "--output_dir", out, "--num_samples", 6,
                    "--steps", 4, "--batch_size", 4, "--mode", "from_data", "--data", pairs_dir, "--strength", 0.5,
                    "--struct_guidance", 1.5, "--struct_guidance_target", "vessels")
     assert_ok(proc)
     recorded = json.loads((out / "generation.json").read_text())  # guided too: the actors take the flags
     assert (recorded["struct_guidance"], recorded["struct_guidance_target"]) == (1.5, "vessels")
+    assert (recorded["checkpoint"], recorded["steps"]) == (str(run / "best_checkpoint"), 4)
+    assert json.loads((out / "summary.json").read_text())["pairs_in_output"] == 6
     df = pd.read_parquet(out / "parquet").sort_values("pair_id")
     assert list(df.pair_id) == list(range(6))
     assert (df["mode"] == "from_data").all() and (df.strength == 0.5).all()

@@ -17,6 +17,7 @@ import re
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pandas as pd
@@ -265,10 +266,13 @@ def test_node_local_output_dir_never_ends_in_success(trained_run, pairs_dir, tmp
     with hard_timeout(300, "the node-local output test"), SimCluster(tmp_path, head_cpus=0) as cluster:
         node = namespaced_node(cluster, private, out, tmp_path / "node.log", num_cpus=2, resources={ACCELERATOR: 1})
         wait_for(lambda: cluster.worker_nodes(), 60, "the node with its own disk")
-        for argv in (generate, ("train", "--data", pairs_dir, "--output_dir", out, "--name", "r", "--preset", "tiny",
-                                "--resolution", 32, "--max_steps", 2, "--worker_resources", ON_WORKERS)):
-            proc = subprocess.run([sys.executable, "-m", "cffa_ray.cli", *map(str, argv)], cwd=REPO,
-                                  env=cluster.driver_env(), capture_output=True, text=True, timeout=180)
+        train = ("train", "--data", pairs_dir, "--output_dir", out, "--name", "r", "--preset", "tiny",
+                 "--resolution", 32, "--max_steps", 2, "--worker_resources", ON_WORKERS)
+        with ThreadPoolExecutor(2) as pool:  # both refused by the driver: independent, so at once
+            refusals = list(pool.map(lambda argv: subprocess.run(
+                [sys.executable, "-m", "cffa_ray.cli", *map(str, argv)], cwd=REPO, env=cluster.driver_env(),
+                capture_output=True, text=True, timeout=180), (generate, train)))
+        for proc in refusals:
             err = proc.stderr.strip()
             assert proc.returncode == 2 and len(err.splitlines()) == 1, proc.stdout[-3000:] + err[-3000:]
             assert re.search(r"--output_dir .* is not the same folder on every node .* every node shares", err), err

@@ -25,7 +25,16 @@ from cffa_ray.folder_lock import LOCK_FILE, folder_lock
 from cffa_ray.io import publish_dir, staging_dir
 from cffa_ray.pixels import geometry_warnings, open_image
 from cffa_ray.train.run_folder import RunFolder
-from tests.helpers import QUICK_TRAIN, fails_in_driver, gen_argv, lock_held_elsewhere, run_cli, running, start_cli
+from tests.helpers import (
+    QUICK_TRAIN,
+    fails_in_driver,
+    gen_argv,
+    lock_held_elsewhere,
+    log_steps,
+    run_cli,
+    running,
+    start_cli,
+)
 from tests.sim_cluster import wait_for
 
 # EXIF orientation -> how the stored pixels were turned from the upright picture (PIL's ROTATE_90 is
@@ -385,6 +394,10 @@ def test_sigterm_then_ctrl_c_stop_training_at_the_step_they_name(tmp_path, pairs
     assert "Traceback" not in text, text[-3000:]
     again = _resume_step(lines[-1], "")
     assert again >= step and RunFolder(str(run)).resumable_step() == again
+    # the logs were rewound to the step the rerun resumed from, and went on from there: every step once
+    steps, validated = log_steps(run / "training_log.txt"), log_steps(run / "validation_log.txt")
+    assert steps == list(range(1, len(steps) + 1)) and len(steps) > step, steps
+    assert validated == list(range(3, 3 * len(validated) + 1, 3)), validated
     # folders appear complete or not at all (a checkpoint staged when the signal came stays a hidden .tmp- folder)
     for folder in (f for f in (run / "latest_checkpoints").iterdir() if not f.name.startswith(".")):
         assert (folder / "model.json").is_file()
