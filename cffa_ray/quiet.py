@@ -137,9 +137,13 @@ def silenced():
     """stdout and stderr sent to /dev/null for the block: file descriptors 1 and 2 (native writes) and
     Python's sys.stdout and sys.stderr; what was written before is flushed first, and both come back after."""
     for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(OSError, ValueError):
+        with contextlib.suppress(OSError, ValueError, AttributeError):
             stream.flush()
-    saved = [os.dup(1), os.dup(2)]
+    try:
+        saved = [os.dup(1), os.dup(2)]
+    except OSError:  # a closed descriptor (a daemon's): nothing to silence
+        yield
+        return
     python = sys.stdout, sys.stderr
     with open(os.devnull, "w") as null:
         try:
