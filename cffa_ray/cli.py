@@ -10,7 +10,7 @@ import contextlib
 import os
 import sys
 
-from cffa_ray import stop_signals
+from cffa_ray import internals, stop_signals
 from cffa_ray.errors import ConfigError, DataError, Interrupted, RunStopped, disk_full
 from cffa_ray.evaluate.config import EvaluateConfig
 from cffa_ray.faults import maybe_fail
@@ -167,13 +167,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def last_line(ns, message: str, code: int) -> int:
-    """Print the line that ends a command, and return its exit code. The line comes first, then Ray is left
-    with stdout and stderr silenced: a worker line still on its way (a step line after "training
-    interrupted") is dropped instead of printed after it, and a shutdown that ends the process itself
-    (Ray's native code can) cannot take the line with it."""
-    print(f"cffa {ns.command}: {message}", file=sys.stderr, flush=True)
+    """Print the line that ends a command, and return its exit code. Ray's printer of worker lines is stopped
+    first (a batch it is printing ends before), so no worker line follows the line; Ray is left after it,
+    with stdout and stderr silenced, so a shutdown that ends the process itself (Ray's native code can)
+    cannot take the line with it."""
     ray = sys.modules.get("ray")  # (never imported here: `cffa synth` and a bad flag run without Ray)
-    if ray is not None and ray.is_initialized():
+    joined = ray is not None and ray.is_initialized()
+    if joined:
+        internals.stop_worker_lines()
+    with contextlib.suppress(OSError, ValueError):
+        sys.stdout.flush()  # worker lines already printed come before the line, also in a merged pipe
+    print(f"cffa {ns.command}: {message}", file=sys.stderr, flush=True)
+    if joined:
         with silenced(), contextlib.suppress(Exception):  # the line matters more than a clean disconnect
             ray.shutdown()
     return code

@@ -49,12 +49,21 @@ def train_logging_config(level: str):
     return LoggingConfig(log_level=level)
 
 
+def _worker_line_dispatcher():
+    """Ray's dispatcher of the lines workers forward to the driver (its printer is the handler named
+    "ray_print_logs", and it prints under its `_lock`), or None where this Ray has none."""
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher
+    except ImportError:
+        return None
+    return global_worker_stdstream_dispatcher
+
+
 def filter_worker_lines(keep: Callable[[str], bool]) -> bool:
     """Wrap Ray's printer of the lines workers forward to the driver so that only lines with keep(line)
     pass. Returns False where this Ray has no such printer (nothing is filtered then)."""
-    try:
-        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
-    except ImportError:
+    dispatcher = _worker_line_dispatcher()
+    if dispatcher is None:
         return False
     with dispatcher._lock:
         for i, (name, handler) in enumerate(dispatcher.handlers):
@@ -65,6 +74,16 @@ def filter_worker_lines(keep: Callable[[str], bool]) -> bool:
                         handler({**data, "lines": lines})
                 filtered._cffa_filtered = True
                 dispatcher.handlers[i] = (name, filtered)
+    return True
+
+
+def stop_worker_lines() -> bool:
+    """Stop printing the lines workers forward to the driver, once a batch being printed is out (the
+    dispatcher removes its printer under the lock it prints under). Returns False where this Ray has none."""
+    dispatcher = _worker_line_dispatcher()
+    if dispatcher is None:
+        return False
+    dispatcher.remove_handler("ray_print_logs")
     return True
 
 

@@ -139,9 +139,13 @@ def silenced():
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError, AttributeError):
             stream.flush()
-    try:
-        saved = [os.dup(1), os.dup(2)]
-    except OSError:  # a closed descriptor (a daemon's): nothing to silence
+    saved: list[int] = []
+    with contextlib.suppress(OSError):  # a closed descriptor (a daemon's): nothing to silence
+        saved = [os.dup(1)]
+        saved.append(os.dup(2))
+    if len(saved) < 2:
+        for copy in saved:
+            os.close(copy)
         yield
         return
     python = sys.stdout, sys.stderr

@@ -17,7 +17,7 @@ import ray
 from cffa_ray import internals
 
 
-def test_ray_worker_line_printer_is_where_quiet_wraps_it():
+def test_ray_worker_line_printer_is_where_quiet_wraps_and_cli_stops_it():
     from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
 
     assert hasattr(dispatcher, "_lock") and isinstance(dispatcher.handlers, list), "Ray moved the dispatcher"
@@ -27,6 +27,9 @@ def test_ray_worker_line_printer_is_where_quiet_wraps_it():
         assert internals.filter_worker_lines(lambda line: "drop" not in line)
         dict(dispatcher.handlers)["ray_print_logs"]({"lines": ["keep me", "drop me"]})
         assert seen == [["keep me"]]
+        assert internals.stop_worker_lines()  # cli.last_line: no worker line after the closing line
+        dispatcher.emit({"lines": ["after the closing line"]})
+        assert seen == [["keep me"]] and "ray_print_logs" not in dict(dispatcher.handlers)
     finally:
         dispatcher.handlers[:] = [h for h in dispatcher.handlers if h[0] != "ray_print_logs"]
 
