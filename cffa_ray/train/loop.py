@@ -184,10 +184,7 @@ def _log(window: LogWindow, optimizer, cfg: TrainConfig, run: RunFolder, step: i
 
 
 def _preview(engine, cfg: TrainConfig, run: RunFolder, step: int, is_rank0: bool) -> None:
-    """step_XXXXXX_random_pairs/, sampled by rank 0 alone while every rank holds the whole model (ZeRO 0-2: the
-    others go on to the next step and wait for it there); with ZeRO-3 every rank samples, since each forward
-    gathers the sharded weights from all of them."""
-    if is_rank0 or cfg.zero_stage == 3:
-        cf, fa = sample_previews(engine.module, cfg)
+    """step_XXXXXX_random_pairs/ (every rank samples: ZeRO-3 needs all of them in each forward)."""
+    cf, fa = sample_previews(engine.module, cfg)
     if is_rank0:
         run.write_samples(step, cf, fa)
