@@ -131,6 +131,7 @@ def test_killed_job_resumes_with_only_the_missing_pairs_whatever_the_batches_or_
     assert 0 < len(done_before) < 40, "the job was not stopped part-way"
     pngs_before = {k: v for k, v in png_digest(out).items() if int(k.split("pair_")[1][:6]) in done_before}
 
+    assert 40 - len(done_before) >= 7, "too few pairs left for a 2nd call of an actor: the fault would not fire"
     fault = f"generate_batch=2,once={tmp_path / 'fault-fired'}"
     proc = run_cli(*job, "--batch_size", 3, "--concurrency", "1-2",
                    env={FAULT_ENV: fault})  # the driver hands the variable to its actors (faults.job_env_vars)
