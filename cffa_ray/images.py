@@ -23,7 +23,7 @@ def png_bytes(image: Image.Image) -> bytes:
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """[B, 3, H, W] in [-1, 1] -> uint8 [B, H, W, 3]."""
-    import torch  # here: the drivers that write PNGs (generation, reports) start 1.4 s sooner without it
+    import torch  # here: the generation driver imports this module for its PNG helpers, and starts 1.4 s sooner
 
     x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return x.permute(0, 2, 3, 1).cpu().numpy()

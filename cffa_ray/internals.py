@@ -49,9 +49,12 @@ def train_logging_config(level: str):
     return LoggingConfig(log_level=level)
 
 
+RAY_WORKER_LINE_PRINTER = "ray_print_logs"  # the dispatcher's handler that prints forwarded worker lines
+
+
 def _worker_line_dispatcher():
     """Ray's dispatcher of the lines workers forward to the driver (its printer is the handler named
-    "ray_print_logs", and it prints under its `_lock`), or None where this Ray has none."""
+    RAY_WORKER_LINE_PRINTER, and it prints under its `_lock`), or None where this Ray has none."""
     try:
         from ray._private.ray_logging import global_worker_stdstream_dispatcher
     except ImportError:
@@ -67,7 +70,7 @@ def filter_worker_lines(keep: Callable[[str], bool]) -> bool:
         return False
     with dispatcher._lock:
         for i, (name, handler) in enumerate(dispatcher.handlers):
-            if name == "ray_print_logs" and not getattr(handler, "_cffa_filtered", False):
+            if name == RAY_WORKER_LINE_PRINTER and not getattr(handler, "_cffa_filtered", False):
                 def filtered(data, handler=handler):
                     lines = [ln for ln in data.get("lines", []) if ln.strip() and keep(ln)]
                     if lines:
@@ -83,7 +86,7 @@ def stop_worker_lines() -> bool:
     dispatcher = _worker_line_dispatcher()
     if dispatcher is None:
         return False
-    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.remove_handler(RAY_WORKER_LINE_PRINTER)
     return True
 
 

@@ -22,16 +22,16 @@ def test_ray_worker_line_printer_is_where_quiet_wraps_and_cli_stops_it():
 
     assert hasattr(dispatcher, "_lock") and isinstance(dispatcher.handlers, list), "Ray moved the dispatcher"
     seen = []
-    dispatcher.handlers.append(("ray_print_logs", lambda data: seen.append(data["lines"])))
+    dispatcher.handlers.append((internals.RAY_WORKER_LINE_PRINTER, lambda data: seen.append(data["lines"])))
     try:
         assert internals.filter_worker_lines(lambda line: "drop" not in line)
-        dict(dispatcher.handlers)["ray_print_logs"]({"lines": ["keep me", "drop me"]})
+        dict(dispatcher.handlers)[internals.RAY_WORKER_LINE_PRINTER]({"lines": ["keep me", "drop me"]})
         assert seen == [["keep me"]]
         assert internals.stop_worker_lines()  # cli.last_line: no worker line after the closing line
         dispatcher.emit({"lines": ["after the closing line"]})
-        assert seen == [["keep me"]] and "ray_print_logs" not in dict(dispatcher.handlers)
+        assert seen == [["keep me"]] and internals.RAY_WORKER_LINE_PRINTER not in dict(dispatcher.handlers)
     finally:
-        dispatcher.handlers[:] = [h for h in dispatcher.handlers if h[0] != "ray_print_logs"]
+        dispatcher.handlers[:] = [h for h in dispatcher.handlers if h[0] != internals.RAY_WORKER_LINE_PRINTER]
 
 
 def test_ray_data_log_once_keys_and_progress_logger_exist_in_ray_data():

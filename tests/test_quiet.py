@@ -1,4 +1,5 @@
-"""The noise filter of the forwarded Ray output (cffa_ray/quiet.py): Ray's routine lines go, errors stay."""
+"""A readable terminal (cffa_ray/quiet.py): Ray's routine lines go and errors stay, and a command's closing
+line (cli.last_line) is the last thing it prints, whatever Ray does as it is left."""
 import os
 import subprocess
 import sys
