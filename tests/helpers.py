@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from PIL import Image
 
 from tests.sim_cluster import RAY, default_sigint, free_port, kill_group
@@ -249,15 +248,12 @@ class RayHead:
                               [RAY, args[0], args[1], "--address", self.address, *args[2:]],
                               env=self.env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
-    def submit(self, job_id: str, *entrypoint: str, env_vars: dict[str, str] | None = None) -> None:
-        """`ray job submit` with the project's runtime env file, or that env plus `env_vars`."""
-        env_args = ["--runtime-env", "jobs/runtime_env.yaml"]
-        if env_vars:
-            runtime_env = yaml.safe_load((REPO / "jobs/runtime_env.yaml").read_text())
-            runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), **env_vars}
-            env_args = ["--runtime-env-json", json.dumps(runtime_env)]
-        argv = ("job", "submit", "--submission-id", job_id, "--working-dir", ".", *env_args, "--no-wait", "--",
-                *entrypoint)
+    def submit(self, job_id: str, *entrypoint: str) -> subprocess.Popen:
+        """`ray job submit` with the project's runtime env file; returns `ray job logs --follow` on it, which
+        tails the job's logs until it ends (`finished` collects them). One waiting process instead of a
+        `ray job status`, a Python process of its own, every few seconds."""
+        argv = ("job", "submit", "--submission-id", job_id, "--working-dir", ".", "--runtime-env",
+                "jobs/runtime_env.yaml", "--no-wait", "--", *entrypoint)
         deadline = time.time() + 120
         # the head may answer 500 "No available agent to submit job, please try again later" (seen on a doubly
         # loaded machine, two pytest-xdist workers): try again, as the message says
@@ -265,26 +261,15 @@ class RayHead:
             assert time.time() < deadline, proc.stdout + proc.stderr
             time.sleep(2)
         assert proc.returncode == 0, proc.stdout + proc.stderr
+        return subprocess.Popen([RAY, "job", "logs", "--address", self.address, "--follow", job_id], env=self.env,
+                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
-    def status(self, job_id: str) -> str:
-        """RUNNING, PENDING, SUCCEEDED, FAILED or STOPPED, as `ray job status` prints it."""
-        out = re.sub(r"\x1b\[[0-9;]*m", "", self.ray("job", "status", job_id).stdout)
-        if m := re.search(r"Status for job '[^']+': (\w+)", out):
-            return m.group(1)
-        for word, status in (("succeeded", "SUCCEEDED"), ("failed", "FAILED"), ("stopped", "STOPPED")):
-            if f"Job '{job_id}' " in out and word in out:
-                return status
-        return "UNKNOWN"
-
-    def wait(self, job_id: str, timeout: float = 600) -> str:
-        deadline = time.time() + timeout
-        while (status := self.status(job_id)) not in ("SUCCEEDED", "FAILED", "STOPPED", "UNKNOWN"):
-            assert time.time() < deadline, f"{job_id} still {status}"
-            time.sleep(2)
-        return status
-
-    def logs(self, job_id: str) -> str:
-        return self.ray("job", "logs", job_id).stdout
+    @staticmethod
+    def finished(job: subprocess.Popen, timeout: float = 600) -> str:
+        """The logs of a `submit`ted job once it has ended; an AssertionError unless it succeeded."""
+        output = job.communicate(timeout=timeout)[0]
+        assert re.search(r"Job '[^']+' succeeded", output), output[-5000:]
+        return output
 
 
 def colourfulness(images: torch.Tensor) -> torch.Tensor:

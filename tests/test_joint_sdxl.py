@@ -1,18 +1,15 @@
 """The joint SDXL design: size conditioning, the exact CF|FA split, loss terms, both LoRA formats,
-an SDXL folder made with save_pretrained, and the design through the real train/generate jobs."""
-import json
+and an SDXL folder made with save_pretrained (the design through the real train and generate jobs, sent
+with `ray job submit`: test_cluster_jobs.py)."""
 
-import numpy as np
-import pandas as pd
 import pytest
 import torch
-from PIL import Image
 
 from cffa_ray.config import ModelConfig
 from cffa_ray.models.base import load_base
 from cffa_ray.models.build import build_model
 from cffa_ray.models.joint_sdxl import DIFFUSERS_LORA_FILE, joint, sdxl_time_ids, split
-from tests.helpers import assert_ok, randomise_lora, run_cli, run_clis, write_tiny_tokenizer
+from tests.helpers import randomise_lora, write_tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -89,47 +86,3 @@ def test_base_model_from_an_sdxl_folder(tmp_path):
     m = build_model(ModelConfig(model="joint_sdxl", base_model=str(tmp_path / "sdxl"), resolution=64,
                                 unet_lora_rank=4))
     assert torch.isfinite(m({"cf": torch.zeros(1, 3, 64, 64), "fa": torch.zeros(1, 3, 64, 64)})["loss"])
-
-
-@pytest.mark.slow
-@pytest.mark.usefixtures("ray_head")
-def test_train_and_generate_through_the_same_jobs(pairs_dir, tmp_path):
-    proc = run_cli("train", "--model", "joint_sdxl", "--preset", "tiny-sdxl", "--data", pairs_dir, "--output_dir",
-                   tmp_path, "--name", "x", "--resolution", 64, "--max_steps", 8, "--num_workers", 1,
-                   "--zero_stage", 2, "--batch_size", 2, "--val_every", 4, "--sample_every", 4,
-                   "--num_sample_pairs", 2, "--sample_steps", 4)
-    assert_ok(proc)
-    run = tmp_path / "x"
-    latest = run / "latest_checkpoints"
-    for ckpt in (run / "best_checkpoint", latest / "step_000004", latest / "step_000008"):
-        assert (ckpt / "unet_lora/adapter_config.json").is_file()
-        assert (ckpt / "unet_lora/adapter_model.safetensors").is_file()
-        assert (ckpt / DIFFUSERS_LORA_FILE).is_file()
-        assert json.loads((ckpt / "model.json").read_text())["model"] == "joint_sdxl"
-    for name in ("cf.png", "fa.png", "joint.png"):
-        assert (run / "step_000008_random_pairs/pair_01" / name).is_file()
-
-    # the two generation modes and two refusals, as independent jobs at once (tests/helpers.run_clis)
-    out, ckpt = tmp_path / "g", run / "best_checkpoint"
-    gen, fd, wrong, retrain = run_clis(
-        ("generate", "--checkpoint_dir", ckpt, "--num_samples", 4, "--steps", 3, "--batch_size", 2,
-         "--concurrency", 2, "--output_dir", out),
-        ("generate", "--checkpoint_dir", ckpt, "--num_samples", 2, "--steps", 3, "--mode", "from_data", "--data",
-         pairs_dir, "--strength", 0.6, "--output_dir", tmp_path / "fd"),
-        ("generate", "--checkpoint_dir", ckpt, "--model", "dual_unet", "--output_dir", tmp_path / "w"),
-        ("train", "--model", "dual_unet", "--preset", "tiny", "--data", pairs_dir, "--output_dir", tmp_path, "--name",
-         "x", "--resolution", 64))
-    assert_ok(gen)
-    df = pd.read_parquet(out / "parquet")
-    assert sorted(df.pair_id) == [0, 1, 2, 3] and (df.model == "joint_sdxl").all()
-    pair = out / "png/shard_0000/pair_000002"
-    joint_png = Image.open(pair / "joint.png")
-    assert joint_png.size == (128, 64)
-    j = np.asarray(joint_png)
-    assert np.array_equal(j[:, :64], np.asarray(Image.open(pair / "cf.png")))       # CF = left half, exactly
-    assert np.array_equal(j[:, 64:, 0], np.asarray(Image.open(pair / "fa.png")))    # FA = right half
-    assert_ok(fd)
-    assert set(pd.read_parquet(tmp_path / "fd/parquet").source_pair_id) == {"synth_00000", "synth_00001"}
-    # a joint checkpoint is not a dual-UNet one, and the jobs say so
-    assert wrong.returncode == 2 and "holds a joint_sdxl model" in wrong.stderr
-    assert retrain.returncode == 2 and "model 'joint_sdxl' -> 'dual_unet'" in retrain.stderr
