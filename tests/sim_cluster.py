@@ -181,7 +181,7 @@ class Ray:
 
     def actors(self, class_part: str, state: str | None = "ALIVE") -> list[dict]:
         """Actors whose class name contains `class_part`, in `state` (None: any): {class_name, node_id, pid,
-        state}."""
+        state, death_cause} (death_cause: why a DEAD one ended, in Ray's words; else None)."""
         found = self.call("actors", class_part=class_part)["actors"]
         return [a for a in found if state is None or a["state"] == state]
 
@@ -385,7 +385,8 @@ def serve() -> None:
 
     def actors(class_part: str) -> dict:
         found = list_actors(detail=True, limit=1000, raise_on_missing_output=False)
-        return {"actors": [{"class_name": a.class_name, "node_id": a.node_id, "pid": a.pid, "state": a.state}
+        return {"actors": [{"class_name": a.class_name, "node_id": a.node_id, "pid": a.pid, "state": a.state,
+                            "death_cause": str(a.death_cause)[:400] if a.death_cause else None}
                            for a in found if class_part in a.class_name]}
 
     def shutdown() -> dict:
