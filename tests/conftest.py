@@ -11,7 +11,16 @@ import pytest
 import torch
 from filelock import FileLock
 
-from tests.helpers import MODEL_RECORD, SHARED_HEAD_ENV, TRAIN_ARGS, RayHead, assert_ok, run_cli, write_tiny_tokenizer
+from tests.helpers import (
+    GEN_ARGS,
+    MODEL_RECORD,
+    SHARED_HEAD_ENV,
+    TRAIN_ARGS,
+    RayHead,
+    assert_ok,
+    run_cli,
+    write_tiny_tokenizer,
+)
 
 # Ray Train's controller polls its workers every 2 s by default, so a run's start and its end each wait ~1 s
 # for the next poll, and a tiny run takes ~4 s longer (measured). Every Ray the tests start (the shared head,
@@ -84,6 +93,21 @@ def trained_run(tmp_path_factory, pairs_dir, ray_head):
 
     done = once_per_session(tmp_path_factory, "trained_run", make)
     return Path(done["run"]), subprocess.CompletedProcess([], 0, done["stdout"], done["stderr"])
+
+
+@pytest.fixture(scope="session")
+def generated(trained_run, tmp_path_factory):
+    """The generation issue's 40 pairs from the shared run (GEN_ARGS), made once per session: (output folder,
+    completed process). The multi-node generation test compares its pairs with these."""
+    run, _ = trained_run
+
+    def make(folder: Path) -> dict:
+        proc = run_cli("generate", "--checkpoint_dir", run / "best_checkpoint", "--output_dir", folder / "G", *GEN_ARGS)
+        assert_ok(proc)
+        return {"out": str(folder / "G"), "stdout": proc.stdout, "stderr": proc.stderr}
+
+    done = once_per_session(tmp_path_factory, "generated", make)
+    return Path(done["out"]), subprocess.CompletedProcess([], 0, done["stdout"], done["stderr"])
 
 
 def once_per_session(tmp_path_factory, name: str, make):

@@ -88,6 +88,10 @@ TRAIN_ARGS = ("--preset", "tiny", "--resolution", 64, "--max_steps", 12, "--num_
               "--sample_steps", 4)  # (previews: files of the right kind, not pictures worth 50 steps)
 
 
+# The shared generation (conftest's `generated`): 40 pairs of the shared run, seed 0, model batch auto (8 on CPU)
+GEN_ARGS = ("--num_samples", 40, "--steps", 4, "--batch_size", 8, "--concurrency", 2)
+
+
 # A tiny training for tests whose subject is not the data path or the sharding (signals, full disks, errors):
 # one worker, and each step's pixels encoded in the worker (no latent-cache actor), ~22 s instead of ~38 s on
 # 2 cores. The shared run (TRAIN_ARGS), test_latent_cache and the ZeRO-3 and multi-node runs cover the cache

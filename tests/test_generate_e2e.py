@@ -13,12 +13,9 @@ import pytest
 from PIL import Image
 
 from cffa_ray.faults import FAULT_ENV, fired
-from tests.helpers import assert_ok, run_cli, start_cli
+from tests.helpers import GEN_ARGS, assert_ok, run_cli, start_cli
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_head")]  # CLI runs join one Ray head
-
-GEN_ARGS = ("--num_samples", 40, "--steps", 4, "--batch_size", 8, "--concurrency", 2)
-
 
 def tree_digest(root):
     """{relative path: sha256} of every file under root."""
@@ -42,15 +39,6 @@ def settle(folder, quiet_s=3.0, timeout_s=60.0):
         elif time.time() - since >= quiet_s:
             return
         time.sleep(0.2)
-
-
-@pytest.fixture(scope="module")
-def generated(trained_run, tmp_path_factory):
-    run, _ = trained_run
-    out = tmp_path_factory.mktemp("gen") / "G"
-    proc = run_cli("generate", "--checkpoint_dir", run / "best_checkpoint", "--output_dir", out, *GEN_ARGS)
-    assert_ok(proc)
-    return out, proc
 
 
 def test_forty_pairs_in_parquet_and_png_shards(generated, trained_run):
