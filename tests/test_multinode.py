@@ -160,9 +160,10 @@ def test_generation_loses_a_node_and_nothing_else(trained_run, generated, tmp_pa
                                   "--concurrency", 3, "--worker_resources", ON_WORKERS)
         wait_for(lambda: running(proc, log) and committed_pair_ids(out), 180, "the first committed pairs")
         # every actor is held before its 2nd call, so the job cannot end before the others are up: await them.
-        # (Seen twice here, after the training node-loss test, never alone: 2 of the 3 actors DEAD, none started
-        # in their place, and all the work queued on the third. The cause is not known yet: each DEAD actor's
-        # death cause is printed. Then the one live actor's node is the one lost: the job must restart it.)
+        # But Ray Data releases an actor that it has no input left for: seen once with one of the three (its
+        # death cause "all references to the actor were removed", printed below), and twice, after the training
+        # node-loss test, with two, all the work then queued on the third. Then the one live actor's node is the
+        # one lost, and the job must restart it.
         def spread() -> bool:
             found = cluster.actors("PairGenerator", state=None)
             alive = {a["node_id"] for a in found if a["state"] == "ALIVE"}
