@@ -172,8 +172,6 @@ def check_hub_model(repo_id: str, model: str, required: tuple[str, ...]) -> None
 
 def check_model_record(record: dict, where: Path, flag: str) -> None:
     """model.json names a design we know and every setting that rebuilds its model, with valid values."""
-
-
     names = [f.name for f in fields(ModelConfig)]
     # lora_targets came later: older records lack it, and generation reads it from peft's adapter_config
     missing = [n for n in names if n not in record and n != "lora_targets"]

@@ -25,8 +25,6 @@ SCORE_COLUMNS = ("dice", "dice_mismatched", "ssim_cf", "ssim_fa", "psnr_cf", "ps
 
 def _decode_png(data: bytes, resolution: int, mode: str) -> np.ndarray:
     """A PNG that `cffa generate` wrote (8-bit RGB or L) -> uint8 [R, R, 3] or [R, R]."""
-
-
     image = Image.open(io.BytesIO(data)).convert(mode)
     if image.size != (resolution, resolution):
         image = image.resize((resolution, resolution), Image.Resampling.BICUBIC)

@@ -124,8 +124,6 @@ def row_constants(cfg: GenerateConfig, record: dict, ident: dict) -> dict:
 
 def pipeline(cfg: GenerateConfig, record: dict, ident: dict, todo: list[int], sources: list[dict] | None):
     """The lazy Ray Data job (see the module docstring); iterating it does the work."""
-
-
     low, high = actor_pool(cfg.concurrency, cfg.use_gpu)
     ds = ray.data.from_items(pair_rows(cfg.seed, todo, sources),
                              override_num_blocks=max(1, -(-len(todo) // cfg.batch_size)))

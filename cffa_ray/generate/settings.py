@@ -49,8 +49,6 @@ def needs_calibration(cfg: GenerateConfig, recorded: dict | None) -> bool:
 
 def auto_model_batch(cfg: GenerateConfig) -> int:
     """On CPU a fixed 8; on GPU the largest batch that fits, measured by a one-GPU Ray task."""
-
-
     if not cfg.use_gpu:
         return CPU_MODEL_BATCH
     options = {"num_gpus": 1, **({"accelerator_type": cfg.accelerator_type} if cfg.accelerator_type else {}),
