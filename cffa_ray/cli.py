@@ -170,7 +170,8 @@ def last_line(ns, message: str, code: int) -> int:
     """Print the line that ends a command, and return its exit code. Ray's printer of worker lines is stopped
     first (a batch it is printing ends before), so no worker line follows the line; Ray is left after it,
     with stdout and stderr silenced, so a shutdown that ends the process itself (Ray's native code can)
-    cannot take the line with it."""
+    cannot take the line with it; and `end` then ends the process at once."""
+    global _left_ray
     ray = sys.modules.get("ray")  # (never imported here: `cffa synth` and a bad flag run without Ray)
     joined = ray is not None and ray.is_initialized()
     if joined:
@@ -181,8 +182,26 @@ def last_line(ns, message: str, code: int) -> int:
     if joined:
         with silenced(), contextlib.suppress(Exception):  # the line matters more than a clean disconnect
             ray.shutdown()
+        _left_ray = True
     return code
 
 
+_left_ray = False  # set by last_line once it has left Ray after the closing line
+
+
+def end(code: int) -> None:
+    """Exit with `code`. After a closing line that left Ray, at once (os._exit), without the interpreter's
+    shutdown: threads Ray leaves behind can print while it runs, after the line (seen: a traceback of Ray
+    Data's executor cancelling a task after the shutdown, "No owner found for object", on SIGHUP)."""
+    if _left_ray:
+        os._exit(code)
+    sys.exit(code)
+
+
+def entry(argv: list[str] | None = None) -> None:
+    """The `cffa` command (and jobs/*.py): main(argv), then `end`."""
+    end(main(argv))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

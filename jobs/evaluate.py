@@ -5,7 +5,7 @@ from pathlib import Path
 # `python jobs/x.py` puts jobs/ on sys.path; the package sits beside it in the uploaded working dir.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cffa_ray.cli import main  # noqa: E402
+from cffa_ray.cli import entry  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main(["evaluate", *sys.argv[1:]]))
+    entry(["evaluate", *sys.argv[1:]])

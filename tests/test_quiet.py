@@ -95,3 +95,24 @@ def test_the_closing_line_is_out_before_ray_is_left_and_nothing_follows_it(shutd
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == code, proc.stderr
     assert (proc.stdout, proc.stderr) == ("", "cffa train: training interrupted by SIGTERM\n")
+
+
+# Ray leaves a thread behind that prints after the shutdown (seen: Ray Data's executor cancelling a task, a
+# traceback ending "TypeError: No owner found for object." after the closing line of a SIGHUP)
+LINGERING_THREAD = """
+import argparse, sys, threading, time, types
+say = lambda: (time.sleep(0.3), print("TypeError: No owner found for object.", file=sys.stderr, flush=True))
+sys.modules["ray"] = types.SimpleNamespace(is_initialized=lambda: True,
+                                           shutdown=lambda: threading.Thread(target=say).start())
+from cffa_ray.cli import end, last_line
+{exit}(last_line(argparse.Namespace(command="generate"), "generation interrupted by SIGHUP", 129))
+"""
+
+
+def test_a_thread_ray_leaves_behind_prints_nothing_after_the_closing_line():
+    runs = {how: subprocess.run([sys.executable, "-c", LINGERING_THREAD.format(exit=how)], cwd=REPO,
+                                capture_output=True, text=True, timeout=60) for how in ("end", "sys.exit")}
+    assert runs["end"].returncode == 129
+    assert (runs["end"].stdout, runs["end"].stderr) == ("", "cffa generate: generation interrupted by SIGHUP\n")
+    # the same process left by a plain sys.exit: the thread's line comes last (what `end` is for)
+    assert runs["sys.exit"].stderr.splitlines()[-1] == "TypeError: No owner found for object."
