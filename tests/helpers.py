@@ -88,7 +88,8 @@ TRAIN_ARGS = ("--preset", "tiny", "--resolution", 64, "--max_steps", 12, "--num_
               "--sample_steps", 4)  # (previews: files of the right kind, not pictures worth 50 steps)
 
 
-# The shared generation (conftest's `generated`): 40 pairs of the shared run, seed 0, model batch auto (8 on CPU)
+# The shared generation (conftest's `generated`): 40 pairs of the shared run, the default seed (42) and model
+# batch (auto: 8 on CPU)
 GEN_ARGS = ("--num_samples", 40, "--steps", 4, "--batch_size", 8, "--concurrency", 2)
 
 
@@ -268,12 +269,32 @@ class RayHead:
         return subprocess.Popen([RAY, "job", "logs", "--address", self.address, "--follow", job_id], env=self.env,
                                 cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
-    @staticmethod
-    def finished(job: subprocess.Popen, timeout: float = 600) -> str:
-        """The logs of a `submit`ted job once it has ended; an AssertionError unless it succeeded."""
-        output = job.communicate(timeout=timeout)[0]
-        assert re.search(r"Job '[^']+' succeeded", output), output[-5000:]
+    def finished(self, job_id: str, job: subprocess.Popen, timeout: float = 600) -> str:
+        """The logs of a `submit`ted job once it has ended; an AssertionError unless it succeeded. (Should the
+        log stream break off before the job's last line, the job's status is polled instead.)"""
+        try:
+            output = job.communicate(timeout=timeout)[0]
+        except subprocess.TimeoutExpired:
+            job.kill()
+            raise AssertionError(f"{job_id} still runs after {timeout} s") from None
+        if not re.search(rf"Job '{re.escape(job_id)}' (succeeded|failed|was stopped)", output):
+            deadline = time.time() + timeout
+            while (status := self.status(job_id)) in ("PENDING", "RUNNING"):
+                assert time.time() < deadline, f"{job_id} still {status}"
+                time.sleep(2)
+            output += f"\nJob '{job_id}' {status.lower()}\n"
+        assert re.search(rf"Job '{re.escape(job_id)}' succeeded", output), output[-5000:]
         return output
+
+    def status(self, job_id: str) -> str:
+        """RUNNING, PENDING, SUCCEEDED, FAILED or STOPPED, as `ray job status` prints it."""
+        out = re.sub(r"\x1b\[[0-9;]*m", "", self.ray("job", "status", job_id).stdout)
+        if m := re.search(r"Status for job '[^']+': (\w+)", out):
+            return m.group(1)
+        for word, status in (("succeeded", "SUCCEEDED"), ("failed", "FAILED"), ("stopped", "STOPPED")):
+            if f"Job '{job_id}' " in out and word in out:
+                return status
+        return "UNKNOWN"
 
 
 def colourfulness(images: torch.Tensor) -> torch.Tensor:

@@ -41,7 +41,7 @@ def test_the_joint_design_trains_and_generates_through_ray_job_submit(cluster, p
                            "--data", str(pairs_dir), "--output_dir", runs, "--name", "c", "--resolution", "64",
                            "--max_steps", "8", "--num_workers", "1", "--zero_stage", "2", "--batch_size", "2",
                            "--val_every", "4", "--sample_every", "8", "--num_sample_pairs", "2", "--sample_steps", "4")
-    cluster.finished(train)
+    cluster.finished("cffa-train", train)
     run = tmp_path / "runs/c"
     latest = run / "latest_checkpoints"
     assert sorted(p.name for p in latest.iterdir()) == ["step_000004", "step_000008"]
@@ -63,7 +63,7 @@ def test_the_joint_design_trains_and_generates_through_ray_job_submit(cluster, p
         ("generate", "--checkpoint_dir", ckpt, "--model", "dual_unet", "--output_dir", tmp_path / "w"),
         ("train", "--model", "dual_unet", "--preset", "tiny", "--data", pairs_dir, "--output_dir", tmp_path / "runs",
          "--name", "c", "--resolution", 64))
-    assert "generated 24 pairs" in cluster.finished(generate)
+    assert "generated 24 pairs" in cluster.finished("cffa-generate", generate)
     df = pd.read_parquet(out / "parquet")
     assert sorted(df.pair_id) == list(range(24)) and (df.model == "joint_sdxl").all()
     assert len(list((out / "png/shard_0000").iterdir())) == 24

@@ -17,6 +17,7 @@ from tests.helpers import GEN_ARGS, assert_ok, run_cli, start_cli
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_head")]  # CLI runs join one Ray head
 
+
 def tree_digest(root):
     """{relative path: sha256} of every file under root."""
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
