@@ -166,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
         return last_line(ns, f"error: {no_space_message(ns, full)}", 1)
 
 
+_left_ray = False  # set by last_line once it has left Ray after the closing line; read by end
+
+
 def last_line(ns, message: str, code: int) -> int:
     """Print the line that ends a command, and return its exit code. Ray's printer of worker lines is stopped
     first (a batch it is printing ends before), so no worker line follows the line; Ray is left after it,
@@ -184,9 +187,6 @@ def last_line(ns, message: str, code: int) -> int:
             ray.shutdown()
         _left_ray = True
     return code
-
-
-_left_ray = False  # set by last_line once it has left Ray after the closing line
 
 
 def end(code: int) -> None:

@@ -143,6 +143,7 @@ def test_training_loses_the_node_of_rank_1(pairs_dir, tmp_path):
 # the shared generation's seed, steps and model batch (tests/helpers.GEN_ARGS): its first 24 pairs, in 6 batches
 # (each model call pads its 4 pairs to the model batch, 8, as the pairs' pixels require)
 GENERATE = ("--num_samples", 24, "--steps", 4, "--batch_size", 4, "--rows_per_shard", 4)
+MODEL_ACTORS = 3  # one per node
 
 
 def test_generation_loses_a_node_and_nothing_else(trained_run, generated, tmp_path):
@@ -154,11 +155,11 @@ def test_generation_loses_a_node_and_nothing_else(trained_run, generated, tmp_pa
     out, log, gate = tmp_path / "generated", tmp_path / "generate.log", tmp_path / "go"
     with hard_timeout(480, "the generation node-loss test"), \
             SimCluster(tmp_path, head_cpus=2, env={"CFFA_INJECT_FAULT": f"generate_batch=2,hold={gate}"}) as cluster:
-        for _ in range(3):
+        for _ in range(MODEL_ACTORS):
             cluster.add_node(num_cpus=1, resources={ACCELERATOR: 1})
         t0 = time.time()
         proc = cluster.start_cffa(log, "generate", "--checkpoint_dir", ckpt, "--output_dir", out, *GENERATE,
-                                  "--concurrency", 3, "--worker_resources", ON_WORKERS)
+                                  "--concurrency", MODEL_ACTORS, "--worker_resources", ON_WORKERS)
         wait_for(lambda: running(proc, log) and committed_pair_ids(out), 180, "the first committed pairs")
         # every actor is held before its 2nd call, so the job cannot end before the others are up: await them.
         # But Ray Data releases an actor that it has no input left for: seen once with one of the three (its
@@ -168,7 +169,7 @@ def test_generation_loses_a_node_and_nothing_else(trained_run, generated, tmp_pa
         def spread() -> bool:
             found = cluster.actors("PairGenerator", state=None)
             alive = {a["node_id"] for a in found if a["state"] == "ALIVE"}
-            settled = len(found) >= 3 and all(a["state"] in ("ALIVE", "DEAD") for a in found)
+            settled = len(found) >= MODEL_ACTORS and all(a["state"] in ("ALIVE", "DEAD") for a in found)
             return len(alive) >= 2 or bool(alive and settled)
 
         try:

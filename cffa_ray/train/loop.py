@@ -184,7 +184,9 @@ def _log(window: LogWindow, optimizer, cfg: TrainConfig, run: RunFolder, step: i
 
 
 def _preview(engine, cfg: TrainConfig, run: RunFolder, step: int, is_rank0: bool) -> None:
-    """step_XXXXXX_random_pairs/ (every rank samples: ZeRO-3 needs all of them in each forward)."""
+    """step_XXXXXX_random_pairs/, sampled on every rank: ZeRO-3 needs all of them in each forward, and below
+    it the others would wait out rank 0's preview inside the next step's all-reduce (with a real model on CPU,
+    near the process group's timeout)."""
     cf, fa = sample_previews(engine.module, cfg)
     if is_rank0:
         run.write_samples(step, cf, fa)
