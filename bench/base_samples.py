@@ -6,11 +6,14 @@ This samples the base alone (the "fa" prompt the pretraining gave it, and the em
 product uses) with DDIM, and scores the FA vessel maps with `cffa evaluate`'s topology measures
 (evaluate/topology.py) against real synthetic FA of the same size (another draw of them is the
 baseline: the measures' own noise), and, with
---generated, against the FA of a `cffa generate` output folder. Writes a grid (rows: real, base "fa",
-base "", generated) with --grid.
+--generated, against the FA of a `cffa generate` output folder. With --latent_noise, also the real FA
+through the base's VAE with that much noise on the latents: whether its decoder draws a latent a little
+off the encoder's outputs (as every sampler's are) as a tree or as a mesh. Writes a grid (rows: real,
+base "fa", base "", round trips, generated) with --grid.
 
     python bench/base_samples.py --n 32 --grid docs/images/base_fa.png \
         --generated /work/tmp_q600/generated/struct0_alpha_bar_seed0_negated
+    python bench/base_samples.py --n 32 --latent_noise 0 0.3 0.5 --base /tmp/rt/dec
 """
 from __future__ import annotations
 
@@ -59,6 +62,20 @@ def base_fa(folder: Path, prompt: str, n: int, steps: int, seed: int) -> np.ndar
     return grey.round().byte().numpy()
 
 
+def round_trip(folder: Path, fas: np.ndarray, noise: float, seed: int) -> np.ndarray:
+    """The base's VAE on real FA: encode (posterior mode), add `noise` latent stds of Gaussian noise, decode.
+    How the decoder draws a latent a little off the encoder's outputs, as every sampler's are."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch.float32).eval()
+    x = torch.from_numpy(fas).float().div(127.5).sub(1)[:, None].expand(-1, 3, -1, -1)
+    with torch.no_grad():
+        z = vae.encode(x).latent_dist.mode()
+        z = z + noise * z.std() * torch.randn(z.shape, generator=torch.Generator().manual_seed(seed))
+        rgb = vae.decode(z).sample
+    return ((rgb.clamp(-1, 1) + 1) * 127.5).mean(dim=1).round().byte().numpy()
+
+
 def read_fa(paths: list[str], n: int) -> np.ndarray:
     return np.stack([np.asarray(Image.open(p).convert("L").resize((SIZE, SIZE))) for p in sorted(paths)[:n]])
 
@@ -79,6 +96,9 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--base", default=None, help="a pretraining output folder (default: the shipped tiny-retina)")
     p.add_argument("--generated", default=None, help="a cffa generate output folder: its FA as one more set")
+    p.add_argument("--latent_noise", type=float, nargs="*", default=[],
+                   help="also the VAE round trip of the real FA with this much latent noise (in latent stds), "
+                        "e.g. 0 0.3: does the decoder draw a near-miss latent as a tree?")
     p.add_argument("--grid", default=None, help="write a PNG grid here (8 per row)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
@@ -92,6 +112,8 @@ def main() -> None:
     sets = {"real synthetic FA, another draw": read_fa(glob.glob(f"{work}/2/fa/*.png"), args.n),
             'base alone, prompt "fa"': base_fa(base, "fa", args.n, args.steps, args.seed),
             'base alone, empty prompt': base_fa(base, "", args.n, args.steps, args.seed)}
+    for noise in args.latent_noise:
+        sets[f"real FA, VAE round trip, noise {noise:g}"] = round_trip(base, reference, noise, args.seed)
     if args.generated:
         sets["generated (LoRA-trained dual_unet)"] = read_fa(glob.glob(f"{args.generated}/png/*/*/fa.png"), args.n)
     real = topologies(reference)
@@ -100,9 +122,9 @@ def main() -> None:
         summary = topology.summarise(topologies(fas), real)
         rows[name] = {m: {"mean": summary[m]["generated"]["mean"], "d": summary[m]["d"]} for m in topology.MEASURES}
     print(f"\nFA topology at {SIZE} px, {args.n} images per set, d against the real set ({time.time() - t0:.0f}s)")
-    print(f"{'set':38s}" + "".join(f"{m:>22s}" for m in topology.MEASURES))
+    print(f"{'set':40s}" + "".join(f"{m:>22s}" for m in topology.MEASURES))
     for name, row in rows.items():
-        print(f"{name:38s}" + "".join(f"{row[m]['mean']:12.3f} (d {row[m]['d']:+5.2f})" for m in topology.MEASURES))
+        print(f"{name:40s}" + "".join(f"{row[m]['mean']:12.3f} (d {row[m]['d']:+5.2f})" for m in topology.MEASURES))
     if args.grid:
         grid = np.concatenate([np.concatenate(list(fas[:8]), axis=1) for fas in sets.values()], axis=0)
         Path(args.grid).parent.mkdir(parents=True, exist_ok=True)

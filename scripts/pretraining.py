@@ -54,8 +54,18 @@ def log(stage: str, step: int, steps: int, t0: float, **values: float) -> None:
     print(f"[{stage}] step {step}/{steps} {terms} {time.time() - t0:.0f}s", flush=True)
 
 
+def min_snr_weight(a: torch.Tensor, gamma: float | None) -> torch.Tensor:
+    """Per-sample weight of the epsilon MSE under Min-SNR-gamma (Hang et al. 2023): min(SNR, gamma) / SNR,
+    SNR = a / (1 - a). It lowers the weight of the low-noise steps (fine detail), so more of the gradient
+    goes to the high-noise steps where a sample's global layout is decided. None: 1 for every sample."""
+    if gamma is None:
+        return torch.ones_like(a)
+    snr = a / (1 - a)
+    return snr.clamp(max=gamma) / snr
+
+
 def train_unet(unet, moments: torch.Tensor, scaling_factor: float, condition, steps: int, batch: int, lr: float,
-               offset_noise: float, ema_decay: float, stage: str = "unet"):
+               offset_noise: float, ema_decay: float, stage: str = "unet", min_snr_gamma: float | None = None):
     """Epsilon MSE on the SD noise schedule with offset noise; returns the EMA copy and a record.
 
     Args:
@@ -63,8 +73,9 @@ def train_unet(unet, moments: torch.Tensor, scaling_factor: float, condition, st
         moments: VAE posterior parameters [N, 2C, h, w] of the training images.
         condition: (rows, generator) -> the UNet's keyword arguments (prompt embeddings, SDXL's added
             conditions) for the sampled rows; called right after the rows are drawn.
+        min_snr_gamma: weight each sample's MSE by min_snr_weight (None: unweighted, as the shipped bases).
     Returns:
-        (EMA UNet in eval mode, {"steps", "mse", "seconds"}).
+        (EMA UNet in eval mode, {"steps", "mse", "seconds"}); "mse" is unweighted.
     """
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
@@ -86,7 +97,9 @@ def train_unet(unet, moments: torch.Tensor, scaling_factor: float, condition, st
         t = torch.randint(0, len(alphas), (batch,), generator=g)
         a = alphas[t].view(-1, 1, 1, 1)
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        loss = F.mse_loss(unet(x_t, t, **kwargs).sample, noise)
+        mse = F.mse_loss(unet(x_t, t, **kwargs).sample, noise, reduction="none").mean(dim=(1, 2, 3))
+        # unweighted: the plain mean, as the shipped bases were trained (the same floats on a rerun)
+        loss = mse.mean() if min_snr_gamma is None else (min_snr_weight(alphas[t], min_snr_gamma) * mse).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -95,7 +108,7 @@ def train_unet(unet, moments: torch.Tensor, scaling_factor: float, condition, st
             decay = min(ema_decay, (1 + step) / (10 + step))
             for pe, p in zip(ema.parameters(), unet.parameters()):
                 pe.lerp_(p, 1 - decay)
-        history.append(loss.item())
+        history.append(mse.mean().item())
         if (step + 1) % 100 == 0 or step == 0:
             log(stage, step + 1, steps, t0, mse=float(np.mean(history[-100:])))
     return ema.eval(), {"steps": steps, "mse": float(np.mean(history[-200:])), "seconds": round(time.time() - t0)}
