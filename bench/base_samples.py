@@ -112,8 +112,9 @@ def main() -> None:
     sets = {"real synthetic FA, another draw": read_fa(glob.glob(f"{work}/2/fa/*.png"), args.n),
             'base alone, prompt "fa"': base_fa(base, "fa", args.n, args.steps, args.seed),
             'base alone, empty prompt': base_fa(base, "", args.n, args.steps, args.seed)}
-    for noise in args.latent_noise:
-        sets[f"real FA, VAE round trip, noise {noise:g}"] = round_trip(base, reference, noise, args.seed)
+    for noise in args.latent_noise:  # of the first row's images, so the grid shows what the decoder made of them
+        sets[f"real FA, VAE round trip, noise {noise:g}"] = round_trip(
+            base, sets["real synthetic FA, another draw"], noise, args.seed)
     if args.generated:
         sets["generated (LoRA-trained dual_unet)"] = read_fa(glob.glob(f"{args.generated}/png/*/*/fa.png"), args.n)
     real = topologies(reference)
