@@ -13,7 +13,7 @@ base "fa", base "", round trips, generated) with --grid.
 
     python bench/base_samples.py --n 32 --grid docs/images/base_fa.png \
         --generated /work/tmp_q600/generated/struct0_alpha_bar_seed0_negated
-    python bench/base_samples.py --n 32 --latent_noise 0 0.3 0.5 --base /tmp/rt/dec
+    python bench/base_samples.py --n 32 --latent_noise 0.3 0.5 --grid /tmp/round_trips.png
 """
 from __future__ import annotations
 
@@ -62,18 +62,22 @@ def base_fa(folder: Path, prompt: str, n: int, steps: int, seed: int) -> np.ndar
     return grey.round().byte().numpy()
 
 
-def round_trip(folder: Path, fas: np.ndarray, noise: float, seed: int) -> np.ndarray:
-    """The base's VAE on real FA: encode (posterior mode), add `noise` latent stds of Gaussian noise, decode.
+def round_trips(folder: Path, fas: np.ndarray, sigmas: list[float], seed: int) -> dict[float, np.ndarray]:
+    """The base's VAE on real FA: encode (posterior mode), add sigma * N(0, 1) in units of the latents' std
+    over both modalities (1 / scaling_factor, the unit pretraining's perturb uses, there per batch), decode.
     How the decoder draws a latent a little off the encoder's outputs, as every sampler's are."""
     from diffusers import AutoencoderKL
 
     vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch.float32).eval()
     x = torch.from_numpy(fas).float().div(127.5).sub(1)[:, None].expand(-1, 3, -1, -1)
+    out = {}
     with torch.no_grad():
         z = vae.encode(x).latent_dist.mode()
-        z = z + noise * z.std() * torch.randn(z.shape, generator=torch.Generator().manual_seed(seed))
-        rgb = vae.decode(z).sample
-    return ((rgb.clamp(-1, 1) + 1) * 127.5).mean(dim=1).round().byte().numpy()
+        for sigma in sigmas:
+            noise = torch.randn(z.shape, generator=torch.Generator().manual_seed(seed))
+            rgb = vae.decode(z + sigma / vae.config.scaling_factor * noise).sample
+            out[sigma] = ((rgb.clamp(-1, 1) + 1) * 127.5).mean(dim=1).round().byte().numpy()
+    return out
 
 
 def read_fa(paths: list[str], n: int) -> np.ndarray:
@@ -112,9 +116,9 @@ def main() -> None:
     sets = {"real synthetic FA, another draw": read_fa(glob.glob(f"{work}/2/fa/*.png"), args.n),
             'base alone, prompt "fa"': base_fa(base, "fa", args.n, args.steps, args.seed),
             'base alone, empty prompt': base_fa(base, "", args.n, args.steps, args.seed)}
-    for noise in args.latent_noise:  # of the first row's images, so the grid shows what the decoder made of them
-        sets[f"real FA, VAE round trip, noise {noise:g}"] = round_trip(
-            base, sets["real synthetic FA, another draw"], noise, args.seed)
+    # of the first row's images, so the grid shows what the decoder made of them
+    for sigma, fas in round_trips(base, sets["real synthetic FA, another draw"], args.latent_noise, args.seed).items():
+        sets[f"real FA, VAE round trip, noise {sigma:g}"] = fas
     if args.generated:
         sets["generated (LoRA-trained dual_unet)"] = read_fa(glob.glob(f"{args.generated}/png/*/*/fa.png"), args.n)
     real = topologies(reference)

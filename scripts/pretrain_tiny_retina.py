@@ -17,24 +17,25 @@ encoder, a tiny offline CLIP tokenizer) to cffa_ray/models/weights/tiny-retina/,
 tiny-retina` loads (or `--base_model <that folder>`). Everything is seeded: a rerun on the same torch
 build and thread count writes the same weights.
 
-The committed weights were made in three stages (the first two the defaults, split so the VAE can be
-reused; the first two on a 2-core CPU shared with other jobs):
+The committed weights were made in three stages (the first two with the defaults, split so the VAE
+can be reused, on a 2-core CPU shared with other jobs):
 
     python scripts/pretrain_tiny_retina.py --out /tmp/tr-vae --unet_steps 0 --threads 1   # VAE: 830 s
     python scripts/pretrain_tiny_retina.py --out /tmp/tr --vae_from /tmp/tr-vae --preview /tmp/tr.png   # UNet: 1250 s
-    python scripts/pretrain_tiny_retina.py --vae_from /tmp/tr --unet_from /tmp/tr --unet_steps 0 \
-        --decoder_steps 1000 --decoder_noise 0.25 --decoder_fa_only            # the decoder (train_decoder): 264 s
+    python scripts/pretrain_tiny_retina.py --out /tmp/tr-dec --vae_from /tmp/tr --unet_from /tmp/tr \
+        --unet_steps 0 --decoder_steps 1000 --decoder_noise 0.25 --decoder_fa_only   # the decoder: 264 s
 
 The third stage (2026-12-07) fine-tunes the decoder alone to draw a near-miss angiogram latent as a
 tree; the encoder, so the latents and the UNet trained on them, are unchanged, and `tiny-retina-joint`
-carries the same VAE (BENCHMARKS.md, "What the base draws on its own").
+carries the same VAE (BENCHMARKS.md, "The decoder draws a near-miss latent as a mesh").
 
     python scripts/pretrain_tiny_retina.py                       # the first two stages in one go
     python scripts/pretrain_tiny_retina.py --out /tmp/tr --preview /tmp/tr.png --vae_steps 200 --unet_steps 200
 
 The shipped pretraining.json records the second command's arguments (its --vae_* values were unused:
 --vae_from), under "vae" what the first command's VAE stage did (2000 steps, 830 s), and under
-"decoder_stage" and "vae"/"decoder" the third.
+"decoder_stage" and "vae"/"decoder" the third (merged by hand: the third command's own record has no
+UNet stage, "unet": {"steps": 0}).
 
 --preview writes real images, their VAE reconstructions and base samples (empty prompt), one row each.
 """
@@ -79,14 +80,16 @@ def reconstruction(recon: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, 
     return (recon - x).abs().mean(), (sobel(recon) - sobel(x)).abs().mean()
 
 
-def perturb(z: torch.Tensor, noise: float | torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """z + sigma * N(0, 1), sigma uniform in [0, noise] latent stds per image (`noise` a float, or one per
-    image [B]; the std taken without gradient, so an encoder cannot escape the noise by scaling its latents up)."""
-    if not torch.is_tensor(noise) and not noise:
+def perturb(z: torch.Tensor, max_sigma: float | torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """z + sigma * N(0, 1), sigma uniform in [0, max_sigma] per image, in units of the batch's latent std
+    (`max_sigma` a float, or one per image [B]). The noise scales with the latents, so an encoder trained
+    through it cannot drown it by scaling its latents up."""
+    if not torch.is_tensor(max_sigma) and not max_sigma:
         return z
-    sigma = torch.as_tensor(noise, dtype=z.dtype).reshape(-1, 1, 1, 1) * torch.rand((len(z), 1, 1, 1), generator=g)
+    sigma = torch.as_tensor(max_sigma, dtype=z.dtype).reshape(-1, 1, 1, 1) * torch.rand(
+        (len(z), 1, 1, 1), generator=g, dtype=z.dtype)
     sigma = sigma * z.detach().std()
-    return z + sigma * torch.randn(z.shape, generator=g)
+    return z + sigma * torch.randn(z.shape, generator=g, dtype=z.dtype)
 
 
 def train_vae(images: torch.Tensor, steps: int, batch: int, lr: float, kl_weight: float, grad_weight: float,
@@ -118,16 +121,15 @@ def train_vae(images: torch.Tensor, steps: int, batch: int, lr: float, kl_weight
                  "sobel": float(np.mean([h[1] for h in history[-100:]])), "seconds": round(time.time() - t0)}
 
 
-def train_decoder(vae, images: torch.Tensor, steps: int, batch: int, lr: float, noise: float, grad_weight: float,
-                  fa_only: bool = False):
+def train_decoder(vae, images: torch.Tensor, steps: int, batch: int, lr: float, max_sigma: float,
+                  grad_weight: float, fa_only: bool = False):
     """Fine-tune the VAE's decoder (the encoder, and so the latent space, stay as they are) to decode
-    perturbed latents into clean images: latent + sigma * N(0, 1) in units of the latents' std, sigma
-    uniform in [0, noise] per image, against the clean image (L1 + Sobel L1). The KL-1e-4 VAE's posterior
-    std is 0.5% of the latents' spread, so its decoder never saw a latent off the encoder's outputs, and
-    it draws the small errors every sampler leaves as a mesh of vessels (BENCHMARKS.md, the tiny-retina
-    base); this decoder learns to draw them as the trees they are near. fa_only: perturb the angiograms'
-    latents only (a CF decoder fine-tuned on perturbed latents drew less realistic photographs)."""
-    torch.manual_seed(PRESET_SEED + 3)
+    perturbed latents into clean images (perturb: sigma up to `max_sigma` latent stds), against the clean
+    image (L1 + Sobel L1). The KL-1e-4 VAE's posterior std is 0.5% of the latents' spread, so its decoder
+    never saw a latent off the encoder's outputs, and it draws the small errors every sampler leaves as a
+    mesh of vessels (BENCHMARKS.md, "The decoder draws a near-miss latent as a mesh"); this decoder
+    learns to draw them as the trees they are near. fa_only: perturb the angiograms' latents only (a
+    decoder fine-tuned on perturbed CF latents too drew less realistic photographs)."""
     vae.requires_grad_(False)
     trained = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
     for q in trained:
@@ -141,7 +143,7 @@ def train_decoder(vae, images: torch.Tensor, steps: int, batch: int, lr: float, 
         rows = torch.randint(0, len(images), (batch,), generator=g)
         x = flips(images[rows], g)
         with torch.no_grad():  # (fa_only: CF images, the even rows, are decoded unperturbed)
-            z = perturb(vae.encode(x).latent_dist.sample(g), noise * (rows % 2) if fa_only else noise, g)
+            z = perturb(vae.encode(x).latent_dist.sample(g), max_sigma * (rows % 2) if fa_only else max_sigma, g)
         l1, grad = reconstruction(vae.decode(z).sample, x)
         loss = l1 + grad_weight * grad
         opt.zero_grad(set_to_none=True)
@@ -153,8 +155,8 @@ def train_decoder(vae, images: torch.Tensor, steps: int, batch: int, lr: float, 
             log("decoder", step + 1, steps, t0, l1=l1_m, sobel=grad_m)
     vae.eval().requires_grad_(False)
     l1_m, grad_m = np.mean(history[-100:], axis=0)
-    return vae, {"steps": steps, "noise": noise, "fa_only": fa_only, "l1": float(l1_m), "sobel": float(grad_m),
-                 "seconds": round(time.time() - t0)}
+    return vae, {"steps": steps, "batch": batch, "noise": max_sigma, "fa_only": fa_only, "l1": float(l1_m),
+                 "sobel": float(grad_m), "seconds": round(time.time() - t0)}
 
 
 @torch.no_grad()
@@ -251,6 +253,7 @@ def main(argv=None) -> None:
     p.add_argument("--decoder_steps", type=int, default=0,
                    help="then fine-tune the VAE's decoder on perturbed latents (train_decoder) for this many steps")
     p.add_argument("--decoder_noise", type=float, default=0.5, help="largest perturbation, in latent stds")
+    p.add_argument("--decoder_batch", type=int, default=16)
     p.add_argument("--decoder_fa_only", action="store_true", help="perturb only the angiograms' latents")
     p.add_argument("--decoder_lr", type=float, default=2e-4)
     p.add_argument("--unet_steps", type=int, default=4000)
@@ -284,7 +287,7 @@ def main(argv=None) -> None:
         vae, vae_record = train_vae(images, args.vae_steps, args.vae_batch, args.vae_lr, args.kl_weight,
                                     args.grad_weight, args.vae_latent_noise)
     if args.decoder_steps:
-        vae, vae_record["decoder"] = train_decoder(vae, images, args.decoder_steps, 2 * args.vae_batch,
+        vae, vae_record["decoder"] = train_decoder(vae, images, args.decoder_steps, args.decoder_batch,
                                                    args.decoder_lr, args.decoder_noise, args.grad_weight,
                                                    args.decoder_fa_only)
     moments = encode_all(vae, images)

@@ -97,9 +97,13 @@ def train_unet(unet, moments: torch.Tensor, scaling_factor: float, condition, st
         t = torch.randint(0, len(alphas), (batch,), generator=g)
         a = alphas[t].view(-1, 1, 1, 1)
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        mse = F.mse_loss(unet(x_t, t, **kwargs).sample, noise, reduction="none").mean(dim=(1, 2, 3))
-        # unweighted: the plain mean, as the shipped bases were trained (the same floats on a rerun)
-        loss = mse.mean() if min_snr_gamma is None else (min_snr_weight(alphas[t], min_snr_gamma) * mse).mean()
+        pred = unet(x_t, t, **kwargs).sample
+        if min_snr_gamma is None:  # as the shipped bases were trained (the same floats on a rerun)
+            loss = F.mse_loss(pred, noise)
+            mse = loss.detach()
+        else:
+            mse = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
+            loss = (min_snr_weight(alphas[t], min_snr_gamma) * mse).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -111,7 +115,8 @@ def train_unet(unet, moments: torch.Tensor, scaling_factor: float, condition, st
         history.append(mse.mean().item())
         if (step + 1) % 100 == 0 or step == 0:
             log(stage, step + 1, steps, t0, mse=float(np.mean(history[-100:])))
-    return ema.eval(), {"steps": steps, "mse": float(np.mean(history[-200:])), "seconds": round(time.time() - t0)}
+    mse = float(np.mean(history[-200:])) if history else None  # (0 steps: the UNet as it came)
+    return ema.eval(), {"steps": steps, "mse": mse, "seconds": round(time.time() - t0)}
 
 
 def save_pipeline(out: Path, pipe, record: dict) -> None:
