@@ -57,9 +57,12 @@ def base_fa(folder: Path, prompt: str, n: int, steps: int, seed: int) -> np.ndar
         z = torch.randn((n, vae.config.latent_channels, side, side), generator=torch.Generator().manual_seed(seed))
         for t in sched.timesteps:
             z = sched.step(unet(z, t, encoder_hidden_states=context).sample, t, z).prev_sample
-        rgb = vae.decode(z / vae.config.scaling_factor).sample
-    grey = ((rgb.clamp(-1, 1) + 1) * 127.5).mean(dim=1)
-    return grey.round().byte().numpy()
+        return grey(vae.decode(z / vae.config.scaling_factor).sample)
+
+
+def grey(rgb: torch.Tensor) -> np.ndarray:
+    """uint8 [n, H, W]: decoded images in [-1, 1], channels averaged."""
+    return ((rgb.clamp(-1, 1) + 1) * 127.5).mean(dim=1).round().byte().numpy()
 
 
 def round_trips(folder: Path, fas: np.ndarray, sigmas: list[float], seed: int) -> dict[float, np.ndarray]:
@@ -76,7 +79,7 @@ def round_trips(folder: Path, fas: np.ndarray, sigmas: list[float], seed: int) -
         for sigma in sigmas:
             noise = torch.randn(z.shape, generator=torch.Generator().manual_seed(seed))
             rgb = vae.decode(z + sigma / vae.config.scaling_factor * noise).sample
-            out[sigma] = ((rgb.clamp(-1, 1) + 1) * 127.5).mean(dim=1).round().byte().numpy()
+            out[sigma] = grey(rgb)
     return out
 
 

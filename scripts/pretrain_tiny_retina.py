@@ -66,7 +66,7 @@ from cffa_ray.models.presets import (  # noqa: E402
     TINY_RETINA_UNET,
     TINY_RETINA_VAE,
 )
-from scripts.pretraining import cosine_lr, flips, log, save_pipeline, synthetic_images, train_unet  # noqa: E402
+from scripts.pretraining import flips, log, save_pipeline, set_cosine_lr, synthetic_images, train_unet  # noqa: E402
 
 
 def sobel(x: torch.Tensor) -> torch.Tensor:
@@ -102,8 +102,7 @@ def train_vae(images: torch.Tensor, steps: int, batch: int, lr: float, kl_weight
     g = torch.Generator().manual_seed(1)
     t0, history = time.time(), []
     for step in range(steps):
-        for group in opt.param_groups:
-            group["lr"] = cosine_lr(step, steps, lr)
+        set_cosine_lr(opt, step, steps, lr)
         x = flips(images[torch.randint(0, len(images), (batch,), generator=g)], g)
         posterior = vae.encode(x).latent_dist
         l1, grad = reconstruction(vae.decode(perturb(posterior.sample(g), latent_noise, g)).sample, x)
@@ -138,8 +137,7 @@ def train_decoder(vae, images: torch.Tensor, steps: int, batch: int, lr: float, 
     g = torch.Generator().manual_seed(3)
     t0, history = time.time(), []
     for step in range(steps):
-        for group in opt.param_groups:
-            group["lr"] = cosine_lr(step, steps, lr)
+        set_cosine_lr(opt, step, steps, lr)
         rows = torch.randint(0, len(images), (batch,), generator=g)
         x = flips(images[rows], g)
         with torch.no_grad():  # (fa_only: CF images, the even rows, are decoded unperturbed)

@@ -49,6 +49,12 @@ def cosine_lr(step: int, steps: int, lr: float, warmup: int = 100) -> float:
     return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup))))
 
 
+def set_cosine_lr(opt: torch.optim.Optimizer, step: int, steps: int, lr: float) -> None:
+    """Every parameter group of `opt` to cosine_lr at `step`."""
+    for group in opt.param_groups:
+        group["lr"] = cosine_lr(step, steps, lr)
+
+
 def log(stage: str, step: int, steps: int, t0: float, **values: float) -> None:
     terms = " ".join(f"{k} {v:.4f}" for k, v in values.items())
     print(f"[{stage}] step {step}/{steps} {terms} {time.time() - t0:.0f}s", flush=True)
@@ -87,8 +93,7 @@ def train_unet(unet, moments: torch.Tensor, scaling_factor: float, condition, st
     g = torch.Generator().manual_seed(2)
     t0, history = time.time(), []
     for step in range(steps):
-        for group in opt.param_groups:
-            group["lr"] = cosine_lr(step, steps, lr)
+        set_cosine_lr(opt, step, steps, lr)
         rows = torch.randint(0, len(moments), (batch,), generator=g)
         kwargs = condition(rows, g)
         x0 = DiagonalGaussianDistribution(moments[rows]).sample(g) * scaling_factor
