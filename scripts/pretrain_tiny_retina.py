@@ -17,25 +17,25 @@ encoder, a tiny offline CLIP tokenizer) to cffa_ray/models/weights/tiny-retina/,
 tiny-retina` loads (or `--base_model <that folder>`). Everything is seeded: a rerun on the same torch
 build and thread count writes the same weights.
 
-The committed weights were made in three stages (the first two with the defaults, split so the VAE
-can be reused, on a 2-core CPU shared with other jobs):
+The committed weights (2026-12-08) were made in four stages, each reading the one before, on a
+2-core CPU (3,754 s in all, partly shared with other jobs):
 
-    python scripts/pretrain_tiny_retina.py --out /tmp/tr-vae --unet_steps 0 --threads 1   # VAE: 830 s
-    python scripts/pretrain_tiny_retina.py --out /tmp/tr --vae_from /tmp/tr-vae --preview /tmp/tr.png   # UNet: 1250 s
-    python scripts/pretrain_tiny_retina.py --out /tmp/tr-dec --vae_from /tmp/tr --unet_from /tmp/tr \
-        --unet_steps 0 --decoder_steps 1000 --decoder_noise 0.25 --decoder_fa_only   # the decoder: 264 s
+    python scripts/pretrain_tiny_retina.py --out /tmp/rt/nv --vae_latent_noise 0.5 --unet_steps 0      # VAE: 505 s
+    python scripts/pretrain_tiny_retina.py --out /tmp/rt/nvu --vae_from /tmp/rt/nv                     # UNet: 1068 s
+    python scripts/pretrain_tiny_retina.py --out /tmp/rt/nvu8 --vae_from /tmp/rt/nvu --unet_from /tmp/rt/nvu
+    python scripts/pretrain_tiny_retina.py --vae_from /tmp/rt/nvu8 --unet_from /tmp/rt/nvu8            # 12,000 steps
 
-The third stage (2026-12-07) fine-tunes the decoder alone to draw a near-miss angiogram latent as a
-tree; the encoder, so the latents and the UNet trained on them, are unchanged, and `tiny-retina-joint`
-carries the same VAE (BENCHMARKS.md, "The decoder draws a near-miss latent as a mesh").
+The VAE learns to decode a latent perturbed by up to half its std into the clean image, so it draws the
+sampler's near-miss latents as trees, not meshes; the UNet then trains 3 x 4,000 steps on its latents
+(each stage a fresh cosine schedule and EMA from the last one's weights). That base draws vessel trees
+out of a disc, and its trained pairs score SWD near the real-vs-real noise (BENCHMARKS.md, "The toy
+base, rebuilt"). `tiny-retina-joint` is trained on the same VAE (scripts/pretrain_tiny_retina_joint.py).
 
-    python scripts/pretrain_tiny_retina.py                       # the first two stages in one go
+    python scripts/pretrain_tiny_retina.py                       # the first two stages in one go (no latent noise)
     python scripts/pretrain_tiny_retina.py --out /tmp/tr --preview /tmp/tr.png --vae_steps 200 --unet_steps 200
 
-The shipped pretraining.json records the second command's arguments (its --vae_* values were unused:
---vae_from), under "vae" what the first command's VAE stage did (2000 steps, 830 s), and under
-"decoder_stage" and "vae"/"decoder" the third (merged by hand: the third command's own record has no
-UNet stage, "unet": {"steps": 0}).
+The shipped pretraining.json lists the four commands with what each did ("stages"), the last one's
+arguments, and the VAE's and the UNet's totals (merged by hand from the four records).
 
 --preview writes real images, their VAE reconstructions and base samples (empty prompt), one row each.
 """
