@@ -12,7 +12,9 @@ from cffa_ray.models.interface import PairModel
 from cffa_ray.sampling import pair_noise, sample_pairs
 from tests.helpers import randomise_lora
 
-STEPS, PAIRS = 20, 2
+# 8 pairs: with 2 the two paths' PSNR differ by the pairs drawn (on the 2026-12-08 tiny-retina: 52.0 dB lean
+# against 52.5 previous with 2 pairs, 52.1 against 46.3 with 8)
+STEPS, PAIRS = 20, 8
 
 
 def trained_like():
