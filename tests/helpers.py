@@ -202,7 +202,11 @@ class RayHead:
     ports, its own temp dir), stopped by its process group only: never `ray stop`, which would end
     every Ray on the machine. `cli_env` points a `cffa` process at it; the methods drive the jobs CLI."""
 
-    def __init__(self, root: Path, num_cpus: int = 6):
+    # 4 CPUs: a 2-worker training and its Ray Data ingest (the product's local Ray: the workers' CPUs plus two).
+    # Every CPU more lets a job's Ray Data tasks fan out to one more worker process, each ~1-1.5 s of CPU
+    # importing Ray before any work (the suite started ~270 such processes at 6); at 4 the
+    # generation and error tests took 211 s against 230 s.
+    def __init__(self, root: Path, num_cpus: int = 4):
         self.root = root
         self.token = root / "auth_token"
         self.token.write_text(secrets.token_hex(32))
