@@ -42,7 +42,7 @@ FULL = {
     "train_sdxl": ["train_step.py", "--preset", "sdxl-random", "--resolution", "512", "--batch_size", "1",
                    "--steps", "10", "--use_gpu", "--mixed_precision", "bf16", "--skip_ray"],
 }
-SMOKE = {  # the two longest first: run two at a time, the short ones then fill in behind them (77 s -> ~64 s)
+SMOKE = {  # the two longest first: run two at a time, the short ones then fill in behind them (77 s -> 62 s)
     # (fp32 on CPU: CPU autocast in bf16 refuses the plain loop's latent sampling, "Unexpected floating ScalarType";
     # no latent cache: its actor start is the product's, tested by the end-to-end training tests)
     "train_dual": ["train_step.py", "--preset", "tiny", "--resolution", "64", "--batch_size", "2", "--steps", "2",

@@ -21,8 +21,8 @@ from cffa_ray.train.launch import train
 DEMO_PAIRS, DEMO_SIZE, DEMO_STEPS, DEMO_SAMPLES = 16, 64, 40, 32
 # 24 steps at 1e-3 left some CF-UNet samples angiograms (the base makes both); 40 at 3e-3 separated them all
 DEMO_LR = 3e-3
-# Measured on this base (BENCHMARKS.md#quality): from -z0 the two vessel trees overlap (alignment 0.46), and
-# guided on the decoded vessel maps they are nearly as aligned as real pairs (0.92), at 3-8x the time a pair
+# Measured on this base (BENCHMARKS.md#quality, 150 steps): from -z0 the two vessel trees overlap (alignment 0.62), and
+# guided on the decoded vessel maps they are nearly as aligned as real pairs (0.93), at 3-6x the time a pair
 DEMO_GUIDANCE = 0.03
 
 

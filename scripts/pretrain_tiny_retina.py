@@ -23,7 +23,10 @@ The committed weights (2026-12-08) were made in four stages, each reading the on
     python scripts/pretrain_tiny_retina.py --out /tmp/rt/nv --vae_latent_noise 0.5 --unet_steps 0      # VAE: 505 s
     python scripts/pretrain_tiny_retina.py --out /tmp/rt/nvu --vae_from /tmp/rt/nv                     # UNet: 1068 s
     python scripts/pretrain_tiny_retina.py --out /tmp/rt/nvu8 --vae_from /tmp/rt/nvu --unet_from /tmp/rt/nvu
-    python scripts/pretrain_tiny_retina.py --vae_from /tmp/rt/nvu8 --unet_from /tmp/rt/nvu8            # 12,000 steps
+    python scripts/pretrain_tiny_retina.py --out /tmp/rt/nvu12 --vae_from /tmp/rt/nvu8 --unet_from /tmp/rt/nvu8  # 12k
+
+(the fourth folder's vae/ and unet/ were then copied into the package folder; without --out the last command
+writes there itself)
 
 The VAE learns to decode a latent perturbed by up to half its std into the clean image, so it draws the
 sampler's near-miss latents as trees, not meshes; the UNet then trains 3 x 4,000 steps on its latents

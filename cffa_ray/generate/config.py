@@ -68,14 +68,14 @@ class GenerateConfig:
     struct_guidance: float = flag(
         0.0, "dual_unet: cross-modal guidance strength S >= 0. At each step the gradient of the training structure "
              "loss between the two predicted clean latents nudges both latents towards one vessel layout. "
-             "0: off, the sampler as before, bit for bit; on tiny-retina 0.3-1 aligned pairs a little better "
-             "and made FA less real (BENCHMARKS.md#quality)")
+             "0: off, the sampler as before, bit for bit; on the earlier tiny-retina 0.3-1 aligned pairs a little "
+             "better and made FA less real (BENCHMARKS.md#quality)")
     struct_guidance_target: str = flag(
         "latent_edges", "what --struct_guidance makes the two halves agree on. latent_edges: the training structure "
                         "loss's edge maps of the two clean latents (a few convolutions a step) | vessels: the decoded "
                         "images' vessel maps, dark in the CF and bright in the FA, as cffa evaluate judges them (a "
-                        "VAE decode and its backward pass a step; on tiny-retina S 0.03 took alignment from 0.46 to "
-                        "0.92 at 3-8x the time a pair, BENCHMARKS.md#quality)",
+                        "VAE decode and its backward pass a step; on tiny-retina S 0.03 took alignment from 0.62 to "
+                        "0.93 at 3-6x the time a pair, BENCHMARKS.md#quality)",
         choices=GUIDANCE_TARGETS)
     batch_size: int = flag(32, "pairs per actor call (one Ray Data batch); split into --model_batch calls")
     model_batch: str | int = flag(
